@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/fisher-guard: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
