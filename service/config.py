@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,8 +26,86 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'.")
     memory_budget_mb: int = Field(1024, ge=16, description="Jacobian memory the spectrum may hold per chunk (MiB).")
 
+    # HTTP API (service/api): server, limits, micro-batching, auth
+    host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=1, le=65535, description="Port `fisher-guard serve` listens on.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every model once).")
+    log_level: str = Field("info", description="Log level of the service: debug, info, warning, error.")
+    serve_models: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated model names the API loads; empty: every registered model.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated API keys; when set, every endpoint but health needs one "
+        "(Authorization: Bearer KEY or X-API-Key: KEY). Never logged.")
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body (bytes); more is 413.")
+    max_image_side: int = Field(4096, ge=8, description="Largest width or height an uploaded image may declare "
+                                "(checked before decoding: decompression bombs).")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="Largest width x height an uploaded image may "
+                                  "declare (checked before decoding).")
+    max_batch_size: int = Field(256, ge=1, description="Most images in one request.")
+    max_k: int = Field(100, ge=1, description="Largest k (eigenpairs) a request may ask for.")
+    max_epsilon: float = Field(50.0, gt=0, description="Largest L2 epsilon (pixel space [0, 1]) an attack request "
+                               "may ask for.")
+    max_attack_batch: int = Field(16, ge=1, description="Most images in one request to the iterative attacks "
+                                  "(iterative OSSA, BIM, Opt, least-norm search); larger work goes to /v1/jobs.")
+    max_attack_steps: int = Field(200, ge=1, description="Most iterations an iterative attack request may ask for.")
+    batch_max_size: int = Field(64, ge=1, description="Micro-batching: most images grouped into one forward/Jacobian "
+                                "batch (1 turns micro-batching off).")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="Micro-batching: longest wait for more requests before a "
+                                     "batch runs (ms).")
+    queue_capacity: int = Field(1024, ge=1, description="Images that may wait per model; beyond it requests get 503 "
+                                "with Retry-After.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest time a request may take (504 after it); also "
+                                     "uvicorn's graceful-shutdown wait for in-flight requests.")
+
+    @field_validator("serve_models", "api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """Accept 'a,b' (environment) as well as a list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    # jobs (service/jobs): queue backend, limits, crash recovery
+    redis_url: str | None = Field(None, description="Redis URL of the job queue, e.g. redis://localhost:6379/0; "
+                                  "unset: jobs run in threads inside the API process (in-process backend).")
+    jobs_queue: str = Field("fisher-guard", description="Name of the Redis job queue (and prefix of its keys).")
+    jobs_result_ttl_s: int = Field(86400, ge=1, description="Seconds a finished job's status, result and artifact "
+                                   "are kept.")
+    jobs_timeout_s: int = Field(3600, ge=1, description="Longest a job may run (seconds); it then fails.")
+    jobs_max_attempts: int = Field(3, ge=1, description="Attempts of a job whose worker dies mid-job (SIGKILL, "
+                                   "OOM) before it ends failed; ordinary errors are not retried.")
+    jobs_heartbeat_s: int = Field(5, ge=1, description="Seconds between worker heartbeats (and idle workers' "
+                                  "checks for abandoned jobs).")
+    jobs_lease_s: int = Field(30, ge=2, description="A running job whose worker has sent no heartbeat for this "
+                              "long is taken as abandoned and re-queued (the crash-recovery delay).")
+    jobs_max_upload_mb: float = Field(64.0, gt=0, description="Largest job upload (all files together), MiB.")
+    jobs_max_items: int = Field(10000, ge=1, description="Most images in one job (archive members or files).")
+    jobs_batch_size: int = Field(256, ge=1, description="Images per engine call inside a job (progress steps).")
+    jobs_local_threads: int = Field(1, ge=1, description="Threads of the in-process job backend.")
+    jobs_debug: bool = Field(False, description="Tests only: enables the 'debug-crash' job type and "
+                             "FISHER_GUARD_JOBS_DEBUG_DELAY_S.")
+    jobs_debug_delay_s: float = Field(0.0, ge=0, description="Tests only (with jobs_debug): sleep per batch.")
+
 
 @lru_cache
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a field."""
+    return f"{Settings.model_config['env_prefix']}{field_name.upper()}"
+
+
+def settings_markdown() -> str:
+    """A Markdown table of every setting: variable, default, meaning (README's table is this output)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, Path):
+            default = default.relative_to(REPO_ROOT) if default.is_relative_to(REPO_ROOT) else default
+        shown = "" if default is None else str(default)
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{env_var(name)}` | `{shown}` | {description} |")
+    return "\n".join(rows) + "\n"

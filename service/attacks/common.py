@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.fisher.validation import check_labels, prepare_inputs
+from service.fisher.validation import check_labels, num_classes_of, prepare_inputs
 
 
 @dataclass
@@ -37,13 +37,9 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
 def setup(model: nn.Module, images: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Validated images on the model's device, labels (default: the model's prediction), original prediction."""
     x = prepare_inputs(model, images)
+    labels = check_labels(labels, x.shape[0], num_classes_of(model, x))
     pred = predict(model, x).argmax(-1)
-    labels = check_labels(labels, x.shape[0], _num_classes(model, x))
     return x, (pred.clone() if labels is None else labels.to(x.device)), pred
-
-
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    return int(predict(model, x[:1]).shape[-1])
 
 
 def per_image_loss(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:

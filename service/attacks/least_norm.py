@@ -19,7 +19,8 @@ ONE_STEP_ATTACKS = ("ossa", "fgm")
 @dataclass
 class LeastNormResult:
     """least_norm: smallest epsilon found that fools (inf where even `high` does not); lower: the largest
-    epsilon found that does not fool (least_norm - lower <= tol where found); adversarial at least_norm."""
+    epsilon found that does not fool (least_norm - lower <= tol where found; `high` where not found; `low`
+    where `low` already fools); adversarial at least_norm (at `high` where not found)."""
 
     least_norm: Tensor
     lower: Tensor
@@ -50,19 +51,21 @@ def least_norm_search(model: nn.Module, images: Tensor, labels: Tensor | None = 
     n = x.shape[0]
     lo = torch.full((n,), low, dtype=x.dtype, device=x.device)
     hi = torch.full((n,), high, dtype=x.dtype, device=x.device)
-    found = fools(hi)
     already = fools(lo)
+    found = already | fools(hi)
+    # invariant for the images still searched: `hi` fools and `lo` does not; the others are settled
     hi = torch.where(already, lo, hi)
+    lo = torch.where(found, lo, hi)
     while bool(((hi - lo) > tol).any()):
         mid = (lo + hi) / 2
+        searching = (hi - lo) > tol
         ok = fools(mid)
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    lo = torch.where(found | already, lo, hi)
+        hi = torch.where(searching & ok, mid, hi)
+        lo = torch.where(searching & ~ok, mid, lo)
     adversarial = attack_at(hi)
-    least = torch.where(found | already, hi, torch.full_like(hi, float("inf")))
+    least = torch.where(found, hi, torch.full_like(hi, float("inf")))
     return LeastNormResult(
-        least_norm=least, lower=lo, found=found | already, adversarial=adversarial,
+        least_norm=least, lower=lo, found=found, adversarial=adversarial,
         perturbation_norm=(adversarial - x).flatten(1).norm(dim=1), labels=labels,
         original_prediction=original, adversarial_prediction=predict(model, adversarial).argmax(-1),
     )

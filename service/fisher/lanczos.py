@@ -45,7 +45,8 @@ def lanczos_eigenpairs(
 
     Stops when every image's top-k residuals |beta_m s_mj| are <= tol * lambda_1, when the Krylov space
     reaches `rank` steps (K + 1 covers the whole Krylov space of G_x in float32: exact then), or after `max_iter` steps. Returns (eigenvalues (B, r) float64 descending,
-    eigenvectors (B, r, D) or None, residual bound (B,), iterations (B,)).
+    eigenvectors (B, r, D) or None, error bound (B,): the largest residual plus the rounding of the
+    products in `dtype`, inf where the iteration stopped at `max_iter` unconverged, iterations (B,)).
     """
     steps_cap = max(1, min(max_iter, rank, dim))
     q = torch.randn(batch, dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -86,9 +87,16 @@ def lanczos_eigenpairs(
     r = min(k, len(alphas))
     ritz = evals[:, :r].clamp(min=0)
     resid_all = (betas[-1].unsqueeze(-1) * evecs_t[:, -1, :r].abs()).amax(-1)
+    # the residual bounds the Krylov error only; the products G v themselves are rounded in `dtype`
+    rounding = evals[:, 0].abs() * torch.finfo(dtype).eps * (4 * len(alphas) + dim**0.5)
+    bound = resid_all + rounding
+    # a small residual says a Ritz value is near *some* eigenvalue; only a converged run (or one that spanned
+    # the whole Krylov space, dimension <= K = rank - 1) makes that the k-th largest: no bound otherwise
+    if len(alphas) < rank - 1:
+        bound = torch.where(active, torch.full_like(bound, float("inf")), bound)
     vectors = None
     if return_vectors:
         q_stack = torch.stack(basis[: len(alphas)], 1)
         vectors = torch.einsum("bjr,bjd->brd", evecs_t[:, :, :r].to(dtype), q_stack)
         vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
-    return ritz, vectors, resid_all, iters
+    return ritz, vectors, bound, iters

@@ -2,13 +2,15 @@
 
 g_y = grad_x(-log p(y|x)). "As written" takes the expectation over all K classes with K fresh gradients per
 step; with `sampling="alias"` it estimates it from classes drawn with Walker's alias method (Marsaglia, Tsang
-and Wang 2004), about K/5 draws per step as the paper suggests. One image at a time, as in the paper.
+and Wang 2004), about K/5 draws per step as the paper suggests; line 7's lambda* = E_y[(g_y . eta)^2] is then evaluated
+exactly (one jvp), not from the samples that built eta. One image at a time, as in the paper.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp
 
 
 class AliasTable:
@@ -88,5 +90,17 @@ def power_iteration_top(
         eta = new
         if change <= tol:
             break
-    lam = float((weights.double() * (grads @ eta).double() ** 2).sum())
+    if table is None:
+        lam = float((weights.double() * (grads @ eta).double() ** 2).sum())
+    else:
+        lam = rayleigh_quotient(model, x, eta, probs)
     return lam, eta, probs, steps, change
+
+
+def rayleigh_quotient(model: nn.Module, x: Tensor, eta: Tensor, probs: Tensor) -> float:
+    """Line 7, lambda* = E_y[(g_y . eta)^2] = eta^T G_x eta, evaluated exactly with one jvp: with u = J eta,
+    E_y[(g_y . eta)^2] = u^T (diag(p) - p p^T) u. Reusing the sampled gradients of the last step instead
+    would bias lambda* upwards (eta was built from those very samples)."""
+    _, u = jvp(model, (x,), (eta.reshape(x.shape),))
+    u = u[0].double()
+    return float((probs * u * u).sum() - (probs * u).sum() ** 2)

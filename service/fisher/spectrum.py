@@ -11,17 +11,11 @@ from service.fisher.gram import DEFAULT_MEMORY_BUDGET, factor_rows, gram_eigenpa
 from service.fisher.lanczos import fisher_matvec, lanczos_eigenpairs
 from service.fisher.power import power_iteration_top
 from service.fisher.result import FisherSpectrum
-from service.fisher.validation import check_k, prepare_inputs
+from service.fisher.validation import check_k, num_classes_of, prepare_inputs
 
 Method = Literal["auto", "exact", "lanczos", "truncated", "power", "power-alias"]
 METHODS: tuple[str, ...] = ("auto", "exact", "lanczos", "truncated", "power", "power-alias")
 EXACT_MAX_CLASSES = 100  # `auto` uses the exact Gram route up to this many classes, Lanczos above
-
-
-def num_classes_of(model: nn.Module, images: Tensor) -> int:
-    """K, from one forward pass on the first image."""
-    with torch.no_grad():
-        return int(model(images[:1]).shape[-1])
 
 
 def choose_method(num_classes: int) -> str:
@@ -173,7 +167,8 @@ def _concat(parts: list[dict], method: str, image_shape: torch.Size) -> FisherSp
     if method == "exact":
         notes.append("error_bound: float rounding bound of the Gram route")
     elif method == "lanczos":
-        notes.append("error_bound: largest Lanczos residual |beta_m s_mj| of the returned Ritz pairs")
+        notes.append("error_bound: largest Lanczos residual |beta_m s_mj| of the returned Ritz pairs plus float rounding; "
+                     "inf where the iteration was not converged at max_iter")
     else:
         notes.append("error_bound: float rounding of the Gram route over the kept classes; see discarded_mass")
     return FisherSpectrum(

@@ -58,6 +58,19 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+def num_classes_of(model: nn.Module, images: Tensor) -> int:
+    """K, from one forward pass on the first image; an image shape the model cannot take is a clear error."""
+    try:
+        with torch.no_grad():
+            logits = model(images[:1])
+    except RuntimeError as err:
+        raise ValueError(f"images: shape {tuple(images.shape[1:])} per image does not fit the model: {err}") from err
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"images: the model must map (N, ...) images to (N, K) logits; got {shape} for one image")
+    return int(logits.shape[1])
+
+
 def prepare_inputs(model: nn.Module, images: Tensor) -> Tensor:
     """Validate `images` and move them to the model's device and dtype."""
     images = check_images(images)

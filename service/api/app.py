@@ -1,0 +1,138 @@
+"""The FastAPI app factory.
+
+`create_app(settings)` mounts the routers named in `service.api.routers.ROUTER_MODULES`; its lifespan loads
+every registered model (and its detector) once, in the background, warms each up in its worker thread, and
+then turns readiness on. What other routers can use on `app.state`:
+
+- `settings`: the Settings; `metrics`: service.api.metrics.Metrics (its `registry` is what /metrics shows);
+- `models`: dict name -> service.api.runtime.ServedModel (`.loaded`, `.detector`, `.worker`); `ready`: bool;
+- dependencies in service.api.dependencies (`require_ready`, `served_model`, `lookup_model`, `decode_*`) and
+  service.api.security.require_api_key; errors: raise service.api.errors.ProblemError(status, code, detail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import ModuleType
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api.batching import ModelWorker
+from service.api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from service.api.metrics import Metrics
+from service.api.middleware import RequestContextMiddleware
+from service.api.routers import ROUTER_MODULES
+from service.api.runtime import discover_cards, load_served_model
+from service.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DESCRIPTION = """Screen images for adversarial attacks with the Fisher information of the input
+(Zhao et al., AAAI 2019). Every error is an RFC 9457 problem document (`application/problem+json`) with a
+machine-readable `code`. When API keys are configured, every endpoint but health needs one
+(`Authorization: Bearer <key>` or `X-API-Key: <key>`)."""
+COMMON_ERRORS = {"413": "Payload Too Large", "500": "Internal Server Error", "504": "Gateway Timeout"}
+
+
+def router_modules() -> list[ModuleType]:
+    return [importlib.import_module(f"service.api.routers.{name}") for name in ROUTER_MODULES]
+
+
+async def load_models(app: FastAPI) -> None:
+    """Load and warm up every model in its own worker thread, then mark the app ready."""
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    try:
+        cards = await asyncio.to_thread(discover_cards, settings)
+        if not cards:
+            raise ValueError(f"no model cards found in {settings.models_dir}")
+        loop = asyncio.get_running_loop()
+        for card, path in cards:
+            worker = ModelWorker(card.name, settings.queue_capacity, settings.batch_max_size,
+                                 settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
+                                 metrics.observe_batch(name, kind, size))
+            app.state.workers.append(worker)
+            served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
+            app.state.models[served.name] = served
+            app.state.known_models.add(served.name)
+        app.state.ready = True
+        metrics.ready.set(1)
+        log.info("ready: %s", ", ".join(app.state.models))
+    except Exception as exc:  # reported by /health/ready; the process stays up to say why
+        app.state.load_error = str(exc)
+        log.exception("loading the models failed")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    modules: list[ModuleType] = app.state.router_modules
+    loader = asyncio.create_task(load_models(app), name="load-models")
+    for module in modules:
+        if hasattr(module, "on_startup"):
+            await module.on_startup(app)
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        loader.cancel()
+        try:
+            await loader
+        except asyncio.CancelledError:
+            pass
+        for module in reversed(modules):
+            if hasattr(module, "on_shutdown"):
+                await module.on_shutdown(app)
+        for worker in app.state.workers:
+            await worker.close()
+
+
+def problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema with error responses as application/problem+json, and the errors any endpoint can give."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in COMMON_ERRORS.items():
+                responses.setdefault(status, {"description": description})
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
+    if "Problem" not in schema.get("components", {}).get("schemas", {}):
+        from service.api.errors import Problem
+
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
+            ref_template="#/components/schemas/{model}")
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own settings, metrics registry and model workers (models load in its lifespan)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="fisher-guard", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.models = {}
+    app.state.workers = []
+    app.state.known_models = set()
+    app.state.ready = False
+    app.state.load_error = None
+    app.state.router_modules = router_modules()
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_payload_bytes,
+                       timeout=settings.request_timeout_s, metrics=app.state.metrics,
+                       known_models=app.state.known_models)
+    for module in app.state.router_modules:
+        app.include_router(module.router)
+    app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
+    return app

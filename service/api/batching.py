@@ -1,0 +1,212 @@
+"""Dynamic micro-batching: concurrent requests for one model are joined into one forward/Jacobian batch.
+
+Each model has one `ModelWorker`: a single worker thread where all of that model's torch work runs (so the
+event loop never blocks and models never fight over one module), a count of images in flight bounded by
+`capacity` (beyond it: `QueueFullError`, which the API answers with 503 + Retry-After), and one
+`MicroBatcher` per kind of work (screen, spectrum with given k/method, ...). A batcher takes the first waiting
+request, then keeps adding waiting requests until `max_batch` images or `max_wait` seconds, runs the joined
+batch in the worker thread, and hands each request its rows. While a batch runs, new requests queue up and
+form the next batch, so batches grow with the load; `max_batch = 1` turns batching off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BatchFn = Callable[[Tensor], list[Any]]  # (N, ...) images -> N per-image results
+
+
+class QueueFullError(RuntimeError):
+    """The model's queue is at capacity; retry after `retry_after` seconds."""
+
+    def __init__(self, model: str, capacity: int, retry_after: int = 1) -> None:
+        super().__init__(f"model {model!r} has {capacity} images waiting already; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class WorkerClosedError(RuntimeError):
+    """The service is shutting down and takes no new work."""
+
+
+@dataclass
+class _Item:
+    images: Tensor
+    future: asyncio.Future
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class MicroBatcher:
+    """Joins waiting requests of one kind into batches of up to `max_batch` images, waiting up to `max_wait` s."""
+
+    def __init__(self, worker: ModelWorker, fn: BatchFn, max_batch: int, max_wait: float,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.worker = worker
+        self.fn = fn
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait)
+        self.on_batch = on_batch
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, images: Tensor) -> list[Any]:
+        """The per-image results for `images`, computed in a batch with whatever else is waiting."""
+        future = asyncio.get_running_loop().create_future()
+        self._items.append(_Item(images, future))
+        self._wakeup.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.worker.name}")
+        return await future
+
+    async def _next(self, timeout: float | None) -> _Item | None:
+        """The next waiting item, or None when `timeout` (seconds) passes first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._items:
+            self._wakeup.clear()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self._items.popleft()
+
+    async def _collect(self) -> list[_Item]:
+        first = await self._next(None)
+        assert first is not None
+        items, size = [first], first.size
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            if self._items:
+                item = self._items[0]
+                if size + item.size > self.max_batch:
+                    break  # it starts the next batch
+                items.append(self._items.popleft())
+                size += item.size
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            item = await self._next(remaining)
+            if item is None:
+                break
+            self._items.appendleft(item)  # size checked at the top of the loop
+        kept = [it for it in items if not it.future.done()]  # drop requests that timed out meanwhile
+        self.worker.release(size - sum(it.size for it in kept))
+        return kept
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            if not items:
+                continue
+            batch = items[0].images if len(items) == 1 else torch.cat([it.images for it in items])
+            if self.on_batch is not None:
+                self.on_batch(int(batch.shape[0]))
+            try:
+                results = await loop.run_in_executor(self.worker.executor, self.fn, batch)
+            except Exception as exc:  # every waiting request gets the error (e.g. a ValueError from the engine)
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                continue
+            finally:
+                self.worker.release(int(batch.shape[0]))
+            start = 0
+            for it in items:
+                if not it.future.done():
+                    it.future.set_result(results[start:start + it.size])
+                start += it.size
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._items:
+            item = self._items.popleft()
+            self.worker.release(item.size)
+            if not item.future.done():
+                item.future.set_exception(WorkerClosedError("the service is shutting down"))
+
+
+class ModelWorker:
+    """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
+
+    def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
+                 on_batch: Callable[[str, int], None] | None = None) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self.pending = 0
+        self.closed = False
+        self._on_batch = on_batch
+        self._batchers: dict[Hashable, MicroBatcher] = {}
+
+    def _admit(self, images: int) -> None:
+        if self.closed:
+            raise WorkerClosedError("the service is shutting down")
+        if self.pending + images > self.capacity and self.pending > 0:
+            raise QueueFullError(self.name, self.capacity)
+        self.pending += images
+
+    def release(self, images: int) -> None:
+        """Images whose work is finished (or dropped) leave the count; only called on the event loop."""
+        self.pending -= images
+
+    def batcher(self, key: Hashable, fn: BatchFn) -> MicroBatcher:
+        """The batcher for one kind of work (`key`), made on first use."""
+        if key not in self._batchers:
+            kind = str(key[0]) if isinstance(key, tuple) else str(key)
+            on_batch = functools.partial(self._on_batch, kind) if self._on_batch else None
+            self._batchers[key] = MicroBatcher(self, fn, self.max_batch, self.max_wait, on_batch)
+        return self._batchers[key]
+
+    async def submit(self, key: Hashable, fn: BatchFn, images: Tensor) -> list[Any]:
+        """Micro-batched work: `fn` over a batch that holds `images` (and other requests' images with the same key)."""
+        self._admit(int(images.shape[0]))  # released by the batcher when the batch is done
+        return await self.batcher(key, fn).submit(images)
+
+    async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
+        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work."""
+        self._admit(images)
+        loop = asyncio.get_running_loop()
+        # released when the work is really over: a request that times out leaves its work running in the thread
+        work = self.executor.submit(fn, *args)
+        def done(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.release, images)
+
+        work.add_done_callback(done)
+        return await asyncio.wrap_future(work)
+
+    async def close(self) -> None:
+        """Refuse new work, fail what still waits, and let the running batch finish."""
+        self.closed = True
+        for batcher in self._batchers.values():
+            await batcher.close()
+        await asyncio.to_thread(self.executor.shutdown, wait=True)

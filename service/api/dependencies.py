@@ -1,0 +1,101 @@
+"""FastAPI dependencies shared by the routers: settings, readiness, the served model of a path, input decoding.
+
+Routers of other packages (e.g. the jobs router) can use `get_settings_dep`, `require_ready`, `served_model`,
+`require_api_key` (service.api.security) and `decode_json_images` / `decode_upload` the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import Depends, Path, Request, UploadFile
+
+from service.api.errors import ProblemError
+from service.api.runtime import ServedModel
+from service.api.schemas import ImagesInput
+from service.config import Settings
+from service.data.images import DecodedBatch, InputLimits, decode_base64_images, decode_files, nested_batch
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The app's settings (app.state.settings)."""
+    return request.app.state.settings
+
+
+def require_ready(request: Request) -> None:
+    """503 until every model is loaded and warmed up."""
+    if not request.app.state.ready:
+        error = request.app.state.load_error
+        detail = f"the service failed to load its models: {error}" if error else "the models are still loading"
+        raise ProblemError(503, "not_ready", detail, headers={"Retry-After": "1"})
+
+
+def lookup_model(request: Request, name: str) -> ServedModel:
+    """The served model called `name`, or 404 naming the known ones."""
+    models: dict[str, ServedModel] = request.app.state.models
+    if name not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise ProblemError(404, "unknown_model", f"no model named {name!r} is served (known: {known})")
+    return models[name]
+
+
+def served_model(request: Request, model: Annotated[str, Path(description="Model name, e.g. 'lenet5'.")],
+                 _: Annotated[None, Depends(require_ready)]) -> ServedModel:
+    """The model named in the path (404 when unknown, 503 while loading)."""
+    return lookup_model(request, model)
+
+
+def input_limits(settings: Settings) -> InputLimits:
+    return InputLimits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels,
+                       max_batch=settings.max_batch_size)
+
+
+def require_content_type(request: Request, *expected: str) -> None:
+    """415 unless the request's media type is one of `expected`."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in expected:
+        raise ProblemError(415, "unsupported_media_type",
+                           f"this endpoint takes {' or '.join(expected)}, not {media or 'a body without a type'}")
+
+
+def require_json(request: Request) -> None:
+    require_content_type(request, "application/json")
+
+
+def require_multipart(request: Request) -> None:
+    require_content_type(request, "multipart/form-data")
+
+
+INLINE_BYTES = 65536  # inputs this small are decoded on the event loop: cheaper than a hop to a thread
+
+
+def _single_image(tensor: list) -> bool:
+    """A tensor of one image ([1, ...] or [H, W] rows of numbers): small enough to decode inline."""
+    return len(tensor) == 1 or (bool(tensor) and isinstance(tensor[0], list) and bool(tensor[0])
+                                and not isinstance(tensor[0][0], list))
+
+
+async def decode_json_images(body: ImagesInput, model: ServedModel, settings: Settings) -> DecodedBatch:
+    """The images of a JSON body, validated against the model's input shape (large ones off the event loop)."""
+    limits = input_limits(settings)
+    if body.images is not None:
+        if sum(len(text) for text in body.images) <= INLINE_BYTES:
+            return decode_base64_images(body.images, model.shape, limits, body.resize)
+        return await asyncio.to_thread(decode_base64_images, body.images, model.shape, limits, body.resize)
+    assert body.tensor is not None
+    if _single_image(body.tensor):
+        return nested_batch(body.tensor, model.shape, limits, body.resize)
+    return await asyncio.to_thread(nested_batch, body.tensor, model.shape, limits, body.resize)
+
+
+async def decode_upload(files: list[UploadFile], model: ServedModel, settings: Settings,
+                        resize: bool) -> DecodedBatch:
+    """Uploaded PNG/JPEG/.npy files, validated against the model's input shape."""
+    limits = input_limits(settings)
+    if len(files) > limits.max_batch:
+        raise ProblemError(413, "batch_too_large", f"{len(files)} files, over the batch limit of {limits.max_batch}")
+    contents = [await f.read() for f in files]
+    if sum(len(c) for c in contents) <= INLINE_BYTES:
+        return decode_files(contents, model.shape, limits, resize)
+    return await asyncio.to_thread(decode_files, contents, model.shape, limits, resize)

@@ -1,0 +1,103 @@
+"""One pure-ASGI middleware for what every request needs: request id, body size limit, timeout, metrics, access log.
+
+Pure ASGI (not BaseHTTPMiddleware) keeps the per-request cost to a few microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import ProblemError, problem_response
+from service.api.metrics import Metrics
+from service.observability import request_id
+
+log = logging.getLogger("service.api.access")
+REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNMATCHED = "unmatched"
+
+
+class RequestContextMiddleware:
+    """X-Request-ID (taken from the client when well-formed, else made), request body limit (413), request
+    timeout (504 when no answer has started), request count and latency by route and model, one log line."""
+
+    def __init__(self, app: ASGIApp, *, max_body: int, timeout: float, metrics: Metrics,
+                 known_models: set[str]) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.timeout = timeout
+        self.metrics = metrics
+        self.known_models = known_models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        status = {"code": 500, "started": False}
+        path = scope.get("path", "")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise ProblemError(413, "payload_too_large", f"the request body is over the limit of "
+                                       f"{self.max_body} bytes")
+            return message
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                response = problem_response(path, 413, "payload_too_large", f"the request body ({int(length)} "
+                                            f"bytes) is over the limit of {self.max_body} bytes")
+                await response(scope, receive, send_with_id)
+            else:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self.app(scope, limited_receive, send_with_id)
+                except TimeoutError:
+                    if status["started"]:
+                        raise
+                    response = problem_response(path, 504, "timeout", f"the request took longer than the limit "
+                                                f"of {self.timeout:g} s")
+                    await response(scope, receive, send_with_id)
+        except Exception:  # the last line of defence: a problem document, never a stack trace
+            if status["started"]:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            response = problem_response(path, 500, "internal_error", "an unexpected error occurred; quote the "
+                                        "request_id when reporting it")
+            await response(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            endpoint = getattr(route, "path", UNMATCHED)
+            params = scope.get("path_params") or {}
+            model = params.get("model") or params.get("model_name") or "-"
+            if model not in self.known_models:
+                model = "-"  # unknown names would blow up the label set
+            self.metrics.requests.labels(endpoint, model, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint, model).observe(elapsed)
+            log.info("%s %s %s %.1f ms", scope.get("method"), path, status["code"], elapsed * 1000.0,
+                     extra={"status": status["code"], "duration_ms": round(elapsed * 1000.0, 2)})
+            request_id.reset(token)

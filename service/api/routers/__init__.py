@@ -1,0 +1,7 @@
+"""The API's routers, one module each. Every module exposes `router` (a FastAPI APIRouter) and may expose
+`async def on_startup(app)` / `async def on_shutdown(app)`, which the app's lifespan awaits in this order
+(shutdown in reverse). Add a module's name here to mount it."""
+
+from __future__ import annotations
+
+ROUTER_MODULES: list[str] = ["health", "models", "inference", "v2", "metrics"]

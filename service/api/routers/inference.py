@@ -1,0 +1,209 @@
+"""Screen, spectrum and attack, each as JSON (base64 files or tensors) and as multipart upload (PNG/JPEG/.npy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from torch import Tensor
+
+from service.api.batching import QueueFullError, WorkerClosedError
+from service.api.dependencies import decode_json_images, decode_upload, require_json, require_multipart, served_model
+from service.api.errors import ProblemError, problem_responses
+from service.api.runtime import ServedModel
+from service.api.schemas import (
+    CHEAP_ATTACKS,
+    AttackName,
+    AttackRequest,
+    AttackResponse,
+    ImageFormat,
+    ScreenRequest,
+    ScreenResponse,
+    SpectrumMethod,
+    SpectrumRequest,
+    SpectrumResponse,
+    VectorFormat,
+)
+from service.api.security import require_api_key
+from service.config import Settings
+from service.data.images import DecodedBatch
+
+router = APIRouter(prefix="/v1/models/{model}", tags=["inference"], dependencies=[Depends(require_api_key)])
+
+ERRORS = problem_responses(400, 401, 404, 413, 415, 422, 503)
+FILES_DESCRIPTION = "PNG or JPEG files (one image each) or .npy files (one image or a batch)."
+Files = Annotated[list[UploadFile], File(description=FILES_DESCRIPTION)]
+ModelDep = Annotated[ServedModel, Depends(served_model)]
+
+
+async def run_batched(model: ServedModel, key: Hashable, fn: Callable[[Tensor], list[Any]],
+                      images: Tensor) -> list[Any]:
+    """Micro-batched work in the model's thread; overload -> 503, engine argument errors -> 422."""
+    try:
+        return await model.worker.submit(key, fn, images)
+    except QueueFullError as exc:
+        raise ProblemError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
+    except WorkerClosedError as exc:
+        raise ProblemError(503, "shutting_down", str(exc), headers={"Retry-After": "1"}) from exc
+    except ValueError as exc:  # the engine names the argument it refuses
+        raise ProblemError(422, "invalid_argument", str(exc)) from exc
+
+
+async def run_unbatched(model: ServedModel, fn: Callable[..., Any], *args: Any, images: int) -> Any:
+    try:
+        return await model.worker.run(fn, *args, images=images)
+    except QueueFullError as exc:
+        raise ProblemError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
+    except WorkerClosedError as exc:
+        raise ProblemError(503, "shutting_down", str(exc), headers={"Retry-After": "1"}) from exc
+    except ValueError as exc:
+        raise ProblemError(422, "invalid_argument", str(exc)) from exc
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+# ---- screen ----
+
+async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch,
+                       threshold: float | None) -> ScreenResponse:
+    detector = model.detector
+    if detector is None:
+        why = f" ({model.detector_error})" if model.detector_error else ""
+        raise ProblemError(404, "no_detector", f"model {model.name!r} has no detector attached{why}; "
+                           "train one with `fisher-guard train-detector`")
+    results = await run_batched(model, ("screen",), model.screen_batch, batch.images)
+    chosen = detector.threshold if threshold is None else threshold
+    names = model.card.class_names
+    items = [{"score": r["score"], "adversarial": r["score"] >= chosen, "prediction": r["prediction"],
+              "class_name": names[r["prediction"]], "probability": r["probabilities"][r["prediction"]],
+              "eigenvalues": r["eigenvalues"]} for r in results]
+    metrics = request.app.state.metrics
+    metrics.screened.labels(model.name).inc(len(items))
+    flagged = sum(item["adversarial"] for item in items)
+    if flagged:
+        metrics.adversarial.labels(model.name).inc(flagged)
+    metrics.request_images.labels("screen").observe(len(items))
+    auc, _ = model.detector_auc
+    method = (f"detector: {detector.card.get('classifier', {}).get('name', 'classifier')} on "
+              f"'{detector.feature_set}' Fisher features (top-{detector.k} eigenvalues, exact spectrum)")
+    return ScreenResponse(model=model.name, sha256=model.sha256, method=method, notes=batch.notes,
+                          threshold=chosen, threshold_source="detector" if threshold is None else "request",
+                          detector_auc=auc, results=items)  # type: ignore[arg-type]
+
+
+@router.post("/screen", response_model=ScreenResponse, responses=ERRORS, dependencies=[Depends(require_json)],
+             summary="Screen images: adversarial score, verdict, the eigenvalues used, prediction.")
+async def screen(body: ScreenRequest, request: Request, model: ModelDep) -> ScreenResponse:
+    batch = await decode_json_images(body, model, settings_of(request))
+    return await screen_batch(request, model, batch, body.threshold)
+
+
+@router.post("/screen/upload", response_model=ScreenResponse, responses=ERRORS,
+             dependencies=[Depends(require_multipart)], summary="Screen uploaded image files (multipart).")
+async def screen_upload(request: Request, files: Files, model: ModelDep,
+                        threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+                        resize: Annotated[bool, Form()] = False) -> ScreenResponse:
+    batch = await decode_upload(files, model, settings_of(request), resize)
+    return await screen_batch(request, model, batch, threshold)
+
+
+# ---- spectrum ----
+
+async def spectrum_batch(request: Request, model: ServedModel, batch: DecodedBatch, k: int, method: str,
+                         vectors: str) -> SpectrumResponse:
+    max_k = settings_of(request).max_k
+    if not 1 <= k <= max_k:
+        raise ProblemError(422, "k_out_of_range", f"k must lie in [1, {max_k}], got {k}")
+    results = await run_batched(model, ("spectrum", k, method, vectors),
+                                lambda x: model.spectrum_batch(x, k, method, vectors), batch.images)
+    names = model.card.class_names
+    notes = list(batch.notes) + [n for n in (results[0]["notes"] if results else []) if n not in batch.notes]
+    items = [{**{key: value for key, value in r.items() if key not in ("method", "notes")},
+              "class_name": names[r["prediction"]]} for r in results]
+    request.app.state.metrics.request_images.labels("spectrum").observe(len(items))
+    return SpectrumResponse(model=model.name, sha256=model.sha256, method=results[0]["method"], notes=notes, k=k,
+                            results=items)  # type: ignore[arg-type]
+
+
+@router.post("/spectrum", response_model=SpectrumResponse, responses=ERRORS, dependencies=[Depends(require_json)],
+             summary="Top-k eigenvalues of the Fisher information G_x (and eigenvectors), prediction, probabilities.")
+async def spectrum(body: SpectrumRequest, request: Request, model: ModelDep) -> SpectrumResponse:
+    batch = await decode_json_images(body, model, settings_of(request))
+    return await spectrum_batch(request, model, batch, body.k, body.method, body.vectors)
+
+
+@router.post("/spectrum/upload", response_model=SpectrumResponse, responses=ERRORS,
+             dependencies=[Depends(require_multipart)], summary="The spectrum of uploaded image files (multipart).")
+async def spectrum_upload(request: Request, files: Files, model: ModelDep,
+                          k: Annotated[int, Form(ge=1)] = 10, method: Annotated[SpectrumMethod, Form()] = "auto",
+                          vectors: Annotated[VectorFormat, Form()] = "none",
+                          resize: Annotated[bool, Form()] = False) -> SpectrumResponse:
+    batch = await decode_upload(files, model, settings_of(request), resize)
+    return await spectrum_batch(request, model, batch, k, method, vectors)
+
+
+# ---- attack ----
+
+def attack_options(body: AttackRequest) -> dict[str, Any]:
+    """The keyword arguments of the chosen attack that the request sets."""
+    options: dict[str, Any] = {}
+    if body.attack in ("iterative-ossa", "bim", "opt") and body.steps is not None:
+        options["steps"] = body.steps
+    if body.attack in ("iterative-ossa", "bim") and body.step_size is not None:
+        options["step_size"] = body.step_size
+    if body.attack == "opt" and body.c is not None:
+        options["c"] = body.c
+    if body.attack == "least-norm":
+        options["base_attack"] = body.base_attack
+    return options
+
+
+async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch,
+                       body: AttackRequest) -> AttackResponse:
+    settings = settings_of(request)
+    n = int(batch.images.shape[0])
+    if body.epsilon > settings.max_epsilon:
+        raise ProblemError(422, "epsilon_out_of_range", f"epsilon must lie in [0, {settings.max_epsilon:g}], "
+                           f"got {body.epsilon:g}")
+    if body.labels is not None and len(body.labels) != n:
+        raise ProblemError(422, "invalid_labels", f"labels has {len(body.labels)} entries for {n} images")
+    if body.attack not in CHEAP_ATTACKS:
+        if n > settings.max_attack_batch:
+            raise ProblemError(422, "too_heavy", f"{body.attack} on {n} images is too heavy for a request (at most "
+                               f"{settings.max_attack_batch}); submit it as a job: POST /v1/jobs", jobs="/v1/jobs")
+        if body.steps is not None and body.steps > settings.max_attack_steps:
+            raise ProblemError(422, "too_heavy", f"{body.steps} steps are too many for a request (at most "
+                               f"{settings.max_attack_steps}); submit it as a job: POST /v1/jobs", jobs="/v1/jobs")
+    results = await run_unbatched(model, model.attack, batch.images, body.attack, body.epsilon, body.labels,
+                                  attack_options(body), body.output, images=n)
+    request.app.state.metrics.request_images.labels("attack").observe(n)
+    return AttackResponse(model=model.name, sha256=model.sha256, method=body.attack, notes=batch.notes,
+                          attack=body.attack, epsilon=body.epsilon, results=results)
+
+
+@router.post("/attack", response_model=AttackResponse, responses=ERRORS, dependencies=[Depends(require_json)],
+             summary="Attack images (OSSA and others): adversarial image, perturbation norm, predictions, fooled.")
+async def attack(body: AttackRequest, request: Request, model: ModelDep) -> AttackResponse:
+    batch = await decode_json_images(body, model, settings_of(request))
+    return await attack_batch(request, model, batch, body)
+
+
+@router.post("/attack/upload", response_model=AttackResponse, responses=ERRORS,
+             dependencies=[Depends(require_multipart)], summary="Attack uploaded image files (multipart).")
+async def attack_upload(request: Request, files: Files, model: ModelDep,
+                        attack: Annotated[AttackName, Form()] = "ossa",
+                        epsilon: Annotated[float, Form(ge=0.0)] = 1.0,
+                        label: Annotated[int | None, Form(description="True class of the image(s); default: the "
+                                                          "model's prediction.")] = None,
+                        steps: Annotated[int | None, Form(ge=1)] = None,
+                        step_size: Annotated[float | None, Form(gt=0.0)] = None,
+                        output: Annotated[ImageFormat, Form()] = "png",
+                        resize: Annotated[bool, Form()] = False) -> AttackResponse:
+    batch = await decode_upload(files, model, settings_of(request), resize)
+    labels = None if label is None else [label] * int(batch.images.shape[0])
+    body = AttackRequest(tensor=[], attack=attack, epsilon=epsilon, labels=labels, steps=steps, step_size=step_size,
+                         output=output)
+    return await attack_batch(request, model, batch, body)

@@ -1,0 +1,147 @@
+"""The Open Inference Protocol v2 (KServe / Triton) paths: server and model health, metadata, tensor inference.
+
+Inference takes one input tensor [N, C, H, W] (or [C, H, W]) of pixel values and returns the outputs
+`logits` [N, K], `probabilities` [N, K], `predictions` [N] and, for models with a detector, `adversarial_score`
+[N] and `adversarial` [N] (at the detector's threshold). Errors are problem documents that also carry the
+protocol's `error` field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Request
+
+from service.api.dependencies import input_limits, lookup_model, require_json, require_ready
+from service.api.errors import ProblemError, problem_responses
+from service.api.routers.inference import run_batched
+from service.api.runtime import ServedModel
+from service.api.schemas import (
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    ModelMetadata,
+    ServerMetadata,
+    TensorMetadata,
+    V2Health,
+)
+from service.api.security import require_api_key
+from service.data.images import tensor_batch
+
+health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+models_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], dependencies=[Depends(require_api_key)])
+
+DATATYPES: dict[str, Any] = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "UINT16": np.uint16,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+}
+OUTPUTS = ("logits", "probabilities", "predictions", "adversarial_score", "adversarial")
+
+
+def v2_model(request: Request, model_name: Annotated[str, Path(description="Model name.")]) -> ServedModel:
+    require_ready(request)
+    return lookup_model(request, model_name)
+
+
+V2Model = Annotated[ServedModel, Depends(v2_model)]
+
+
+def output_names(model: ServedModel) -> list[str]:
+    return list(OUTPUTS) if model.detector is not None else list(OUTPUTS[:3])
+
+
+@health_router.get("/health/live", response_model=V2Health, summary="OIP v2 server liveness.")
+async def v2_live() -> V2Health:
+    return V2Health(live=True)
+
+
+@health_router.get("/health/ready", response_model=V2Health, responses=problem_responses(503),
+                   summary="OIP v2 server readiness.")
+async def v2_ready(request: Request) -> V2Health:
+    require_ready(request)
+    return V2Health(ready=True)
+
+
+@models_router.get("", response_model=ServerMetadata, responses=problem_responses(401),
+                   summary="OIP v2 server metadata.")
+async def v2_server(request: Request) -> ServerMetadata:
+    return ServerMetadata(name="fisher-guard", version=request.app.version, extensions=[])
+
+
+@models_router.get("/models/{model_name}", response_model=ModelMetadata, responses=problem_responses(401, 404, 503),
+                   summary="OIP v2 model metadata: input and output tensors.")
+async def v2_model_metadata(model: V2Model) -> ModelMetadata:
+    c, h, w = model.shape
+    k = model.card.num_classes
+    outputs = [TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
+               TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
+               TensorMetadata(name="predictions", datatype="INT64", shape=[-1])]
+    if model.detector is not None:
+        outputs += [TensorMetadata(name="adversarial_score", datatype="FP64", shape=[-1]),
+                    TensorMetadata(name="adversarial", datatype="BOOL", shape=[-1])]
+    return ModelMetadata(name=model.name, versions=[model.sha256], platform="pytorch",
+                         inputs=[TensorMetadata(name="input", datatype="FP32", shape=[-1, c, h, w])], outputs=outputs)
+
+
+@models_router.get("/models/{model_name}/ready", response_model=V2Health, responses=problem_responses(401, 404, 503),
+                   summary="OIP v2 model readiness.")
+async def v2_model_ready(model: V2Model) -> V2Health:
+    return V2Health(ready=True)
+
+
+def input_array(tensor: InferTensor) -> np.ndarray:
+    """The request tensor as an array of its declared shape and datatype."""
+    dtype = DATATYPES.get(tensor.datatype.upper())
+    if dtype is None:
+        raise ProblemError(422, "unsupported_datatype", f"datatype {tensor.datatype!r} is not supported (use one of "
+                           f"{', '.join(DATATYPES)})")
+    if any(d < 0 for d in tensor.shape) or len(tensor.shape) > 8:
+        raise ProblemError(422, "wrong_shape", f"shape {tensor.shape} is not a valid tensor shape")
+    try:
+        flat = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError) as exc:
+        raise ProblemError(422, "invalid_tensor", "data must be numbers, flat or nested, in row-major order") from exc
+    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if flat.size != expected:
+        raise ProblemError(422, "wrong_shape", f"data has {flat.size} values but shape {tensor.shape} needs {expected}")
+    if tensor.datatype.upper() == "UINT8":
+        flat = flat.astype(np.float32)  # 0-255, scaled by tensor_batch
+    return flat.reshape(tensor.shape)
+
+
+@models_router.post("/models/{model_name}/infer", response_model=InferResponse, dependencies=[Depends(require_json)],
+                    responses=problem_responses(400, 401, 404, 413, 415, 422, 503),
+                    summary="OIP v2 inference: logits, probabilities, predictions and the adversarial score.")
+async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> InferResponse:
+    array = input_array(body.inputs[0])
+    batch = tensor_batch(array, model.shape, input_limits(request.app.state.settings))
+    available = output_names(model)
+    wanted = [o.name for o in body.outputs] if body.outputs else available
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise ProblemError(422, "unknown_output", f"unknown outputs {unknown} (available: {', '.join(available)})")
+    results = await run_batched(model, ("infer",), model.infer_batch, batch.images)
+    n, k = len(results), model.card.num_classes
+    threshold = model.detector.threshold if model.detector is not None else None
+    columns: dict[str, tuple[str, list[int], list[Any]]] = {
+        "logits": ("FP32", [n, k], [v for r in results for v in r["logits"]]),
+        "probabilities": ("FP32", [n, k], [v for r in results for v in r["probabilities"]]),
+        "predictions": ("INT64", [n], [r["prediction"] for r in results]),
+    }
+    if threshold is not None:
+        columns["adversarial_score"] = ("FP64", [n], [r["score"] for r in results])
+        columns["adversarial"] = ("BOOL", [n], [r["score"] >= threshold for r in results])
+        metrics = request.app.state.metrics
+        metrics.screened.labels(model.name).inc(n)
+        metrics.adversarial.labels(model.name).inc(sum(r["score"] >= threshold for r in results))
+    outputs = [InferTensor(name=name, datatype=columns[name][0], shape=columns[name][1], data=columns[name][2])
+               for name in wanted]
+    parameters = {"notes": batch.notes} if batch.notes else None
+    return InferResponse(model_name=model.name, model_version=model.sha256, id=body.id, parameters=parameters,
+                         outputs=outputs)
+
+
+router = APIRouter()
+router.include_router(health_router)
+router.include_router(models_router)

@@ -1,0 +1,220 @@
+"""Request and response bodies of the API (pydantic): what the OpenAPI schema shows is what the server does."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SpectrumMethod = Literal["auto", "exact", "lanczos", "truncated", "power", "power-alias"]
+VectorFormat = Literal["none", "png", "tensor", "both"]
+ImageFormat = Literal["png", "tensor", "both"]
+AttackName = Literal["ossa", "iterative-ossa", "fgm", "otcm", "bim", "opt", "least-norm"]
+CHEAP_ATTACKS = ("ossa", "fgm", "otcm")  # one step: any batch up to max_batch_size
+ITERATIVE_ATTACKS = ("iterative-ossa", "bim", "opt", "least-norm")  # small batches, bounded steps
+
+
+class ImagesInput(BaseModel):
+    """Images as base64 files or as a tensor (exactly one of the two)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] | None = Field(
+        None, description="base64-encoded PNG or JPEG files (a data: URL prefix is allowed), one image each; "
+        "a base64 .npy file may hold one image or a batch.", examples=[["iVBORw0KGgo..."]])
+    tensor: list[Any] | None = Field(
+        None, description="Nested lists of pixel values: one image [C, H, W] ([H, W] for 1-channel models) or a "
+        "batch [N, C, H, W]. Values in [0, 1]; 0-255 values are divided by 255 (the response says so).")
+    resize: bool = Field(False, description="Resize images of another size to the model's input (bilinear); "
+                         "otherwise a size mismatch is an error.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ImagesInput:
+        if (self.images is None) == (self.tensor is None):
+            raise ValueError("give exactly one of 'images' (base64 files) and 'tensor' (nested lists)")
+        return self
+
+
+class ScreenRequest(ImagesInput):
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Verdict threshold on the score; default: "
+                                    "the detector's own (chosen at its target false-positive rate).")
+
+
+class SpectrumRequest(ImagesInput):
+    k: int = Field(10, ge=1, description="Number of eigenpairs (at most the setting max_k).")
+    method: SpectrumMethod = Field("auto", description="Route to the spectrum: auto, exact (Gram), lanczos, "
+                                   "truncated, power / power-alias (the paper's Algorithm 1, k = 1 only).")
+    vectors: VectorFormat = Field("none", description="Return the eigenvectors: none, png (each scaled so that "
+                                  "mid-grey is 0), tensor (nested lists, unit L2 norm) or both.")
+
+
+class AttackRequest(ImagesInput):
+    attack: AttackName = Field("ossa", description="ossa and iterative-ossa (the paper's attack), fgm, otcm, bim, "
+                               "opt (C&W-style L2), least-norm (binary search of the smallest fooling epsilon).")
+    epsilon: float = Field(1.0, ge=0.0, description="L2 budget in [0, 1] pixel space (at most the setting "
+                           "max_epsilon); for least-norm the upper end of the search.")
+    labels: list[int] | None = Field(None, description="True class per image; default: the model's prediction.")
+    steps: int | None = Field(None, ge=1, description="Iterations of iterative-ossa, bim and opt (at most the "
+                              "setting max_attack_steps).")
+    step_size: float | None = Field(None, gt=0.0, description="L2 step of iterative-ossa and bim.")
+    c: float | None = Field(None, ge=0.0, description="Trade-off constant of opt.")
+    base_attack: Literal["ossa", "fgm"] = Field("ossa", description="Direction searched by least-norm.")
+    output: ImageFormat = Field("png", description="Adversarial images as base64 PNG, tensor, or both.")
+
+
+class Traced(BaseModel):
+    """What every answer names so that it can be traced: model, weights and method."""
+
+    model: str = Field(description="Model name.")
+    sha256: str = Field(description="sha256 of the model's weights file.")
+    method: str = Field(description="How the answer was computed.")
+    notes: list[str] = Field(default_factory=list, description="What was done to the inputs (scaling, resizing) "
+                             "and remarks of the engine.")
+
+
+class DetectorInfo(BaseModel):
+    threshold: float = Field(description="Default verdict threshold on the score.")
+    auc: float | None = Field(description="ROC AUC measured when the detector was trained.")
+    auc_split: str | None = Field(description="Where the AUC was measured: 'test' or 'validation'.")
+    feature_set: str
+    k: int = Field(description="Eigenvalues the detector uses.")
+    file: str | None = Field(description="The detector file's name.")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    sha256: str = Field(description="sha256 of the weights file.")
+    device: str
+    input_shape: list[int] = Field(description="[C, H, W] of one image in [0, 1].")
+    mean: list[float] = Field(description="Per-channel normalisation mean (applied inside the model).")
+    std: list[float] = Field(description="Per-channel normalisation std (applied inside the model).")
+    class_names: list[str]
+    num_classes: int
+    test_accuracy: float | None
+    test_split: str | None
+    detector: DetectorInfo | None = Field(description="The attached detector, or null: /screen is then refused.")
+    detector_error: str | None = Field(None, description="Why a detector file next to the model was not loaded.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ScreenItem(BaseModel):
+    score: float = Field(description="Adversarial score in [0, 1].")
+    adversarial: bool = Field(description="score >= threshold.")
+    prediction: int
+    class_name: str
+    probability: float = Field(description="The model's probability of its prediction.")
+    eigenvalues: list[float] = Field(description="The top eigenvalues of G_x the detector used.")
+
+
+class ScreenResponse(Traced):
+    threshold: float
+    threshold_source: Literal["detector", "request"]
+    detector_auc: float | None
+    results: list[ScreenItem]
+
+
+class SpectrumItem(BaseModel):
+    eigenvalues: list[float] = Field(description="Top-k eigenvalues of G_x, descending (zeros past rank K-1).")
+    error_bound: float
+    discarded_mass: float
+    iterations: int
+    prediction: int
+    class_name: str
+    probabilities: list[float]
+    eigenvectors_png: list[str] | None = Field(None, description="base64 PNG per eigenvector (mid-grey = 0).")
+    eigenvectors: list[Any] | None = Field(None, description="Eigenvectors [r, C, H, W], unit L2 norm.")
+
+
+class SpectrumResponse(Traced):
+    k: int
+    results: list[SpectrumItem]
+
+
+class AttackItem(BaseModel):
+    label: int = Field(description="The class the attack moved away from.")
+    original_prediction: int
+    adversarial_prediction: int
+    fooled: bool
+    perturbation_norm: float = Field(description="L2 norm of adversarial - original, pixel space.")
+    top_eigenvalue: float = Field(description="Top eigenvalue of G_x at the original image.")
+    least_norm: float | None = Field(None, description="least-norm: smallest fooling epsilon (null: not found).")
+    found: bool | None = None
+    adversarial_png: str | None = Field(None, description="The adversarial image as base64 PNG (8-bit).")
+    adversarial: list[Any] | None = Field(None, description="The adversarial image [C, H, W] in [0, 1].")
+
+
+class AttackResponse(Traced):
+    attack: str
+    epsilon: float
+    results: list[AttackItem]
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]
+
+
+# ---- Open Inference Protocol v2 (KServe / Triton) ----
+
+class InferTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str = Field(description="FP32, FP64, FP16, UINT8, INT8..INT64, BOOL.")
+    data: list[Any] = Field(description="Values in row-major order (flat or nested).")
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferTensor] = Field(min_length=1, max_length=1, description="One tensor [N, C, H, W] of images.")
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[InferTensor]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Health(BaseModel):
+    live: bool | None = None
+    ready: bool | None = None

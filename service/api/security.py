@@ -1,0 +1,38 @@
+"""Optional API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time, never logged."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api.errors import ProblemError
+
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key as a bearer token.")
+header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+
+
+def key_matches(candidate: str, keys: list[str]) -> bool:
+    """True when `candidate` equals one of `keys`; every key is compared, each in constant time."""
+    given = candidate.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    return matched
+
+
+async def require_api_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    header_key: Annotated[str | None, Depends(header_scheme)],
+) -> None:
+    """When API keys are configured, the request must carry one of them (else 401)."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    candidate = bearer.credentials if bearer is not None else header_key
+    if not candidate or not key_matches(candidate, keys):
+        raise ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' "
+                           "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})

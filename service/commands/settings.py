@@ -1,0 +1,28 @@
+"""`fisher-guard settings`: every setting, its environment variable, default and meaning; or the current values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from service.config import Settings, settings_markdown
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("settings", help="list the settings (environment variables, defaults, meanings)",
+                            description="Print every setting as a Markdown table (the README's table), or the "
+                            "values this environment gives them with --current.")
+    parser.add_argument("--current", action="store_true", help="print the values in effect here, as JSON "
+                        "(API keys are hidden)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.current:
+        values = Settings().model_dump(mode="json")
+        if values.get("api_keys"):
+            values["api_keys"] = "***"
+        print(json.dumps(values, indent=2))
+    else:
+        print(settings_markdown(), end="")
+    return 0

@@ -1,0 +1,283 @@
+"""Decoding and validation of image inputs: PNG/JPEG bytes, base64 text, nested lists and .npy arrays.
+
+Everything becomes a float32 batch (N, C, H, W) in [0, 1] that fits a model's input shape, or an
+`ImageInputError` whose `code` is machine-readable and whose message is one sentence naming the problem.
+Image dimensions are checked from the file header BEFORE any pixel is decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+from torch import Tensor
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+NPY_MAGIC = b"\x93NUMPY"
+SCALED_NOTE = "pixel values above 1 were read as 0-255 and divided by 255"
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+
+
+class ImageInputError(ValueError):
+    """Bad input; `code` names the kind of problem (e.g. 'corrupt_image', 'image_too_large', 'wrong_shape')."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Limits on one request's images."""
+
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+    max_batch: int = 256
+
+
+@dataclass
+class DecodedBatch:
+    """A validated batch (N, C, H, W) float32 in [0, 1] and notes on what was done to it (scaling, resizing)."""
+
+    images: Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+def sniff_format(data: bytes) -> str:
+    """'png', 'jpeg' or 'npy' from the first bytes; anything else is refused with 'unsupported_format'."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(NPY_MAGIC):
+        return "npy"
+    if not data:
+        raise ImageInputError("empty_file", "the uploaded file is empty")
+    raise ImageInputError("unsupported_format", "the file is not a PNG, JPEG or .npy file (unrecognised header bytes)")
+
+
+def _check_declared_size(width: int, height: int, limits: InputLimits) -> None:
+    if width < 1 or height < 1:
+        raise ImageInputError("corrupt_image", f"the image declares an empty size {width}x{height}")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise ImageInputError(
+            "image_too_large",
+            f"the image declares {width}x{height} pixels, over the limit of {limits.max_side} per side and "
+            f"{limits.max_pixels} in all",
+        )
+
+
+def _pixels(img: Image.Image, channels: int) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], converted to `channels` (1: luminance, 3: RGB); 16-bit kept exact."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        gray = gray[..., None]
+        return np.repeat(gray, channels, axis=2) if channels != 1 else gray
+    if channels == 1:
+        return np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
+    if channels == 3:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    raise ImageInputError("wrong_channels", f"image files can feed only 1- or 3-channel models, not {channels}")
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], limits: InputLimits, resize: bool = False) -> DecodedBatch:
+    """One PNG/JPEG file -> (1, C, H, W). Its declared size is checked before decoding; resized only if asked."""
+    kind = sniff_format(data)
+    if kind == "npy":
+        return decode_npy(data, shape, limits, resize)
+    channels, height, width = shape
+    try:
+        img = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError("image_too_large", f"the image declares more pixels than the limit of "
+                              f"{limits.max_pixels}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError("corrupt_image", f"the {kind.upper()} file cannot be read: its header is not "
+                              "valid") from exc
+    _check_declared_size(img.width, img.height, limits)
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError("image_too_large", f"the image declares more pixels than the limit of "
+                              f"{limits.max_pixels}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError("corrupt_image", f"the {kind.upper()} file is corrupt or truncated: {exc}") from exc
+    notes = []
+    if (img.height, img.width) != (height, width):
+        if not resize:
+            raise ImageInputError(
+                "wrong_shape",
+                f"the image is {img.width}x{img.height} but the model takes {width}x{height}; "
+                "resize it or ask the API to (resize=true)",
+            )
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+        notes.append(f"resized to {width}x{height}")
+    array = _pixels(img, channels)
+    return DecodedBatch(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None], notes)
+
+
+def decode_base64(text: str, what: str = "image") -> bytes:
+    """Standard base64 (a data: URL prefix is allowed) -> bytes."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError("invalid_base64", f"{what} is not valid base64: {exc}") from exc
+
+
+def encode_png(image: Tensor) -> str:
+    """(C, H, W) in [0, 1] -> base64 PNG (8-bit, grayscale or RGB)."""
+    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    if array.shape[0] == 1:
+        img = Image.fromarray(array[0], mode="L")
+    else:
+        img = Image.fromarray(array[:3].transpose(1, 2, 0), mode="RGB")
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def vector_png(vector: Tensor) -> str:
+    """A signed direction (e.g. an eigenvector) as a PNG: 0 is mid-grey, +/- max|v| are white/black."""
+    scale = vector.abs().max().clamp(min=torch.finfo(vector.dtype).tiny)
+    return encode_png(0.5 + 0.5 * vector / scale)
+
+
+def _as_batch(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, C, H, W) from (N, C, H, W), (C, H, W), or for 1-channel models (H, W) and (N, H, W)."""
+    channels, height, width = shape
+    if array.ndim == 4:
+        return array
+    if array.ndim == 3:
+        if array.shape[0] == channels and channels != 1:
+            return array[None]
+        if channels == 1:
+            return array[:, None]  # (N, H, W); a (1, H, W) image is the same thing
+        return array[None]
+    if array.ndim == 2 and channels == 1:
+        return array[None, None]
+    raise ImageInputError(
+        "wrong_shape",
+        f"a tensor of shape {list(array.shape)} is neither one image [{channels}, {height}, {width}] nor a batch "
+        f"[N, {channels}, {height}, {width}]",
+    )
+
+
+def tensor_batch(array: np.ndarray, shape: tuple[int, int, int], limits: InputLimits,
+                 resize: bool = False) -> DecodedBatch:
+    """A numeric array of one image or a batch -> validated (N, C, H, W) float32 in [0, 1]."""
+    if array.dtype.kind not in "biuf":
+        raise ImageInputError("invalid_tensor", f"tensor values must be numbers, got dtype {array.dtype}")
+    if array.size == 0 and array.ndim <= 1:
+        raise ImageInputError("empty_batch", "the batch is empty: send at least one image")
+    batch = _as_batch(array, shape)
+    channels, height, width = shape
+    if batch.shape[0] == 0:
+        raise ImageInputError("empty_batch", "the batch is empty: send at least one image")
+    if batch.shape[0] > limits.max_batch:
+        raise ImageInputError("batch_too_large", f"the batch has {batch.shape[0]} images, over the limit of "
+                              f"{limits.max_batch}")
+    if batch.shape[1] != channels:
+        raise ImageInputError("wrong_channels", f"the images have {batch.shape[1]} channels but the model takes "
+                              f"{channels}")
+    if max(batch.shape[2:]) > limits.max_side or batch.shape[2] * batch.shape[3] > limits.max_pixels:
+        raise ImageInputError("image_too_large", f"the images are {batch.shape[3]}x{batch.shape[2]}, over the limit")
+    values = batch.astype(np.float32, copy=False)
+    if not np.isfinite(values).all():
+        raise ImageInputError("non_finite", "the tensor contains NaN or infinite values")
+    notes = []
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        raise ImageInputError("out_of_range", f"pixel values must lie in [0, 1] (or 0-255); the smallest is {low:g}")
+    if high > 1.0:
+        if high > 255.0:
+            raise ImageInputError("out_of_range", "pixel values must lie in [0, 1] (or 0-255); the largest is "
+                                  f"{high:g}")
+        values = values / 255.0
+        notes.append(SCALED_NOTE)
+    images = torch.from_numpy(np.ascontiguousarray(values))
+    if tuple(images.shape[2:]) != (height, width):
+        if not resize:
+            raise ImageInputError(
+                "wrong_shape",
+                f"the images are {images.shape[3]}x{images.shape[2]} but the model takes {width}x{height}; "
+                "resize them or ask the API to (resize=true)",
+            )
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+        notes.append(f"resized to {width}x{height}")
+    return DecodedBatch(images, notes)
+
+
+def nested_batch(values: object, shape: tuple[int, int, int], limits: InputLimits,
+                 resize: bool = False) -> DecodedBatch:
+    """Nested lists of numbers (JSON) -> validated batch."""
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise ImageInputError("invalid_tensor", "the tensor must be a rectangular nested list of numbers "
+                              f"(ragged or non-numeric: {exc})") from exc
+    return tensor_batch(array, shape, limits, resize)
+
+
+def decode_npy(data: bytes, shape: tuple[int, int, int], limits: InputLimits, resize: bool = False) -> DecodedBatch:
+    """A .npy file (never unpickled) -> validated batch; its declared shape is checked before reading the data."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        declared, _, dtype = read_header(buffer)  # the header only, no data yet
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise ImageInputError("corrupt_npy", f"the .npy file has an unreadable header: {exc}") from exc
+    count = int(np.prod(declared)) if declared else 1
+    budget = limits.max_batch * limits.max_pixels * max(shape[0], 1)
+    if count > budget:
+        raise ImageInputError("image_too_large", f"the .npy file declares shape {list(declared)}, over the limit")
+    buffer.seek(0)
+    try:
+        array = np.load(buffer, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ImageInputError("corrupt_npy", "the .npy file cannot be read (truncated, or holds objects): "
+                              f"{exc}") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ImageInputError("invalid_tensor", f"the .npy file must hold a numeric array, got dtype {dtype}")
+    return tensor_batch(array, shape, limits, resize)
+
+
+def concat(parts: list[DecodedBatch], limits: InputLimits) -> DecodedBatch:
+    """Join decoded parts into one batch, enforcing the batch limits; notes deduplicated, in order."""
+    if not parts:
+        raise ImageInputError("empty_batch", "the batch is empty: send at least one image")
+    total = sum(p.images.shape[0] for p in parts)
+    if total > limits.max_batch:
+        raise ImageInputError("batch_too_large", f"the batch has {total} images, over the limit of {limits.max_batch}")
+    notes: list[str] = []
+    for part in parts:
+        notes += [n for n in part.notes if n not in notes]
+    return DecodedBatch(torch.cat([p.images for p in parts]), notes)
+
+
+def decode_files(files: list[bytes], shape: tuple[int, int, int], limits: InputLimits,
+                 resize: bool = False) -> DecodedBatch:
+    """Uploaded files (PNG, JPEG or .npy, each one image or, for .npy, a batch) -> one batch."""
+    if len(files) > limits.max_batch:
+        raise ImageInputError("batch_too_large", f"{len(files)} files, over the batch limit of {limits.max_batch}")
+    return concat([decode_image(data, shape, limits, resize) for data in files], limits)
+
+
+def decode_base64_images(items: list[str], shape: tuple[int, int, int], limits: InputLimits,
+                         resize: bool = False) -> DecodedBatch:
+    """base64 PNG/JPEG/.npy strings -> one batch."""
+    if len(items) > limits.max_batch:
+        raise ImageInputError("batch_too_large", f"{len(items)} images, over the batch limit of {limits.max_batch}")
+    parts = [decode_image(decode_base64(text, f"images[{i}]"), shape, limits, resize) for i, text in enumerate(items)]
+    return concat(parts, limits)

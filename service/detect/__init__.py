@@ -1,0 +1,19 @@
+"""Adversarial detection on Fisher features: features, the detection set, the detector, baselines, evaluation."""
+
+from service.detect.baselines import BASELINES, KernelDensityScorer, baseline_features, bayesian_uncertainty
+from service.detect.dataset import DEFAULT_ATTACKS, DEFAULT_EPSILONS, DetectionSet, build_detection_set
+from service.detect.detector import (
+    Detector,
+    DetectorLoadError,
+    ScreenResult,
+    detector_path,
+    load_detector,
+    threshold_at_fpr,
+    train_detector,
+)
+from service.detect.features import FEATURE_SETS, fisher_features
+
+__all__ = ["BASELINES", "DEFAULT_ATTACKS", "DEFAULT_EPSILONS", "FEATURE_SETS", "DetectionSet", "Detector",
+           "DetectorLoadError", "KernelDensityScorer", "ScreenResult", "baseline_features", "bayesian_uncertainty",
+           "build_detection_set", "detector_path", "fisher_features", "load_detector", "threshold_at_fpr",
+           "train_detector"]

@@ -1,0 +1,73 @@
+"""Models and detectors loaded once per process (workers and the in-process backend), and the engine calls that
+jobs make: the same functions the API calls, so a job and a request give the same answer."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.config import get_settings
+from service.zoo.registry import LoadedModel, load_model
+
+_lock = threading.Lock()
+_models: dict[str, LoadedModel] = {}
+_detectors: dict[str, object] = {}
+
+
+def get_model(name: str) -> LoadedModel:
+    """The model by registry name, loaded on first use and then kept for the life of the process."""
+    with _lock:
+        if name not in _models:
+            _models[name] = load_model(name)
+        return _models[name]
+
+
+def get_detector(model: LoadedModel):
+    """The active detector of a model (`<models_dir>/<model>.detector.joblib`), loaded once and checked
+    against the model's weights."""
+    from service.detect.detector import detector_path, load_detector
+
+    with _lock:
+        if model.name not in _detectors:
+            _detectors[model.name] = load_detector(detector_path(get_settings().models_dir, model.name), model.sha256)
+        return _detectors[model.name]
+
+
+def loaded_models() -> list[str]:
+    return sorted(_models)
+
+
+def forget(model_name: str | None = None) -> None:
+    """Drop cached models and detectors (all, or one model's), e.g. after a detector is activated."""
+    with _lock:
+        for cache in (_models, _detectors):
+            if model_name is None:
+                cache.clear()
+            else:
+                cache.pop(model_name, None)
+
+
+@dataclass
+class ScreenBatch:
+    """Screening output of one batch, as numpy arrays."""
+
+    scores: np.ndarray
+    adversarial: np.ndarray
+    threshold: float
+    eigenvalues: np.ndarray
+    predictions: np.ndarray
+    confidence: np.ndarray
+
+
+def screen(model: LoadedModel, images: np.ndarray) -> ScreenBatch:
+    """Detector.score on one batch (what POST /v1/screen runs)."""
+    detector = get_detector(model)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(model.device)
+    result = detector.score(model.module, x)
+    return ScreenBatch(scores=np.asarray(result.scores), adversarial=np.asarray(result.adversarial),
+                       threshold=float(result.threshold), eigenvalues=np.asarray(result.eigenvalues),
+                       predictions=np.asarray(result.predictions),
+                       confidence=np.asarray(result.probabilities).max(axis=1))

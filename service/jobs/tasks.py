@@ -1,0 +1,302 @@
+"""The task functions: what a job of each type does, whichever backend runs it. Each takes the job's spec and a
+context (inputs, progress, cancellation, artifact) and returns the JSON summary; the artifact goes through the
+context, keyed by the job id, so a re-run after a crash overwrites the same result (idempotent)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from service.config import Settings
+from service.jobs import engine
+from service.jobs.inputs import load_dataset, valid_names
+from service.jobs.types import JobSpec
+
+
+class TaskContext(Protocol):
+    """What a backend gives a running task."""
+
+    settings: Settings
+
+    def load_upload(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The staged upload (images, labels)."""
+        ...
+
+    def progress(self, done: int, total: int) -> None:
+        """Report progress; raises JobCancelled when the job was cancelled."""
+        ...
+
+    def save_artifact(self, filename: str, media_type: str, data: bytes) -> None:
+        ...
+
+
+def run_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Run one job to its summary."""
+    handler = TASKS.get(spec.type)
+    if handler is None:
+        raise ValueError(f"unknown job type {spec.type!r}")
+    started = time.perf_counter()
+    summary = handler(spec, ctx)
+    summary.setdefault("timing", {})["elapsed_s"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _images(spec: JobSpec, ctx: TaskContext) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """The job's valid images, labels (when known) and their names."""
+    if spec.dataset:
+        images, labels = load_dataset(spec.dataset, spec.limit)
+        names = [f"{spec.dataset}[{i}]" for i in range(len(images))]
+        return images, labels, names
+    images, labels = ctx.load_upload()
+    return images, labels, valid_names(spec.item_names, spec.item_errors)
+
+
+def _batches(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _debug_delay(ctx: TaskContext) -> None:
+    if ctx.settings.jobs_debug and ctx.settings.jobs_debug_delay_s > 0:
+        time.sleep(ctx.settings.jobs_debug_delay_s)
+
+
+def _rows_with_errors(spec: JobSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Valid rows and the bad items' rows, in upload order, each with its item index and status."""
+    errors = {e.index: e for e in spec.item_errors}
+    out, valid = [], iter(rows)
+    total = len(rows) + len(errors)
+    for index in range(total):
+        if index in errors:
+            out.append({"index": index, "name": errors[index].name, "status": "error", "reason": errors[index].reason})
+        else:
+            out.append({"index": index, **next(valid), "status": "ok", "reason": ""})
+    return out
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(v) for k, v in row.items()})
+    return buffer.getvalue().encode()
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.9g}"
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    return value
+
+
+def _errors_summary(spec: JobSpec) -> dict[str, Any]:
+    return {"item_errors": [e.model_dump() for e in spec.item_errors]}
+
+
+def screen_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Detector score, verdict, top eigenvalues and prediction of every image; CSV artifact."""
+    model = engine.get_model(spec.model or "")
+    images, labels, names = _images(spec, ctx)
+    k = int(spec.params.get("k", 5))
+    size = ctx.settings.jobs_batch_size
+    rows: list[dict[str, Any]] = []
+    threshold = float("nan")
+    ctx.progress(0, len(images))
+    for start, stop in _batches(len(images), size):
+        out = engine.screen(model, images[start:stop])
+        threshold = out.threshold
+        for j in range(stop - start):
+            i = start + j
+            row: dict[str, Any] = {"name": names[i]}
+            if labels is not None:
+                row["label"] = int(labels[i])
+            row |= {"prediction": int(out.predictions[j]), "confidence": float(out.confidence[j]),
+                    "score": float(out.scores[j]), "adversarial": bool(out.adversarial[j])}
+            row |= {f"eigenvalue_{e + 1}": float(v) for e, v in enumerate(out.eigenvalues[j, :k])}
+            rows.append(row)
+        _debug_delay(ctx)
+        ctx.progress(stop, len(images))
+    ctx.save_artifact(f"screen-{spec.id}.csv", "text/csv", _csv(_rows_with_errors(spec, rows)))
+    flagged = sum(r["adversarial"] for r in rows)
+    summary: dict[str, Any] = {"model": model.name, "screened": len(rows), "flagged": int(flagged),
+                               "flagged_fraction": flagged / len(rows) if rows else 0.0, "threshold": threshold}
+    if labels is not None and rows:
+        summary["accuracy"] = float(np.mean([r["prediction"] == r["label"] for r in rows]))
+    return summary | _errors_summary(spec)
+
+
+def least_norm_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Least-norm search (OSSA or FGM) per image; CSV artifact."""
+    from service.attacks import least_norm_search
+
+    model = engine.get_model(spec.model or "")
+    images, labels, names = _images(spec, ctx)
+    p = spec.params
+    rows: list[dict[str, Any]] = []
+    ctx.progress(0, len(images))
+    for start, stop in _batches(len(images), ctx.settings.jobs_batch_size):
+        x = torch.from_numpy(images[start:stop]).to(model.device)
+        y = torch.from_numpy(labels[start:stop]).to(model.device) if labels is not None and p["use_labels"] else None
+        out = least_norm_search(model.module, x, y, p["attack"], low=p["low"], high=p["high"], tol=p["tol"])
+        for j in range(stop - start):
+            rows.append({"name": names[start + j], "label": int(out.labels[j]),
+                         "original_prediction": int(out.original_prediction[j]),
+                         "least_norm": float(out.least_norm[j]), "lower": float(out.lower[j]),
+                         "found": bool(out.found[j]), "adversarial_prediction": int(out.adversarial_prediction[j]),
+                         "perturbation_norm": float(out.perturbation_norm[j])})
+        _debug_delay(ctx)
+        ctx.progress(stop, len(images))
+    ctx.save_artifact(f"least-norm-{spec.id}.csv", "text/csv", _csv(_rows_with_errors(spec, rows)))
+    found = [r["least_norm"] for r in rows if r["found"]]
+    return {"model": model.name, "attack": p["attack"], "searched": len(rows), "found": len(found),
+            "median_least_norm": float(np.median(found)) if found else None,
+            "mean_least_norm": float(np.mean(found)) if found else None} | _errors_summary(spec)
+
+
+def attack_options(name: str, epsilon: float | None, options: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for an attack, checked against its signature (ValueError names the bad ones)."""
+    from service.attacks import ATTACKS
+
+    params = inspect.signature(ATTACKS[name]).parameters
+    allowed = [p for p in params if p not in ("model", "images", "labels")]
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        raise ValueError(f"attack {name!r} takes no option {', '.join(unknown)} (it takes: {', '.join(allowed)})")
+    kwargs = dict(options)
+    if epsilon is not None and "epsilon" in params:
+        kwargs.setdefault("epsilon", epsilon)
+    return kwargs
+
+
+def attack_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Craft adversarial images with any attack; .npz artifact (adversarial, labels, predictions, norms)."""
+    from service.attacks import ATTACKS
+
+    model = engine.get_model(spec.model or "")
+    images, labels, names = _images(spec, ctx)
+    p = spec.params
+    attack = ATTACKS[p["attack"]]
+    kwargs = attack_options(p["attack"], p.get("epsilon"), p.get("options", {}))
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in
+                                          ("adversarial", "labels", "original_prediction", "adversarial_prediction",
+                                           "fooled", "perturbation_norm")}
+    ctx.progress(0, len(images))
+    for start, stop in _batches(len(images), ctx.settings.jobs_batch_size):
+        x = torch.from_numpy(images[start:stop]).to(model.device)
+        y = torch.from_numpy(labels[start:stop]).to(model.device) if labels is not None and p["use_labels"] else None
+        out = attack(model.module, x, y, **kwargs)
+        for key in parts:
+            parts[key].append(getattr(out, key).detach().cpu().numpy())
+        _debug_delay(ctx)
+        ctx.progress(stop, len(images))
+    arrays = {key: np.concatenate(value) for key, value in parts.items()}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays, names=np.asarray(names), clean=images.astype(np.float32))
+    ctx.save_artifact(f"attack-{p['attack']}-{spec.id}.npz", "application/x-npz", buffer.getvalue())
+    fooled = arrays["fooled"]
+    return {"model": model.name, "attack": p["attack"], "options": kwargs, "attacked": int(len(fooled)),
+            "fooling_rate": float(fooled.mean()) if len(fooled) else 0.0,
+            "mean_perturbation_norm": float(arrays["perturbation_norm"].mean()) if len(fooled) else None,
+            } | _errors_summary(spec)
+
+
+def candidate_path(settings: Settings, model_name: str, job_id: str) -> Path:
+    """Where a detector-training job writes its detector: not the active one (activation is a separate step)."""
+    return Path(settings.models_dir) / "candidates" / f"{model_name}.detector.{job_id}.joblib"
+
+
+def train_detector_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Train a detector for the model and write it (+ card) as a candidate; JSON card artifact."""
+    from service.detect.detector import train_detector
+
+    model = engine.get_model(spec.model or "")
+    p = dict(spec.params)
+    fit_x, fit_y = load_dataset(p.pop("fit_dataset"), p.pop("fit_limit"))
+    test_name, test_limit = p.pop("test_dataset"), p.pop("test_limit")
+    test_x, test_y = load_dataset(test_name, test_limit) if test_name else (None, None)
+    if p.get("attacks") is None:
+        p.pop("attacks", None)
+    else:
+        p["attacks"] = tuple(p["attacks"])
+    ctx.progress(0, 1)
+    detector = train_detector(
+        model.module, model_name=model.name, model_sha256=model.sha256,
+        fit_images=torch.from_numpy(fit_x), fit_labels=torch.from_numpy(fit_y),
+        test_images=None if test_x is None else torch.from_numpy(test_x),
+        test_labels=None if test_y is None else torch.from_numpy(test_y),
+        command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}",
+        data_description=f"fit: {spec.params['fit_dataset']}, test: {test_name}", **p)
+    path, card_path = detector.save(candidate_path(ctx.settings, model.name, spec.id))
+    ctx.progress(1, 1)
+    ctx.save_artifact(card_path.name, "application/json", card_path.read_bytes())
+    return {"model": model.name, "detector_path": str(path), "card_path": str(card_path), "active": False,
+            "activate_with": f"fisher-guard activate-detector {path}",
+            "validation": detector.card.get("validation"), "test": detector.card.get("test"),
+            "threshold": detector.threshold}
+
+
+def activate_detector(path: str | Path, settings: Settings) -> Path:
+    """Make a candidate detector the active one of its model (copies it and its card over the active files)."""
+    from service.detect.detector import card_path_for, detector_path, load_detector
+
+    path = Path(path)
+    detector = load_detector(path, _sha_of(path))
+    model_name = detector.card.get("model", {}).get("name")
+    if not model_name:
+        raise ValueError(f"detector {path} names no model in its card")
+    target = detector_path(settings.models_dir, model_name)
+    shutil.copyfile(path, target)
+    shutil.copyfile(card_path_for(path), card_path_for(target))
+    engine.forget(model_name)
+    return target
+
+
+def _sha_of(path: Path) -> str | None:
+    """The model sha256 a detector file was trained for (read from its card file)."""
+    from service.detect.detector import card_path_for
+
+    card = json.loads(card_path_for(path).read_text())
+    return card.get("model", {}).get("sha256")
+
+
+def evaluate_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """The reproduction report (service.detect.evaluation), zipped as the artifact."""
+    from service.detect import evaluation  # the detection helper's module
+
+    out_dir = Path(ctx.settings.models_dir).parent / "reports" / "jobs" / spec.id
+    ctx.progress(0, 1)
+    result = evaluation.run_evaluation(out_dir=out_dir, **spec.params)  # type: ignore[attr-defined]
+    ctx.progress(1, 1)
+    archive = shutil.make_archive(str(out_dir), "zip", root_dir=out_dir)
+    ctx.save_artifact(f"report-{spec.id}.zip", "application/zip", Path(archive).read_bytes())
+    return {"report_dir": str(out_dir), "result": result if isinstance(result, dict) else None}
+
+
+def debug_crash_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """Tests only: kill the process running the job (a poison job), or raise."""
+    ctx.progress(0, 1)
+    if spec.params.get("mode") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("debug-crash: raised on purpose")
+
+
+TASKS: dict[str, Callable[[JobSpec, TaskContext], dict[str, Any]]] = {
+    "screen": screen_task, "least-norm": least_norm_task, "attack": attack_task,
+    "train-detector": train_detector_task, "evaluate": evaluate_task, "debug-crash": debug_crash_task,
+}

@@ -1,0 +1,231 @@
+"""What a job is: its request, its spec (what a worker runs), its status as clients see it, and the errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# job types users may submit (debug-crash only with settings.jobs_debug)
+JOB_TYPES: dict[str, str] = {
+    "screen": "Fisher screening of a batch: per-image detector score, verdict, top eigenvalues, prediction (CSV).",
+    "least-norm": "Least-norm search (OSSA or FGM) per image: the smallest L2 epsilon that fools the model (CSV).",
+    "attack": "Craft adversarial images with any attack; the adversarial set as .npz.",
+    "train-detector": "Train a new detector for a model and write it with its card (activation is a separate step).",
+    "evaluate": "The reproduction report (Markdown + figures, as a zip).",
+}
+DEBUG_JOB_TYPES = ("debug-crash",)
+TYPES_WITH_IMAGES = ("screen", "least-norm", "attack")
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobError(Exception):
+    """Base of the queue's errors; `status` is the HTTP status the API answers with."""
+
+    status = 500
+    code = "job-error"
+
+    def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code or self.code
+        self.status = status or self.status
+        self.extra = extra or {}
+
+
+class JobInputError(JobError):
+    """Bad job input found at submission (unknown type or model, bad archive, limits, invalid images)."""
+
+    status = 422
+    code = "invalid-job"
+
+
+class JobNotFound(JobError):
+    status = 404
+    code = "job-not-found"
+
+
+class JobNotReady(JobError):
+    """The job has no result (yet): queued, running, failed or cancelled."""
+
+    status = 409
+    code = "job-not-finished"
+
+
+class QueueUnavailable(JobError):
+    """The queue backend (Redis) cannot be reached."""
+
+    status = 503
+    code = "queue-unavailable"
+
+
+class JobCancelled(Exception):
+    """Raised inside a task when its job was cancelled; the job ends `cancelled`."""
+
+
+class JobRequest(BaseModel):
+    """A submission: job type, model, where the images come from, and the type's parameters."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: str = Field(description=f"One of: {', '.join(JOB_TYPES)}.")
+    model: str | None = Field(None, description="Registry name of the model (default: the settings' first model).")
+    dataset: str | None = Field(None, description="Server-side images instead of uploads: 'mnist:test', "
+                                "'mnist:val', 'mnist:train'.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N images of the dataset or upload.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the job type.")
+
+
+class ScreenParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(5, ge=1, le=100, description="Top eigenvalues reported per image.")
+
+
+class LeastNormParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    attack: Literal["ossa", "fgm"] = "ossa"
+    low: float = Field(0.0, ge=0)
+    high: float = Field(6.0, gt=0, le=100)
+    tol: float = Field(1e-3, gt=0)
+    use_labels: bool = Field(True, description="Use the dataset's labels (else the model's predictions).")
+
+
+class AttackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    attack: str = "ossa"
+    epsilon: float | None = Field(1.0, gt=0, le=100, description="L2 budget (attacks that take one).")
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict,
+                                                         description="Extra keyword arguments of the attack.")
+    use_labels: bool = True
+
+    @field_validator("attack")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from service.attacks import ATTACKS
+
+        if value not in ATTACKS:
+            raise ValueError(f"unknown attack {value!r} (known: {', '.join(ATTACKS)})")
+        return value
+
+
+class TrainDetectorParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fit_dataset: str = Field("mnist:train", description="Images the detector is fitted on.")
+    fit_limit: int | None = Field(None, ge=10, description="Use only the first N fit images.")
+    test_dataset: str | None = Field("mnist:val", description="Images for the card's test metrics (null: none).")
+    test_limit: int | None = Field(None, ge=10)
+    attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
+    feature_set: str = "plain"
+    classifier: str = "rf"
+    k: int = Field(20, ge=1, le=100)
+    target_fpr: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+
+
+class FreeParams(BaseModel):
+    """Parameters passed on as keyword arguments (training and evaluation; checked by the function)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class DebugCrashParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["kill", "raise"] = "kill"
+
+
+PARAMS: dict[str, type[BaseModel]] = {
+    "screen": ScreenParams, "least-norm": LeastNormParams, "attack": AttackParams,
+    "train-detector": TrainDetectorParams, "evaluate": FreeParams, "debug-crash": DebugCrashParams,
+}
+
+
+def check_params(job_type: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The type's parameters validated, with defaults filled in; JobInputError (422) when invalid."""
+    try:
+        return PARAMS[job_type].model_validate(params).model_dump(mode="json")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
+        raise JobInputError(f"invalid parameters for a {job_type!r} job: {problems}", code="invalid-params") from exc
+
+
+class ItemError(BaseModel):
+    """One image of a batch that could not be used, and why."""
+
+    index: int
+    name: str
+    reason: str
+
+
+class JobSpec(BaseModel):
+    """What a worker needs to run a job; stored with the job (JSON)."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    type: str
+    model: str | None = None
+    dataset: str | None = None
+    limit: int | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    has_upload: bool = False
+    items: int = 0
+    item_names: list[str] = Field(default_factory=list)
+    item_errors: list[ItemError] = Field(default_factory=list)
+    created_at: float = Field(default_factory=time.time)
+    result_ttl_s: int = 86400
+    max_attempts: int = 1
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+
+
+class JobFailure(BaseModel):
+    code: str
+    reason: str
+
+
+class JobInfo(BaseModel):
+    """A job as clients see it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    type: str
+    model: str | None = None
+    dataset: str | None = None
+    status: JobStatus
+    progress: Progress = Field(default_factory=Progress)
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    worker: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    error: JobFailure | None = None
+    cancel_requested: bool = False
+    items: int = 0
+    item_errors: int = 0
+    has_artifact: bool = False
+
+
+class Artifact(BaseModel):
+    """A job's downloadable file."""
+
+    filename: str
+    media_type: str
+    data: bytes

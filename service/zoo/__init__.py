@@ -1,0 +1,1 @@
+"""Model zoo: the paper's architectures, model cards, the registry that loads models, and training."""

@@ -1,0 +1,202 @@
+"""Load models by name or card path: builtin architectures, torchvision architectures with the user's weights,
+or TorchScript files. Every loaded model takes [0, 1] pixels (the card's mean/std is applied inside it).
+
+Nothing is downloaded: weights come only from the files that the cards name, checked against their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from service.config import get_settings
+from service.zoo.architectures import ARCHITECTURES, Normalize
+from service.zoo.cards import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded; the message names the file and the problem."""
+
+
+class ModelNotFoundError(ModelLoadError):
+    """No card with that name in the model folders."""
+
+
+class PixelSpaceModel(nn.Module):
+    """A user's network behind the card's normalisation, so that it takes [0, 1] pixels like the builtin ones."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: eval mode, no parameter gradients, on `device`."""
+
+    name: str
+    card: ModelCard
+    module: nn.Module
+    device: torch.device
+    sha256: str
+    card_path: Path | None = None
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None -> the settings' device; 'auto' -> CUDA when available, else CPU."""
+    device = get_settings().device if device is None else device
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_dirs() -> list[Path]:
+    """The folders searched for cards: settings.models_dir, then settings.user_models_dir if set."""
+    settings = get_settings()
+    dirs = [Path(settings.models_dir)]
+    if settings.user_models_dir is not None:
+        dirs.append(Path(settings.user_models_dir))
+    return dirs
+
+
+def _card_files() -> list[tuple[ModelCard, Path]]:
+    """Every valid model card in the model folders; other JSON files there (detector cards) are skipped."""
+    found: list[tuple[ModelCard, Path]] = []
+    for folder in model_dirs():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            try:
+                found.append((ModelCard.read(path), path))
+            except (ValidationError, ValueError, OSError) as exc:
+                log.debug("skipping %s: not a model card (%s)", path, exc)
+    return found
+
+
+def list_cards() -> list[ModelCard]:
+    """The cards of every model that `load_model` can load by name (first folder wins on a name clash)."""
+    seen: dict[str, ModelCard] = {}
+    for card, _ in _card_files():
+        seen.setdefault(card.name, card)
+    return list(seen.values())
+
+
+def find_card(name_or_path: str | Path) -> tuple[ModelCard, Path]:
+    """A card by path to its JSON file, or by registry name."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ModelNotFoundError(f"model card {path} does not exist")
+        try:
+            return ModelCard.read(path), path
+        except (ValidationError, ValueError) as exc:
+            raise ModelLoadError(f"model card {path} is not valid: {exc}") from exc
+    for card, card_path in _card_files():
+        if card.name == str(name_or_path):
+            return card, card_path
+    known = ", ".join(sorted(c.name for c in list_cards())) or "none"
+    raise ModelNotFoundError(f"no model named {str(name_or_path)!r} (known: {known})")
+
+
+def weights_path(card: ModelCard, card_path: Path) -> Path:
+    """The card's weights file, relative to the card's folder unless absolute."""
+    path = Path(card.weights)
+    return path if path.is_absolute() else card_path.parent / path
+
+
+def _state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means an unusable file
+        raise ModelLoadError(f"weights file {path} could not be read as a PyTorch state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_weights(net: nn.Module, path: Path, what: str) -> None:
+    try:
+        net.load_state_dict(_state_dict(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:4])
+        raise ModelLoadError(f"weights file {path} does not fit architecture {what}: {detail}") from exc
+
+
+def _build(card: ModelCard, path: Path, device: torch.device) -> nn.Module:
+    channels = card.input_shape[0]
+    if card.framework == "builtin":
+        if card.architecture not in ARCHITECTURES:
+            raise ModelLoadError(f"model card {card.name!r} names unknown builtin architecture {card.architecture!r} "
+                                 f"(known: {', '.join(ARCHITECTURES)})")
+        net = ARCHITECTURES[card.architecture](num_classes=card.num_classes, activation=card.activation or "relu",
+                                               in_channels=channels, mean=card.mean, std=card.std,
+                                               **card.architecture_kwargs)
+        _load_weights(net, path, card.architecture)
+        return net
+    if card.framework == "torchvision":
+        import torchvision
+
+        if card.architecture not in torchvision.models.list_models():
+            raise ModelLoadError(f"model card {card.name!r} names unknown torchvision architecture "
+                                 f"{card.architecture!r}")
+        net = torchvision.models.get_model(card.architecture, weights=None, num_classes=card.num_classes,
+                                           **card.architecture_kwargs)
+        _load_weights(net, path, card.architecture)
+        return PixelSpaceModel(net, card.mean, card.std)
+    try:
+        scripted = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # torch.jit raises several error types
+        raise ModelLoadError(f"weights file {path} is not a TorchScript module: {exc}") from exc
+    return PixelSpaceModel(scripted, card.mean, card.std)
+
+
+def _check_output(module: nn.Module, card: ModelCard, path: Path, device: torch.device) -> None:
+    """One forward pass on a blank image: the model must accept the card's input shape and give K logits."""
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, *card.input_shape, device=device))
+    except Exception as exc:  # any failure here means the card and the model disagree
+        raise ModelLoadError(f"model {path} fails on an input of the card's shape {card.input_shape}: {exc}") from exc
+    if not isinstance(out, Tensor) or tuple(out.shape) != (1, card.num_classes):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelLoadError(f"model {path} gives output {shape} but the card expects {card.num_classes} logits")
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load a model by registry name or card path, check its weights' sha256, and return it ready for inference."""
+    card, card_path = find_card(name_or_path)
+    path = weights_path(card, card_path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} named by model card {card_path} does not exist")
+    digest = sha256_file(path)
+    if card.sha256 is not None and digest != card.sha256.lower():
+        raise ModelLoadError(f"weights file {path} has sha256 {digest}, but model card {card_path} "
+                             f"expects {card.sha256}: the file changed or is the wrong one")
+    dev = resolve_device(device)
+    module = _build(card, path, dev).to(dev).eval().requires_grad_(False)
+    _check_output(module, card, path, dev)
+    return LoadedModel(name=card.name, card=card, module=module, device=dev, sha256=digest, card_path=card_path)

@@ -1,0 +1,215 @@
+"""Shared fixtures: small models (float32 and float64 copies, eval mode) and seeded random inputs.
+
+Models:
+- `mlp`:   Flatten -> Linear(50, 32) -> tanh -> Linear(32, 7) on (2, 5, 5) inputs, K = 7.
+- `cnn`:   conv + BatchNorm (random running statistics) + ReLU, twice, average pool, dropout, Linear on
+           (3, 8, 8) inputs, K = 10. In eval mode BatchNorm uses its running statistics and dropout is off.
+- `lenet`: service.zoo.architectures.LeNet5 with random weights on (1, 28, 28) inputs, K = 10.
+- `digits`: softmax regression fitted with L-BFGS on sklearn's 8x8 digits (pixels in [0, 1]), with 64 held-out images.
+
+The tests run single-threaded: their tensors are tiny and the machine is shared.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from service.zoo.architectures import LeNet5
+
+torch.set_num_threads(1)
+
+
+@dataclass
+class Case:
+    """A model in eval mode, its input shape and number of classes, and a batch of seeded random inputs."""
+
+    name: str
+    model: nn.Module
+    shape: tuple[int, ...]
+    num_classes: int
+    images: Tensor
+
+    def double(self) -> Case:
+        """The same model and inputs in float64."""
+        return Case(self.name + "-f64", frozen(copy.deepcopy(self.model).double()), self.shape, self.num_classes,
+                    self.images.double())
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients: how the engine expects a classifier."""
+    return model.eval().requires_grad_(False)
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return frozen(nn.Sequential(nn.Flatten(), nn.Linear(50, 32), nn.Tanh(), nn.Linear(32, 7)))
+
+
+def make_cnn() -> nn.Module:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 4 * 4, 10),
+    )
+    for layer in model:
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.2, 0.2)
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.weight.data.uniform_(0.5, 1.5)
+            layer.bias.data.uniform_(-0.1, 0.1)
+    return frozen(model)
+
+
+def make_lenet() -> nn.Module:
+    torch.manual_seed(3)
+    return frozen(LeNet5(num_classes=10))
+
+
+def random_images(shape: tuple[int, ...], n: int, seed: int) -> Tensor:
+    """n images in the interior of the [0, 1] box (so that small steps are not clipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 + 0.8 * torch.rand(n, *shape, generator=gen)
+
+
+@pytest.fixture(scope="session")
+def mlp_case() -> Case:
+    return Case("mlp", make_mlp(), (2, 5, 5), 7, random_images((2, 5, 5), 4, 10))
+
+
+@pytest.fixture(scope="session")
+def cnn_case() -> Case:
+    return Case("cnn", make_cnn(), (3, 8, 8), 10, random_images((3, 8, 8), 4, 11))
+
+
+@pytest.fixture(scope="session")
+def lenet_case() -> Case:
+    return Case("lenet", make_lenet(), (1, 28, 28), 10, random_images((1, 28, 28), 3, 12))
+
+
+@pytest.fixture(scope="session", params=["mlp", "cnn", "lenet"])
+def case(request, mlp_case: Case, cnn_case: Case, lenet_case: Case) -> Case:
+    """Each small float32 model in turn."""
+    return {"mlp": mlp_case, "cnn": cnn_case, "lenet": lenet_case}[request.param]
+
+
+@pytest.fixture(scope="session", params=["mlp", "cnn", "lenet"])
+def case64(request, mlp_case: Case, cnn_case: Case, lenet_case: Case) -> Case:
+    """Each small model as a float64 copy."""
+    return {"mlp": mlp_case, "cnn": cnn_case, "lenet": lenet_case}[request.param].double()
+
+
+@dataclass
+class Digits:
+    """A small classifier trained on sklearn's 8x8 digits (pixels scaled to [0, 1]) and held-out images."""
+
+    model: nn.Module
+    images: Tensor
+    labels: Tensor
+
+
+def load_digits_fast() -> tuple[Tensor, Tensor]:
+    """sklearn's 8x8 digits (1797 images in [0, 1], labels), read from the file scikit-learn ships; this
+    skips importing scikit-learn itself, which takes seconds on a loaded machine."""
+    spec = importlib.util.find_spec("sklearn")
+    assert spec is not None and spec.submodule_search_locations, "scikit-learn is not installed"
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(data[:, :64]).reshape(-1, 1, 8, 8) / 16.0
+    return x, torch.from_numpy(data[:, 64]).long()
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    """Softmax regression fitted with L-BFGS on 1500 digits (well under a second); about 95% accurate on the
+    held-out digits, of which the first 64 correctly classified are kept."""
+    x, y = load_digits_fast()
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=100, history_size=10)
+    train_x, train_y = x[:1500], y[:1500]
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(train_x), train_y) + 1e-3 * model[1].weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model = frozen(model)
+    test_x, test_y = x[1500:], y[1500:]
+    with torch.no_grad():
+        correct = model(test_x).argmax(-1) == test_y
+    assert correct.float().mean() > 0.9
+    keep = correct.nonzero().squeeze(1)[:64]
+    return Digits(model, test_x[keep], test_y[keep])
+
+
+# ---- API fixtures (service/api tests) ----
+
+API_MODEL = "lenet5"
+API_MODEL_BARE = "lenet5-bare"  # the same weights without a detector
+
+
+def _quick_detector(card_path, sha256: str, out_path) -> None:
+    """A real detector fitted in a second or two (logistic regression on the paper's features of clean and
+    OSSA images); used only when the shipped detector is missing or belongs to other weights."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from service.attacks import ossa
+    from service.data.mnist import load_mnist
+    from service.detect.detector import Detector, auc_score
+    from service.detect.features import fisher_features
+    from service.zoo.registry import load_model
+
+    module = load_model(card_path, device="cpu").module
+    images, labels = load_mnist("val")
+    images, labels = images[:96], labels[:96]
+    adversarial = ossa(module, images, labels, epsilon=3.0).adversarial
+    x = np.concatenate([fisher_features(module, images).matrix, fisher_features(module, adversarial).matrix])
+    y = np.r_[np.zeros(len(images)), np.ones(len(images))]
+    classifier = LogisticRegression(max_iter=1000).fit(x, y)
+    auc = auc_score(y.astype(bool), classifier.predict_proba(x)[:, 1])
+    card = {"kind": "fisher-guard detector", "model": {"name": API_MODEL, "sha256": sha256},
+            "classifier": {"name": "logreg"}, "validation": {"auc": auc}, "test": None,
+            "notes": "fitted by tests/conftest.py because no matching shipped detector was found"}
+    Detector(classifier, "plain", 20, 0.5, card).save(out_path)
+
+
+@pytest.fixture(scope="session")
+def api_models_dir(tmp_path_factory):
+    """A model folder for the API tests: the shipped lenet5 (card + weights) with its detector (the shipped
+    one when it matches the weights, else one fitted here), and `lenet5-bare`: the same weights, no detector."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from service.detect.detector import DetectorLoadError, detector_path, load_detector
+    from service.zoo.registry import sha256_file
+
+    shipped = Path(__file__).resolve().parent.parent / "models"
+    folder = tmp_path_factory.mktemp("api-models")
+    card = json.loads((shipped / f"{API_MODEL}.json").read_text())
+    weights = shipped / card["weights"]
+    shutil.copy(weights, folder / card["weights"])
+    sha = sha256_file(weights)
+    card["sha256"] = sha
+    (folder / f"{API_MODEL}.json").write_text(json.dumps(card))
+    (folder / f"{API_MODEL_BARE}.json").write_text(json.dumps({**card, "name": API_MODEL_BARE}))
+    source = detector_path(shipped, API_MODEL)
+    try:
+        load_detector(source, sha)
+        shutil.copy(source, detector_path(folder, API_MODEL))
+    except DetectorLoadError:
+        _quick_detector(folder / f"{API_MODEL}.json", sha, detector_path(folder, API_MODEL))
+    return folder

@@ -1,0 +1,108 @@
+"""What can be checked of the container set-up without a Docker engine: the files parse, and every command,
+entry point and environment variable they use is real."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.cli import build_parser
+from service.config import Settings, env_var, settings_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """Safe YAML plus Compose's `!reset` / `!override` tags."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node)
+                              if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node))
+
+
+def load_compose(name: str) -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+def cli_commands() -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return set(sub.choices)
+
+
+def setting_env_vars() -> set[str]:
+    return {env_var(name) for name in Settings.model_fields}
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.cpu.yml"])
+def test_compose_files_parse(name: str) -> None:
+    data = load_compose(name)
+    assert "services" in data
+
+
+def test_compose_has_redis_api_and_scalable_worker() -> None:
+    services = load_compose("docker-compose.yml")["services"]
+    assert {"redis", "api", "worker"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"]
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        assert "container_name" not in services[name]  # --scale needs generated names
+    assert "ports" not in services["worker"]
+
+
+def test_cpu_override_drops_gpu_reservation() -> None:
+    services = load_compose("docker-compose.cpu.yml")["services"]
+    for name in ("api", "worker"):
+        assert services[name]["deploy"] is None
+        assert services[name]["environment"]["FISHER_GUARD_DEVICE"] == "cpu"
+
+
+def test_every_compose_command_is_a_cli_command() -> None:
+    commands = cli_commands()
+    for file in ("docker-compose.yml",):
+        for name, service in load_compose(file)["services"].items():
+            if name == "redis":
+                continue
+            command = service["command"]
+            assert command[0] in commands, f"{file}: service {name} runs unknown command {command[0]!r}"
+            build_parser().parse_args(command)  # the flags parse too
+
+
+def test_every_compose_variable_is_a_setting() -> None:
+    known = setting_env_vars()
+    for file in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        for name, service in load_compose(file)["services"].items():
+            for key in (service.get("environment") or {}):
+                if key.startswith("FISHER_GUARD_"):
+                    assert key in known, f"{file}: {name} sets {key}, which is not a setting"
+
+
+def test_dockerfile_entry_points_exist() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER (?!root)\w+", text, re.M), "the image must run as a non-root user"
+    assert "HEALTHCHECK" in text and "/health/live" in text
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, re.M).group(1)
+    assert entry == "fisher-guard"
+    cmd = re.search(r"^CMD \[(.*)\]", text, re.M).group(1)
+    build_parser().parse_args(shlex.split(cmd.replace(",", " ")))
+    for key in re.findall(r"(FISHER_GUARD_\w+)=", text):
+        assert key in setting_env_vars(), f"Dockerfile sets {key}, which is not a setting"
+    lock_copy = text.index("COPY requirements.lock")
+    assert lock_copy < text.index("COPY service"), "dependencies must be installed before the code is copied"
+    for path in re.findall(r"^COPY (\S+) ", text, re.M):
+        assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
+
+
+def test_readme_settings_table_is_generated_from_the_class() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- settings:begin -->\n(.*?)<!-- settings:end -->", readme, re.S)
+    assert block, "README.md needs the generated settings table between settings:begin/end markers"
+    assert block.group(1) == settings_markdown(), "README's settings table is stale: run `fisher-guard settings`"

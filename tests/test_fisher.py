@@ -1,0 +1,352 @@
+"""The spectrum routes of service.fisher against dense float64 references built from the full Jacobian."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.fisher import dense_fisher, dense_spectrum, fisher_by_class_sum, fisher_spectrum
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_reference(model, images) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Per image: dense eigenvalues (N, D) descending, eigenvectors (N, D, D) as columns, and the Jacobians."""
+    evals, evecs, jacs = [], [], []
+    for image in images:
+        g, jac, _ = dense_fisher(model, image)
+        e, v = dense_spectrum(g)
+        evals.append(e)
+        evecs.append(v)
+        jacs.append(jac)
+    return torch.stack(evals), torch.stack(evecs), jacs
+
+
+@pytest.fixture(scope="session")
+def reference(case):
+    return dense_reference(case.model, case.images)
+
+
+@pytest.fixture(scope="session")
+def reference64(case64):
+    return dense_reference(case64.model, case64.images)
+
+
+def relative_error(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Largest eigenvalue error per image, relative to the top dense eigenvalue."""
+    n = values.shape[1]
+    return (values.double() - dense[:, :n]).abs().amax(1) / dense[:, 0]
+
+
+def check_vectors(spectrum, dense_evals, dense_evecs, image_shape, tol: float) -> int:
+    """Unit norm and image shape; equal to the dense eigenvectors up to sign where the eigen-gap is clear.
+
+    Returns how many vectors were compared against the dense ones."""
+    vectors = spectrum.eigenvectors
+    n, r = vectors.shape[:2]
+    assert vectors.shape[2:] == image_shape
+    flat = vectors.flatten(2).double()
+    compared = 0
+    for i in range(n):
+        top = dense_evals[i, 0]
+        for j in range(r):
+            if spectrum.eigenvalues[i, j] <= 1e-6 * top:
+                continue  # no direction for a numerically zero eigenvalue
+            assert flat[i, j].norm() == pytest.approx(1.0, abs=1e-5)
+            gap = min((dense_evals[i, j] - dense_evals[i, j + 1]).abs(),
+                      (dense_evals[i, j - 1] - dense_evals[i, j]).abs() if j > 0 else torch.inf)
+            if gap < 1e-2 * top:
+                continue
+            cosine = (flat[i, j] @ dense_evecs[i, :, j]).abs()
+            assert cosine == pytest.approx(1.0, abs=tol), (i, j, float(gap / top))
+            compared += 1
+    return compared
+
+
+# --- the exact Gram route --------------------------------------------------------------------------------
+
+def test_exact_matches_dense_float32(case, reference):
+    evals, evecs, _ = reference
+    k = case.num_classes - 1
+    spectrum = fisher_spectrum(case.model, case.images, k=k, method="exact", return_vectors=True)
+    assert spectrum.method == "exact"
+    assert spectrum.eigenvalues.shape == (case.images.shape[0], k)
+    assert spectrum.eigenvalues.dtype == torch.float64
+    assert (spectrum.eigenvalues[:, :-1] >= spectrum.eigenvalues[:, 1:]).all(), "descending"
+    assert (relative_error(spectrum.eigenvalues, evals) <= 1e-5).all()
+    # the reported error bound holds
+    assert ((spectrum.eigenvalues - evals[:, :k]).abs().amax(1) <= spectrum.error_bound).all()
+    assert check_vectors(spectrum, evals, evecs, case.shape, tol=1e-4) > 0
+
+
+def test_exact_matches_dense_float64(case64, reference64):
+    evals, evecs, _ = reference64
+    k = case64.num_classes - 1
+    spectrum = fisher_spectrum(case64.model, case64.images, k=k, method="exact", return_vectors=True)
+    assert spectrum.eigenvectors.dtype == torch.float64
+    assert (relative_error(spectrum.eigenvalues, evals) <= 1e-10).all()
+    assert check_vectors(spectrum, evals, evecs, case64.shape, tol=1e-9) > 0
+
+
+def test_probabilities_and_predictions(case):
+    spectrum = fisher_spectrum(case.model, case.images, k=2, method="exact")
+    with torch.no_grad():
+        p = torch.softmax(case.model(case.images).double(), -1)
+    torch.testing.assert_close(spectrum.probabilities, p, rtol=1e-5, atol=1e-6)
+    assert torch.equal(spectrum.predictions, p.argmax(-1))
+
+
+def test_rank_and_zeros_beyond_it(case, reference):
+    evals, _, _ = reference
+    big_k = case.num_classes + 3
+    spectrum = fisher_spectrum(case.model, case.images, k=big_k, method="exact", return_vectors=True)
+    rank = case.num_classes - 1
+    assert spectrum.eigenvalues.shape[1] == big_k
+    assert (spectrum.eigenvalues[:, rank:] == 0).all()
+    assert (spectrum.eigenvalues[:, :rank] > 0).all()
+    assert spectrum.eigenvectors.shape[1] == rank, "no vectors beyond the rank"
+    assert spectrum.rank_bound == rank
+    # the dense matrix agrees: rank <= K - 1
+    assert (evals[:, rank:].abs() <= 1e-5 * evals[:, :1]).all()
+
+
+def test_rank_float64_dense(case64, reference64):
+    evals, _, _ = reference64
+    rank = case64.num_classes - 1
+    assert (evals[:, rank:].abs() <= 1e-12 * evals[:, :1]).all()
+    assert (evals[:, rank - 1] > 1e-12 * evals[:, 0]).all()
+
+
+def test_identity_equals_paper_class_sum(case64, reference64):
+    """G_x = J^T (diag(p) - p p^T) J equals equation (4), sum_i p_i g_i g_i^T, with g_i from autograd."""
+    model, image = case64.model, case64.images[0]
+    g, jac, p = dense_fisher(model, image)
+    grads = []
+    for i in range(case64.num_classes):
+        x = image.unsqueeze(0).clone().requires_grad_(True)
+        loss = -torch.log_softmax(model(x), -1)[0, i]
+        grads.append(torch.autograd.grad(loss, x)[0].flatten())
+    grads = torch.stack(grads)
+    by_sum = (grads.T * p) @ grads
+    torch.testing.assert_close(g, by_sum, rtol=1e-10, atol=1e-12 * float(g.abs().max()))
+    torch.testing.assert_close(fisher_by_class_sum(jac, p), g, rtol=1e-10, atol=1e-12 * float(g.abs().max()))
+
+
+# --- Lanczos ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_lanczos_within_error_bound(case, reference, k):
+    evals, evecs, _ = reference
+    spectrum = fisher_spectrum(case.model, case.images, k=k, method="lanczos", tol=1e-8, return_vectors=True)
+    assert spectrum.method == "lanczos"
+    err = (spectrum.eigenvalues - evals[:, :k]).abs().amax(1)
+    assert (err <= spectrum.error_bound).all(), (err, spectrum.error_bound)
+    assert (relative_error(spectrum.eigenvalues, evals) <= 1e-5).all()
+    assert (spectrum.iterations >= 1).all()
+    check_vectors(spectrum, evals, evecs, case.shape, tol=1e-3)
+
+
+def test_lanczos_float64(case64, reference64):
+    evals, evecs, _ = reference64
+    k = 3
+    spectrum = fisher_spectrum(case64.model, case64.images, k=k, method="lanczos", tol=1e-12, return_vectors=True)
+    err = (spectrum.eigenvalues - evals[:, :k]).abs().amax(1)
+    assert (err <= spectrum.error_bound).all()
+    assert (relative_error(spectrum.eigenvalues, evals) <= 1e-10).all()
+    assert check_vectors(spectrum, evals, evecs, case64.shape, tol=1e-8) > 0
+
+
+def test_lanczos_few_iterations_reports_its_error(lenet_case):
+    """Capped at fewer steps than the Krylov space needs, the returned bound still covers the error."""
+    model, images = lenet_case.model, lenet_case.images
+    evals, _, _ = dense_reference(model, images)
+    spectrum = fisher_spectrum(model, images, k=1, method="lanczos", max_iter=3, tol=1e-12)
+    assert (spectrum.iterations == 3).all()
+    err = (spectrum.eigenvalues[:, 0] - evals[:, 0]).abs()
+    assert (err <= spectrum.error_bound).all()
+    # three steps do not converge here: the route says it has no bound rather than a wrong one
+    assert torch.isinf(spectrum.error_bound).any()
+    assert any("not converged" in note for note in spectrum.notes)
+    # Ritz values are lower bounds of the top eigenvalue
+    assert (spectrum.eigenvalues[:, 0] <= evals[:, 0] * (1 + 1e-5)).all()
+
+
+def test_lanczos_k_beyond_rank_pads_zeros(mlp_case):
+    spectrum = fisher_spectrum(mlp_case.model, mlp_case.images, k=9, method="lanczos")
+    assert spectrum.eigenvalues.shape == (mlp_case.images.shape[0], 9)
+    assert (spectrum.eigenvalues[:, mlp_case.num_classes - 1 :] == 0).all()
+
+
+# --- truncated --------------------------------------------------------------------------------------------
+
+def test_truncated_full_mass_equals_exact(case):
+    exact = fisher_spectrum(case.model, case.images, k=5, method="exact", return_vectors=True)
+    trunc = fisher_spectrum(case.model, case.images, k=5, method="truncated", mass=1.0, return_vectors=True)
+    assert trunc.method == "truncated"
+    torch.testing.assert_close(trunc.eigenvalues, exact.eigenvalues, rtol=1e-6, atol=1e-7 * float(exact.eigenvalues.max()))
+    assert (trunc.discarded_mass == 0).all()
+
+
+@pytest.mark.parametrize("mass", [0.5, 0.9])
+def test_truncated_reports_discarded_mass_and_error(cnn_case, mass):
+    """With A_M the kept classes' block, ||A - A_M||_2 <= 3 delta, so |lambda_i - lambda_i^M| <= 3 delta ||J||^2."""
+    model, images = cnn_case.model, cnn_case.images
+    evals, _, jacs = dense_reference(model, images)
+    spectrum = fisher_spectrum(model, images, k=3, method="truncated", mass=mass)
+    p = spectrum.probabilities
+    delta = spectrum.discarded_mass
+    assert (delta > 0).all() and (delta <= 1 - mass + 1e-9).all()
+    ordered = p.sort(-1, descending=True).values
+    for i in range(images.shape[0]):
+        # delta is the mass outside the m most probable classes, for some m
+        assert float(((1 - delta[i]) - ordered[i].cumsum(0)).abs().min()) <= 1e-9
+        bound = 3 * float(delta[i]) * float(torch.linalg.matrix_norm(jacs[i], ord=2)) ** 2
+        assert float((spectrum.eigenvalues[i] - evals[i, :3]).abs().max()) <= bound + 1e-5 * float(evals[i, 0])
+    # the kept classes cover at least `mass` for the image that needs most classes
+    assert float((1 - delta).max()) >= mass
+
+
+def test_truncated_max_classes(digits):
+    """A confident model, two classes kept: the discarded mass is that of the other eight, and the error
+    obeys the 3 delta ||J||^2 bound (relative to lambda_1 it may still be large: lambda_1 itself is small
+    when p is concentrated)."""
+    model, images = digits.model, digits.images[:6]
+    evals, _, jacs = dense_reference(model, images)
+    trunc = fisher_spectrum(model, images, k=3, method="truncated", mass=1.0, max_classes=2)
+    top2 = trunc.probabilities.sort(-1, descending=True).values[:, :2].sum(-1)
+    torch.testing.assert_close(trunc.discarded_mass, 1 - top2, rtol=0, atol=1e-12)
+    for i in range(images.shape[0]):
+        bound = 3 * float(trunc.discarded_mass[i]) * float(torch.linalg.matrix_norm(jacs[i], ord=2)) ** 2
+        assert float((trunc.eigenvalues[i] - evals[i, :3]).abs().max()) <= bound + 1e-5 * float(evals[i, 0])
+
+
+# --- the paper's Algorithm 1 ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_power_as_written_converges_to_top(name, mlp_case, cnn_case):
+    c = {"mlp": mlp_case, "cnn": cnn_case}[name]
+    images = c.images[:2]
+    evals, evecs, _ = dense_reference(c.model, images)
+    spectrum = fisher_spectrum(c.model, images, k=1, method="power", tol=1e-7, max_iter=400, return_vectors=True)
+    assert spectrum.method == "power"
+    assert (relative_error(spectrum.eigenvalues, evals) <= 1e-4).all()
+    assert spectrum.eigenvectors.shape == (2, 1, *c.shape)
+    cosine = (spectrum.eigenvectors.flatten(2)[:, 0].double() * evecs[:, :, 0]).sum(-1).abs()
+    assert (cosine >= 0.99).all()
+
+
+def test_power_runs_the_steps_asked_for(mlp_case):
+    spectrum = fisher_spectrum(mlp_case.model, mlp_case.images[:1], k=1, method="power", tol=0, max_iter=7)
+    assert spectrum.iterations.tolist() == [7]
+
+
+def test_power_alias_sane_estimate(case, reference):
+    evals, _, _ = reference
+    spectrum = fisher_spectrum(case.model, case.images, k=1, method="power-alias", max_iter=30, return_vectors=True)
+    assert spectrum.method == "power-alias"
+    lam = spectrum.eigenvalues[:, 0]
+    assert torch.isfinite(lam).all()
+    # lambda* = eta^T G eta for a unit eta: between 0 and the top eigenvalue
+    assert (lam > 0).all()
+    assert (lam <= evals[:, 0] * (1 + 1e-5)).all()
+    norms = spectrum.eigenvectors.flatten(2).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
+
+
+def test_power_alias_seeded(mlp_case):
+    a = fisher_spectrum(mlp_case.model, mlp_case.images, k=1, method="power-alias", seed=3)
+    b = fisher_spectrum(mlp_case.model, mlp_case.images, k=1, method="power-alias", seed=3)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+
+
+# --- batching and memory ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["exact", "truncated", "lanczos"])
+def test_batch_equals_one_by_one(case, method):
+    batch = fisher_spectrum(case.model, case.images, k=3, method=method, tol=1e-9, return_vectors=True)
+    for i in range(case.images.shape[0]):
+        one = fisher_spectrum(case.model, case.images[i : i + 1], k=3, method=method, tol=1e-9, return_vectors=True)
+        top = float(one.eigenvalues[0, 0])
+        torch.testing.assert_close(batch.eigenvalues[i], one.eigenvalues[0], rtol=0, atol=2e-6 * top)
+        torch.testing.assert_close(batch.probabilities[i], one.probabilities[0])
+        if method != "lanczos":
+            cos = (batch.eigenvectors[i, 0].flatten() * one.eigenvectors[0, 0].flatten()).sum().abs()
+            assert float(cos) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "truncated", "lanczos"])
+def test_tiny_memory_budget_same_answer(case, method):
+    full = fisher_spectrum(case.model, case.images, k=3, method=method, tol=1e-9, mass=0.8)
+    tiny = fisher_spectrum(case.model, case.images, k=3, method=method, tol=1e-9, mass=0.8, memory_budget=1)
+    atol = 2e-6 * float(full.eigenvalues.max())
+    torch.testing.assert_close(tiny.eigenvalues, full.eigenvalues, rtol=0, atol=atol)
+    torch.testing.assert_close(tiny.discarded_mass, full.discarded_mass)
+
+
+def test_class_chunk_same_answer(lenet_case):
+    full = fisher_spectrum(lenet_case.model, lenet_case.images, k=9, method="exact")
+    chunked = fisher_spectrum(lenet_case.model, lenet_case.images, k=9, method="exact", class_chunk=3)
+    torch.testing.assert_close(chunked.eigenvalues, full.eigenvalues, rtol=1e-6, atol=1e-9)
+
+
+def test_auto_picks_exact_for_small_k(mlp_case):
+    assert fisher_spectrum(mlp_case.model, mlp_case.images, k=2).method == "exact"
+
+
+# --- bad arguments ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": -2}, "k"),
+        ({"k": 1.5}, "k"),
+        ({"method": "svd"}, "method"),
+        ({"method": "power", "k": 2}, "k"),
+        ({"method": "power-alias", "k": 3}, "k"),
+        ({"method": "truncated", "mass": 0.0}, "mass"),
+    ],
+)
+def test_bad_arguments(mlp_case, kwargs, name):
+    args = {"k": 1, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        fisher_spectrum(mlp_case.model, mlp_case.images, **args)
+
+
+def test_bad_images(lenet_case):
+    model = lenet_case.model
+    with pytest.raises(ValueError, match=r"^images:.*empty"):
+        fisher_spectrum(model, torch.zeros(0, 1, 28, 28), k=1)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        x = lenet_case.images.clone()
+        x[0, 0, 3, 4] = value
+        with pytest.raises(ValueError, match=r"^images:.*NaN or infinite"):
+            fisher_spectrum(model, x, k=1)
+    for shape in [(2, 3, 28, 28), (2, 1, 20, 20), (2, 784)]:
+        with pytest.raises(ValueError, match=r"^images:.*does not fit the model"):
+            fisher_spectrum(model, torch.rand(*shape), k=1)
+    with pytest.raises(TypeError, match=r"^images:"):
+        fisher_spectrum(model, [[0.0]], k=1)
+    with pytest.raises(ValueError, match=r"^images:"):
+        fisher_spectrum(model, torch.rand(5), k=1)
+
+
+# --- the benchmark stays runnable -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_quick_lenet(tmp_path):
+    """bench/bench_spectrum.py --quick on case (a) end to end: prints and saves a table."""
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_spectrum.py"), "--quick", "--cases", "a", "--output", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for method in ("power", "power-alias", "lanczos", "truncated", "exact"):
+        assert f"| {method} " in table
+    assert "LeNet-5" in proc.stdout
