@@ -184,7 +184,7 @@ def test_short_training_writes_a_loadable_card(tmp_path: Path) -> None:
     loaded = load_model(tmp_path / "lenet5.json", device="cpu")
     assert loaded.sha256 == card.sha256
     images, labels = load_mnist("test")
-    assert abs(accuracy(loaded.module, images[:256], labels[:256]) - card.test_accuracy) < 1e-9
+    assert abs(accuracy(loaded.module, images[:256], labels[:256]) - card.test_accuracy) <= 5e-5  # card rounds to 4 digits
     assert "--limit 256" in card.training_command and card.seed == 3
     again = train_and_save(config, tmp_path / "again", progress=False)
     assert again.sha256 == card.sha256  # deterministic with the seed

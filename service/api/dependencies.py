@@ -40,8 +40,10 @@ def lookup_model(request: Request, name: str) -> ServedModel:
     return models[name]
 
 
-def served_model(request: Request, model: Annotated[str, Path(description="Model name, e.g. 'lenet5'.")],
-                 _: Annotated[None, Depends(require_ready)]) -> ServedModel:
+ModelName = Annotated[str, Path(description="Model name, e.g. 'lenet5'.", examples=["lenet5"])]
+
+
+def served_model(request: Request, model: ModelName, _: Annotated[None, Depends(require_ready)]) -> ServedModel:
     """The model named in the path (404 when unknown, 503 while loading)."""
     return lookup_model(request, model)
 

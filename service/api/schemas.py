@@ -10,6 +10,13 @@ SpectrumMethod = Literal["auto", "exact", "lanczos", "truncated", "power", "powe
 VectorFormat = Literal["none", "png", "tensor", "both"]
 ImageFormat = Literal["png", "tensor", "both"]
 AttackName = Literal["ossa", "iterative-ossa", "fgm", "otcm", "bim", "opt", "least-norm"]
+# an MNIST test digit (a 6) as base64 PNG: the examples of the OpenAPI schema
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA8klEQVR4nM3PP0uCURQG8Af/I4gOmoODuYiDuPUBIhp7P0CO4eIo"
+    "+AGswTGchHeJQNEtnJpCIRIaA0HQcEkTMXEWn5MtItq9dww60znnxznnXuDvI9WS7wsT2qTkDZb7Ih+P9xquvTwSwpO11g+Gu2TC"
+    "dPGB7HhN2OU0fdhx7DK/H7OeCTNpjABEmqWYurVKXgHWhCwrFujLGLA2IiLF3xglb4B3IcmachMATmN4vQbqWgy48RLHx9u2dB3g"
+    "cuXL+nD3qZlM4nmKaBAD5bWOBte3OBNykVH/eTTk3LaFPFENuOyRFFacOsT5PdkueLT2P+IHPZtYSObfLhkAAAAASUVORK5CYII="
+)
 CHEAP_ATTACKS = ("ossa", "fgm", "otcm")  # one step: any batch up to max_batch_size
 ITERATIVE_ATTACKS = ("iterative-ossa", "bim", "opt", "least-norm")  # small batches, bounded steps
 
@@ -36,11 +43,16 @@ class ImagesInput(BaseModel):
 
 
 class ScreenRequest(ImagesInput):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [EXAMPLE_PNG]}]})
+
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Verdict threshold on the score; default: "
                                     "the detector's own (chosen at its target false-positive rate).")
 
 
 class SpectrumRequest(ImagesInput):
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "k": 3, "vectors": "png"}]})
+
     k: int = Field(10, ge=1, description="Number of eigenpairs (at most the setting max_k).")
     method: SpectrumMethod = Field("auto", description="Route to the spectrum: auto, exact (Gram), lanczos, "
                                    "truncated, power / power-alias (the paper's Algorithm 1, k = 1 only).")
@@ -49,6 +61,9 @@ class SpectrumRequest(ImagesInput):
 
 
 class AttackRequest(ImagesInput):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"images": [EXAMPLE_PNG], "attack": "ossa", "epsilon": 2.0}]})
+
     attack: AttackName = Field("ossa", description="ossa and iterative-ossa (the paper's attack), fgm, otcm, bim, "
                                "opt (C&W-style L2), least-norm (binary search of the smallest fooling epsilon).")
     epsilon: float = Field(1.0, ge=0.0, description="L2 budget in [0, 1] pixel space (at most the setting "
@@ -179,6 +194,9 @@ class InferRequestedOutput(BaseModel):
 
 
 class InferRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}]})
+
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[InferTensor] = Field(min_length=1, max_length=1, description="One tensor [N, C, H, W] of images.")

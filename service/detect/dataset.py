@@ -27,9 +27,11 @@ BIM_STEPS = 20
 
 
 def run_attack(model: nn.Module, name: str, images: Tensor, labels: Tensor, epsilon: float | None = None,
-               seed: int = 0) -> AttackResult:
-    """One of the five detection attacks with the settings recorded in this module."""
+               seed: int = 0, opt_params: dict[str, float] | None = None) -> AttackResult:
+    """One of the five detection attacks with the settings recorded in this module (`opt_params` overrides
+    OPT_PARAMS for C&W)."""
     eps = DEFAULT_EPSILONS.get(name) if epsilon is None else epsilon
+    opt = {**OPT_PARAMS, **(opt_params or {})}
     if name == "fgm":
         return fgm(model, images, labels, epsilon=eps)
     if name == "otcm":
@@ -39,7 +41,7 @@ def run_attack(model: nn.Module, name: str, images: Tensor, labels: Tensor, epsi
     if name == "ossa":
         return ossa(model, images, labels, epsilon=eps, method="exact")
     if name == "opt":
-        return cw_l2(model, images, labels, c=OPT_PARAMS["c"], steps=int(OPT_PARAMS["steps"]), lr=OPT_PARAMS["lr"])
+        return cw_l2(model, images, labels, c=opt["c"], steps=int(opt["steps"]), lr=opt["lr"])
     raise ValueError(f"attack: must be one of {', '.join(DEFAULT_ATTACKS)}; got {name!r}")
 
 
@@ -97,7 +99,7 @@ class DetectionSet:
 
 def build_detection_set(model: nn.Module, images: Tensor, labels: Tensor, attacks: tuple[str, ...] = DEFAULT_ATTACKS,
                         epsilons: dict[str, float] | None = None, seed: int = 0, batch_size: int = 500,
-                        progress: bool = False) -> DetectionSet:
+                        progress: bool = False, opt_params: dict[str, float] | None = None) -> DetectionSet:
     """Attack the correctly classified images with each attack; keep successes with their clean and noisy twins."""
     from tqdm.auto import tqdm
 
@@ -112,7 +114,8 @@ def build_detection_set(model: nn.Module, images: Tensor, labels: Tensor, attack
         for start in range(0, len(correct), batch_size):
             src = correct[start:start + batch_size]
             x, y = images[src], labels[src]
-            result = run_attack(model, name, x, y, eps.get(name), seed=seed * 1000 + a_index + start)
+            result = run_attack(model, name, x, y, eps.get(name), seed=seed * 1000 + a_index + start,
+                                opt_params=opt_params)
             ok = result.fooled.cpu()
             attempted[name] = attempted.get(name, 0) + len(src)
             if not bool(ok.any()):
@@ -129,7 +132,7 @@ def build_detection_set(model: nn.Module, images: Tensor, labels: Tensor, attack
             parts["label"] += [np.tile(y[ok].cpu().numpy(), 3)]
             parts["norm"] += [np.zeros(m), (noisy - clean).flatten(1).norm(dim=1).numpy(), norms.numpy()]
     info = {"images_given": int(len(images)), "correctly_classified": int(len(correct)), "attempted": attempted,
-            "epsilons": {a: eps.get(a) for a in attacks if a != "opt"}, "opt": dict(OPT_PARAMS),
+            "epsilons": {a: eps.get(a) for a in attacks if a != "opt"}, "opt": {**OPT_PARAMS, **(opt_params or {})},
             "bim_steps": BIM_STEPS, "seed": seed}
     if not parts["images"]:
         empty = np.zeros(0)

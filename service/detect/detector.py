@@ -168,7 +168,9 @@ def load_detector(path: str | Path, model_sha256: str | None) -> Detector:
     try:
         payload = joblib.load(path)
     except Exception as exc:  # any unreadable / truncated / foreign file
-        raise DetectorLoadError(f"detector file {path} is corrupt or not a detector: {type(exc).__name__}: {exc}") from exc
+        raise DetectorLoadError(
+            f"detector file {path} is corrupt or not a detector: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or "classifier" not in payload:
         raise DetectorLoadError(f"detector file {path} is not a fisher-guard detector (format {FORMAT_VERSION})")
     if payload.get("feature_set") not in FEATURE_SETS:
@@ -212,12 +214,13 @@ def evaluate_scores(data: DetectionSet, scores: np.ndarray, threshold: float) ->
                       {"positives": int(y.sum()), "negatives": int((~y).sum())})
 
 
-def fit_with_threshold(features: np.ndarray, data: DetectionSet, classifier: str = "rf", target_fpr: float = DEFAULT_FPR,
-                       seed: int = 0) -> tuple[Any, float, Evaluation]:
+def fit_with_threshold(features: np.ndarray, data: DetectionSet, classifier: str = "rf",
+                       target_fpr: float = DEFAULT_FPR, seed: int = 0) -> tuple[Any, float, Evaluation]:
     """Out-of-fold scores -> threshold at `target_fpr` and validation metrics; then the refit on all rows."""
     oof = out_of_fold_scores(features, data.is_adversarial, data.source, classifier, seed)
     threshold = threshold_at_fpr(oof[~data.is_adversarial], target_fpr)
-    return fit_classifier(features, data.is_adversarial, classifier, seed), threshold, evaluate_scores(data, oof, threshold)
+    fitted = fit_classifier(features, data.is_adversarial, classifier, seed)
+    return fitted, threshold, evaluate_scores(data, oof, threshold)
 
 
 def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | None, fit_images: Tensor,

@@ -26,9 +26,10 @@ FEATURE_SETS: dict[str, str] = {
     "plain+probs": "plain, plus the entropy and the top probability of the model's output (same spectrum call)",
     "geometry": "plain+probs, plus, after an L2 step of "
                 f"{STEP_SIZE} along +/- the top eigenvector v (paper Figure 4b: eigenvalues rise along the "
-                "adversarial direction): the change of log10 of the top-3 eigenvalues and log10 KL(p(x) || p(x +/- t v)) "
-                f"(larger and smaller side), whether either side flips the prediction, and log10 KL at steps {EXTRA_STEPS} "
-                "(larger side); needs a second spectrum call and two forward passes per extra step",
+                "adversarial direction): the change of log10 of the top-3 eigenvalues and "
+                "log10 KL(p(x) || p(x +/- t v)) (larger and smaller side), whether either side flips the prediction, "
+                f"and log10 KL at steps {EXTRA_STEPS} (larger side); needs a second spectrum call and two forward "
+                "passes per extra step",
 }
 
 

@@ -26,13 +26,14 @@ def get_model(name: str) -> LoadedModel:
 
 
 def get_detector(model: LoadedModel):
-    """The active detector of a model (`<models_dir>/<model>.detector.joblib`), loaded once and checked
-    against the model's weights."""
+    """The active detector of a model (`<model>.detector.joblib` next to its card, as the API loads it), loaded
+    once and checked against the model's weights."""
     from service.detect.detector import detector_path, load_detector
 
     with _lock:
         if model.name not in _detectors:
-            _detectors[model.name] = load_detector(detector_path(get_settings().models_dir, model.name), model.sha256)
+            folder = model.card_path.parent if model.card_path else get_settings().models_dir
+            _detectors[model.name] = load_detector(detector_path(folder, model.name), model.sha256)
         return _detectors[model.name]
 
 

@@ -39,7 +39,7 @@ def limits_of(settings: Settings) -> InputLimits:
 def load_dataset(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A server-side dataset by name ('mnist:test' ...): images and labels as numpy arrays."""
     if name not in DATASETS:
-        raise JobInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})", code="unknown-dataset")
+        raise JobInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})", code="unknown_dataset")
     from service.data.mnist import load_mnist
 
     images, labels = load_mnist(name.split(":", 1)[1])
@@ -52,7 +52,7 @@ def check_dataset_shape(name: str, shape: tuple[int, int, int]) -> None:
     """The dataset's images must fit the model's input shape."""
     if name.startswith("mnist:") and tuple(shape) != (1, 28, 28):
         raise JobInputError(f"dataset {name!r} has 1x28x28 images but the model takes {list(shape)}",
-                            code="wrong-shape")
+                            code="wrong_shape")
 
 
 def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], settings: Settings,
@@ -60,11 +60,11 @@ def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], se
     """Decode and validate uploaded files; refuse (JobInputError) what is wrong as a whole."""
     if not files:
         raise JobInputError("no images: upload files (.npz, .npy, .zip, PNG/JPEG) or name a dataset",
-                            code="no-input", status=400)
+                            code="no_input", status=400)
     max_bytes = int(settings.jobs_max_upload_mb * 1024 * 1024)
     total = sum(len(data) for _, data in files)
     if total > max_bytes:
-        raise JobInputError(f"the upload is {total} bytes, over the limit of {max_bytes}", code="upload-too-large",
+        raise JobInputError(f"the upload is {total} bytes, over the limit of {max_bytes}", code="upload_too_large",
                             status=413)
     limits = limits_of(settings)
     parts: list[StagedImages] = []
@@ -78,16 +78,16 @@ def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], se
             parts.append(_stage_files([(name, data)], shape, limits))
         count = sum(len(p.names) for p in parts)
         if count > settings.jobs_max_items:
-            raise JobInputError(f"the upload holds more than {settings.jobs_max_items} images", code="too-many-items",
+            raise JobInputError(f"the upload holds more than {settings.jobs_max_items} images", code="too_many_items",
                                 status=413)
     staged = _join(parts, shape)
     if limit is not None:
         staged = _first(staged, limit)
     if not staged.names:
-        raise JobInputError("the upload holds no image", code="no-input", status=400)
+        raise JobInputError("the upload holds no image", code="no_input", status=400)
     if staged.images.shape[0] == 0:
         reasons = "; ".join(f"{e.name}: {e.reason}" for e in staged.errors[:5])
-        raise JobInputError(f"no valid image in the upload ({reasons})", code="invalid-images",
+        raise JobInputError(f"no valid image in the upload ({reasons})", code="invalid_images",
                             extra={"item_errors": [e.model_dump() for e in staged.errors]})
     return staged
 
@@ -160,23 +160,23 @@ def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: I
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise JobInputError(f"{archive} is not a readable zip archive: {exc}", code="corrupt-archive",
+        raise JobInputError(f"{archive} is not a readable zip archive: {exc}", code="corrupt_archive",
                             status=400) from exc
     members = []
     for info in infos:
         if not safe_member(info.filename) or (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise JobInputError(f"{archive}: member {info.filename!r} escapes the archive (absolute path, '..' or "
-                                "symlink)", code="unsafe-archive", status=400)
+                                "symlink)", code="unsafe_archive", status=400)
         if info.is_dir() or any(part in info.filename for part in SKIPPED_MEMBERS):
             continue
         members.append(info)
     if len(members) > limits.max_batch:
         raise JobInputError(f"{archive} holds {len(members)} files, over the limit of {limits.max_batch}",
-                            code="too-many-items", status=413)
+                            code="too_many_items", status=413)
     declared = sum(info.file_size for info in members)
     if declared > max_bytes:
         raise JobInputError(f"{archive} unpacks to {declared} bytes, over the limit of {max_bytes}",
-                            code="upload-too-large", status=413)
+                            code="upload_too_large", status=413)
     files: list[tuple[str, bytes | str]] = []
     for info in sorted(members, key=lambda m: m.filename):
         try:
@@ -197,19 +197,19 @@ def _stage_npz(name: str, data: bytes, shape: tuple[int, int, int], limits: Inpu
         zf = zipfile.ZipFile(io.BytesIO(data))
         declared = sum(info.file_size for info in zf.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise JobInputError(f"{name} is not a readable .npz file: {exc}", code="corrupt-archive", status=400) from exc
+        raise JobInputError(f"{name} is not a readable .npz file: {exc}", code="corrupt_archive", status=400) from exc
     if declared > max_bytes:
         raise JobInputError(f"{name} unpacks to {declared} bytes, over the limit of {max_bytes}",
-                            code="upload-too-large", status=413)
+                            code="upload_too_large", status=413)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise JobInputError(f"{name} cannot be read as .npz (corrupt, or holds objects): {exc}",
-                            code="corrupt-archive", status=400) from exc
+                            code="corrupt_archive", status=400) from exc
     key = next((k for k in IMAGE_KEYS if k in arrays), None) or (next(iter(arrays)) if len(arrays) == 1 else None)
     if key is None:
-        raise JobInputError(f"{name}: no image array (name it one of {', '.join(IMAGE_KEYS)})", code="invalid-archive")
+        raise JobInputError(f"{name}: no image array (name it one of {', '.join(IMAGE_KEYS)})", code="invalid_archive")
     array = arrays[key]
     label_key = next((k for k in LABEL_KEYS if k in arrays), None)
     labels = arrays[label_key] if label_key else None
@@ -219,14 +219,14 @@ def _stage_npz(name: str, data: bytes, shape: tuple[int, int, int], limits: Inpu
         rows = list(range(batch.shape[0]))
     except ImageInputError as exc:
         if exc.code not in ("non_finite", "out_of_range") or array.ndim < 3:
-            raise JobInputError(f"{name}: {exc.message}", code=exc.code.replace("_", "-")) from exc
+            raise JobInputError(f"{name}: {exc.message}", code=exc.code) from exc
         batch, errors, rows = _per_row(name, array, shape, limits)
     count = array.shape[0] if errors else batch.shape[0]
     names = [f"{name}[{i}]" for i in range(count)]
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != len(names) or labels.dtype.kind not in "iu":
-            raise JobInputError(f"{name}: labels must be {len(names)} integers", code="invalid-labels")
+            raise JobInputError(f"{name}: labels must be {len(names)} integers", code="invalid_labels")
         labels = labels[rows].astype(np.int64)
     return StagedImages(batch, labels, names, errors)
 

@@ -112,7 +112,7 @@ class InProcessJobQueue:
             error = JobFailure(code="cancelled", reason="cancelled on request")
         except Exception as exc:  # the job fails with its reason; the thread goes on
             summary, status = None, JobStatus.failed
-            error = JobFailure(code="job-failed", reason=f"{type(exc).__name__}: {exc}")
+            error = JobFailure(code="job_failed", reason=f"{type(exc).__name__}: {exc}")
         with self._lock:
             job.summary, job.status, job.error, job.ended_at, job.upload = summary, status, error, time.time(), None
 
@@ -150,7 +150,7 @@ class InProcessJobQueue:
         job = self._get(job_id)
         if job.status != JobStatus.succeeded:
             detail = f"job {job_id} is {job.status.value}" + (f": {job.error.reason}" if job.error else "")
-            code = {"failed": "job-failed", "cancelled": "job-cancelled"}.get(job.status.value, "job-not-finished")
+            code = {"failed": "job_failed", "cancelled": "job_cancelled"}.get(job.status.value, "job_not_finished")
             raise JobNotReady(detail, code=code)
         return job
 
@@ -162,7 +162,7 @@ class InProcessJobQueue:
         with self._lock:
             job = self._finished(job_id)
             if job.artifact is None:
-                raise JobNotFound(f"job {job_id!r} has no artifact", code="no-artifact")
+                raise JobNotFound(f"job {job_id!r} has no artifact", code="no_artifact")
             return job.artifact
 
     def cancel(self, job_id: str) -> JobInfo:

@@ -159,12 +159,12 @@ class RedisJobQueue:
             if "AbandonedJobError" in text or "terminated unexpectedly" in text:
                 reason = (f"the worker running the job died (killed, or out of memory) on each of {attempts} "
                           f"attempt(s) (limit {spec.max_attempts}); last worker: {meta.get('worker')}")
-                return JobStatus.failed, JobFailure(code="worker-lost", reason=reason)
+                return JobStatus.failed, JobFailure(code="worker_lost", reason=reason)
             if "JobTimeoutException" in text:
                 return JobStatus.failed, JobFailure(code="timeout", reason="the job ran longer than "
                                                     f"{self.settings.jobs_timeout_s} s")
             last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-            return JobStatus.failed, JobFailure(code="job-failed", reason=last)
+            return JobStatus.failed, JobFailure(code="job_failed", reason=last)
         if raw == RqStatus.STARTED:
             return JobStatus.running, None
         return JobStatus.queued, None
@@ -189,7 +189,7 @@ class RedisJobQueue:
             _require_success(info)
             data = self.conn.hgetall(self.keys.artifact(job_id))
             if not data:
-                raise JobNotFound(f"job {job_id!r} has no artifact (or it expired)", code="no-artifact")
+                raise JobNotFound(f"job {job_id!r} has no artifact (or it expired)", code="no_artifact")
             return Artifact(filename=data[b"filename"].decode(), media_type=data[b"media_type"].decode(),
                             data=data[b"data"])
 
@@ -235,7 +235,7 @@ def _require_success(info: JobInfo) -> None:
     detail = f"job {info.id} is {info.status.value}"
     if info.error:
         detail += f": {info.error.reason}"
-    code = {"failed": "job-failed", "cancelled": "job-cancelled"}.get(info.status.value, "job-not-finished")
+    code = {"failed": "job_failed", "cancelled": "job_cancelled"}.get(info.status.value, "job_not_finished")
     raise JobNotReady(detail, code=code)
 
 
@@ -306,7 +306,7 @@ def perform(spec_data: dict) -> dict:
         if type(exc).__name__ == "JobTimeoutException":
             job.meta["error"] = {"code": "timeout", "reason": f"the job ran longer than {job.timeout} s"}
         else:
-            job.meta["error"] = {"code": "job-failed", "reason": f"{type(exc).__name__}: {exc}"}
+            job.meta["error"] = {"code": "job_failed", "reason": f"{type(exc).__name__}: {exc}"}
         job.save_meta()
         ctx.release_upload()
         raise

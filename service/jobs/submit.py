@@ -3,7 +3,9 @@ JobInputError (4xx); what passes becomes a JobSpec plus the staged upload (compr
 
 from __future__ import annotations
 
-from service.config import Settings, get_settings
+from pathlib import Path
+
+from service.config import Settings
 from service.jobs import inputs
 from service.jobs.types import (
     DEBUG_JOB_TYPES,
@@ -14,6 +16,7 @@ from service.jobs.types import (
     JobSpec,
     check_params,
 )
+from service.zoo.cards import ModelCard
 
 
 def known_types(settings: Settings) -> list[str]:
@@ -24,22 +27,22 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     """Validate a submission; returns the spec to enqueue and the staged upload (None for dataset jobs)."""
     if request.type not in known_types(settings):
         raise JobInputError(f"unknown job type {request.type!r} (known: {', '.join(JOB_TYPES)})",
-                            code="unknown-job-type")
+                            code="unknown_job_type")
     params = check_params(request.type, request.params)
     spec = JobSpec(type=request.type, model=request.model, dataset=request.dataset, limit=request.limit,
                    params=params, result_ttl_s=settings.jobs_result_ttl_s, max_attempts=settings.jobs_max_attempts)
     if request.type in DEBUG_JOB_TYPES or request.type == "evaluate":
         return spec, None
-    card = _card(request.model)
+    card, card_path = _card(request.model)
     if request.type == "screen":
-        _check_detector(request.model or "")
+        _check_detector(card.name, card_path)
     if request.type == "attack":
         from service.jobs.tasks import attack_options
 
         try:
             attack_options(params["attack"], params.get("epsilon"), params.get("options", {}))
         except ValueError as exc:
-            raise JobInputError(str(exc), code="invalid-params") from exc
+            raise JobInputError(str(exc), code="invalid_params") from exc
     if request.type == "train-detector":
         for key in ("fit_dataset", "test_dataset"):
             if params.get(key):
@@ -49,7 +52,7 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     if request.type not in TYPES_WITH_IMAGES:
         return spec, None
     if request.dataset and files:
-        raise JobInputError("give either a dataset name or uploaded files, not both", code="ambiguous-input",
+        raise JobInputError("give either a dataset name or uploaded files, not both", code="ambiguous_input",
                             status=400)
     if request.dataset:
         images, _ = inputs.load_dataset(request.dataset, request.limit)
@@ -64,25 +67,24 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     return spec, inputs.pack(staged.images, staged.labels)
 
 
-def _card(model: str | None):
+def _card(model: str | None) -> tuple[ModelCard, Path]:
     from service.zoo.registry import ModelLoadError, find_card
 
     if not model:
-        raise JobInputError("this job type needs a model: give 'model' (a registry name)", code="model-required")
+        raise JobInputError("this job type needs a model: give 'model' (a registry name)", code="model_required")
     if "/" in model or "\\" in model or model.endswith(".json"):
-        raise JobInputError(f"model must be a registry name, not a path: {model!r}", code="unknown-model")
+        raise JobInputError(f"model must be a registry name, not a path: {model!r}", code="unknown_model")
     try:
-        card, _ = find_card(model)
+        return find_card(model)
     except ModelLoadError as exc:
-        raise JobInputError(str(exc), code="unknown-model") from exc
-    return card
+        raise JobInputError(str(exc), code="unknown_model") from exc
 
 
-def _check_detector(model: str) -> None:
-    """Model folders follow the process settings (as the registry does)."""
+def _check_detector(model: str, card_path: Path) -> None:
+    """A model's active detector lies next to its card (as the API and the workers load it)."""
     from service.detect.detector import detector_path
 
-    path = detector_path(get_settings().models_dir, model)
+    path = detector_path(card_path.parent, model)
     if not path.is_file():
         raise JobInputError(f"model {model!r} has no active detector ({path.name}); train one with a "
-                            "'train-detector' job and activate it", code="no-detector")
+                            "'train-detector' job and activate it", code="no_detector")

@@ -37,7 +37,7 @@ class JobError(Exception):
     """Base of the queue's errors; `status` is the HTTP status the API answers with."""
 
     status = 500
-    code = "job-error"
+    code = "job_error"
 
     def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
                  extra: dict[str, Any] | None = None) -> None:
@@ -52,26 +52,26 @@ class JobInputError(JobError):
     """Bad job input found at submission (unknown type or model, bad archive, limits, invalid images)."""
 
     status = 422
-    code = "invalid-job"
+    code = "invalid_job"
 
 
 class JobNotFound(JobError):
     status = 404
-    code = "job-not-found"
+    code = "job_not_found"
 
 
 class JobNotReady(JobError):
     """The job has no result (yet): queued, running, failed or cancelled."""
 
     status = 409
-    code = "job-not-finished"
+    code = "job_not_finished"
 
 
 class QueueUnavailable(JobError):
     """The queue backend (Redis) cannot be reached."""
 
     status = 503
-    code = "queue-unavailable"
+    code = "queue_unavailable"
 
 
 class JobCancelled(Exception):
@@ -160,7 +160,7 @@ def check_params(job_type: str, params: dict[str, Any]) -> dict[str, Any]:
         return PARAMS[job_type].model_validate(params).model_dump(mode="json")
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
-        raise JobInputError(f"invalid parameters for a {job_type!r} job: {problems}", code="invalid-params") from exc
+        raise JobInputError(f"invalid parameters for a {job_type!r} job: {problems}", code="invalid_params") from exc
 
 
 class ItemError(BaseModel):

@@ -4,4 +4,4 @@
 
 from __future__ import annotations
 
-ROUTER_MODULES: list[str] = ["health", "models", "inference", "v2", "metrics"]
+ROUTER_MODULES: list[str] = ["health", "models", "inference", "v2", "metrics", "jobs"]

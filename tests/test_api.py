@@ -1,0 +1,604 @@
+"""The HTTP API through httpx (Starlette's TestClient) against the real app with real models: every endpoint,
+every input form, every bad input and limit (a 4xx problem document, never a 500), auth, metrics, OIP v2,
+and HTTP answers equal to the engine's for the same input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.api import create_app
+from service.api.batching import ModelWorker, QueueFullError
+from service.attacks import ossa
+from service.config import Settings
+from service.data.mnist import load_mnist
+from service.detect.detector import detector_path, load_detector
+from service.fisher import fisher_spectrum
+from service.zoo.registry import load_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+MODEL = "lenet5"
+BARE = "lenet5-bare"
+KEY = "test-key-7f3a"  # an API key for the auth tests; must never appear in logs
+PAYLOAD_LIMIT = 2 * 1024 * 1024
+
+
+def wait_ready(client, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get("/health/ready")
+        if response.status_code == 200:
+            return
+        assert response.status_code == 503
+        time.sleep(0.05)
+    raise AssertionError(f"the app did not become ready: {response.json()}")
+
+
+@pytest.fixture(scope="module")
+def settings(api_models_dir) -> Settings:
+    return Settings(models_dir=api_models_dir, user_models_dir=None, device="cpu", serve_models=[MODEL, BARE],
+                    max_batch_size=32, max_payload_bytes=PAYLOAD_LIMIT, max_k=20, max_epsilon=10.0,
+                    max_attack_batch=4, max_attack_steps=50, batch_max_size=16, batch_max_wait_ms=2.0)
+
+
+@pytest.fixture(scope="module")
+def app(settings):
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def engine(api_models_dir):
+    """The same model and detector, loaded outside the app: the reference answers."""
+    loaded = load_model(api_models_dir / f"{MODEL}.json", device="cpu")
+    return loaded.module, load_detector(detector_path(api_models_dir, MODEL), loaded.sha256), loaded.sha256
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_mnist("test")
+    return images[:8], labels[:8]
+
+
+def png_bytes(image: torch.Tensor, mode: str = "L", fmt: str = "PNG") -> bytes:
+    """(1, H, W) in [0, 1] -> PNG (or JPEG) bytes, as grayscale or converted to RGB."""
+    array = (image[0].numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(array, mode="L").convert(mode)
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares side x side pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b""))
+
+
+def assert_problem(response, status: int, code: str | None = None) -> dict:
+    """A problem document with this status (and code), no stack trace."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["code"] and body["detail"] and body["type"].endswith(body["code"])
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+# ---- health, models, metadata ----
+
+def test_health_and_readiness(client):
+    assert client.get("/health/live").json() == {"status": "ok"}
+    assert client.get("/health/ready").json() == {"status": "ready", "models": sorted([MODEL, BARE])}
+    assert client.get("/v2/health/live").json()["live"] is True
+    assert client.get("/v2/health/ready").json()["ready"] is True
+    assert client.get("/v2").json()["name"] == "fisher-guard"
+
+
+def test_models_list_and_show(client, engine):
+    _, detector, sha = engine
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(models) == {MODEL, BARE}
+    info = client.get(f"/v1/models/{MODEL}").json()
+    assert info == models[MODEL]
+    assert info["sha256"] == sha and info["input_shape"] == [1, 28, 28] and info["num_classes"] == 10
+    assert info["class_names"] == [str(d) for d in range(10)] and info["device"] == "cpu"
+    assert info["mean"] == [0.1307] and info["std"] == [0.3081]
+    assert info["detector"]["threshold"] == pytest.approx(detector.threshold)
+    assert 0.5 < info["detector"]["auc"] <= 1.0 and info["detector"]["k"] == detector.k
+    assert models[BARE]["detector"] is None
+
+
+def test_unknown_model_is_404(client):
+    assert_problem(client.get("/v1/models/nope"), 404, "unknown_model")
+    assert_problem(client.post("/v1/models/nope/screen", json={"tensor": [[0.0]]}), 404, "unknown_model")
+    assert_problem(client.get("/v2/models/nope"), 404, "unknown_model")
+    assert_problem(client.get("/no/such/path"), 404, "not_found")
+    assert_problem(client.delete("/v1/models"), 405, "method_not_allowed")
+
+
+# ---- screen ----
+
+def test_screen_tensor_equals_engine(client, engine, digits):
+    module, detector, sha = engine
+    images, _ = digits
+    response = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == MODEL and body["sha256"] == sha and "detector" in body["method"]
+    expected = detector.score(module, images)
+    assert body["threshold"] == pytest.approx(detector.threshold) and body["threshold_source"] == "detector"
+    for i, item in enumerate(body["results"]):
+        assert item["score"] == pytest.approx(expected.scores[i], abs=1e-6)
+        assert item["adversarial"] == bool(expected.adversarial[i])
+        assert item["prediction"] == int(expected.predictions[i]) and item["class_name"] == str(item["prediction"])
+        np.testing.assert_allclose(item["eigenvalues"], expected.eigenvalues[i], rtol=1e-4, atol=1e-9)
+
+
+def test_screen_single_image_forms_agree(client, engine, digits):
+    """One digit as [H, W], [C, H, W], base64 PNG, base64 JPEG-free .npy, multipart PNG and multipart .npy."""
+    module, detector, _ = engine
+    image = digits[0][:1]
+    expected = float(detector.score(module, image).scores[0])
+    png = png_bytes(image[0])
+    forms = [
+        client.post(f"/v1/models/{MODEL}/screen", json={"tensor": image[0, 0].tolist()}),
+        client.post(f"/v1/models/{MODEL}/screen", json={"tensor": image[0].tolist()}),
+        client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(png_bytes(image[0]))]}),
+        client.post(f"/v1/models/{MODEL}/screen", json={"images": ["data:image/png;base64," + b64(png)]}),
+        client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(npy_bytes(image.numpy()))]}),
+        client.post(f"/v1/models/{MODEL}/screen/upload", files={"files": ("digit.png", png, "image/png")}),
+        client.post(f"/v1/models/{MODEL}/screen/upload", files={"files": ("digit.npy", npy_bytes(image.numpy()))}),
+        client.post(f"/v1/models/{MODEL}/screen/upload",
+                    files={"files": ("rgb.png", png_bytes(image[0], mode="RGB"), "image/png")}),  # RGB -> gray
+    ]
+    for response in forms:
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_screen_batches(client, engine, digits):
+    module, detector, _ = engine
+    images, _ = digits
+    expected = detector.score(module, images).scores
+    files = [("files", (f"d{i}.png", png_bytes(images[i]), "image/png")) for i in range(len(images))]
+    for response in (
+        client.post(f"/v1/models/{MODEL}/screen/upload", files=files),
+        client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(png_bytes(im)) for im in images]}),
+        client.post(f"/v1/models/{MODEL}/screen/upload", files={"files": ("b.npy", npy_bytes(images.numpy()))}),
+        client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images[:, 0].tolist()}),  # [N, H, W]
+    ):
+        assert response.status_code == 200, response.text
+        scores = [r["score"] for r in response.json()["results"]]
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+def test_screen_threshold_override_and_scaling(client, digits):
+    images = digits[0][:3]
+    body = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images.tolist(), "threshold": 0.0}).json()
+    assert body["threshold_source"] == "request" and all(r["adversarial"] for r in body["results"])
+    scaled = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": (images * 255).round().tolist()}).json()
+    plain = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images.tolist()}).json()
+    assert any("0-255" in note for note in scaled["notes"]) and not plain["notes"]
+    np.testing.assert_allclose([r["score"] for r in scaled["results"]], [r["score"] for r in plain["results"]],
+                               atol=1e-5)
+    form = client.post(f"/v1/models/{MODEL}/screen/upload", data={"threshold": "1.0"},
+                       files={"files": ("d.png", png_bytes(images[0]), "image/png")}).json()
+    assert form["threshold"] == 1.0 and form["threshold_source"] == "request"
+
+
+def test_screen_resize_only_when_asked(client, digits):
+    big = torch.nn.functional.interpolate(digits[0][:1], size=(40, 40), mode="bilinear")[0]
+    data = png_bytes(big)
+    assert_problem(client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(data)]}), 422, "wrong_shape")
+    body = client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(data)], "resize": True}).json()
+    assert "resized to 28x28" in body["notes"]
+    jpeg = png_bytes(big, fmt="JPEG")
+    response = client.post(f"/v1/models/{MODEL}/screen/upload", data={"resize": "true"},
+                           files={"files": ("d.jpg", jpeg, "image/jpeg")})
+    assert response.status_code == 200, response.text
+
+
+def test_screen_without_detector_is_404(client, digits):
+    body = assert_problem(client.post(f"/v1/models/{BARE}/screen", json={"tensor": digits[0][:1].tolist()}), 404,
+                          "no_detector")
+    assert "train-detector" in body["detail"]
+
+
+# ---- spectrum ----
+
+def test_spectrum_equals_engine(client, engine, digits):
+    module, _, sha = engine
+    images = digits[0][:4]
+    response = client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": images.tolist(), "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = fisher_spectrum(module, images, k=5)
+    assert body["method"] == expected.method == "exact" and body["sha256"] == sha and body["k"] == 5
+    for i, item in enumerate(body["results"]):
+        np.testing.assert_allclose(item["eigenvalues"], expected.eigenvalues[i].numpy(), rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(item["probabilities"], expected.probabilities[i].numpy(), rtol=1e-5, atol=1e-7)
+        assert item["prediction"] == int(expected.predictions[i])
+        assert item["eigenvectors"] is None and item["eigenvectors_png"] is None
+
+
+def test_spectrum_vectors_and_methods(client, engine, digits):
+    module, _, _ = engine
+    image = digits[0][:1]
+    body = client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image.tolist(), "k": 2,
+                                                            "vectors": "both"}).json()
+    item = body["results"][0]
+    vectors = np.asarray(item["eigenvectors"])
+    assert vectors.shape == (2, 1, 28, 28)
+    np.testing.assert_allclose(np.linalg.norm(vectors.reshape(2, -1), axis=1), 1.0, atol=1e-4)
+    assert len(item["eigenvectors_png"]) == 2
+    assert Image.open(io.BytesIO(base64.b64decode(item["eigenvectors_png"][0]))).size == (28, 28)
+    power = client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image.tolist(), "k": 1,
+                                                             "method": "power"}).json()
+    assert power["method"] == "power"
+    exact = fisher_spectrum(module, image, k=1).eigenvalues[0, 0].item()
+    assert power["results"][0]["eigenvalues"][0] == pytest.approx(exact, rel=0.05)
+    upload = client.post(f"/v1/models/{MODEL}/spectrum/upload", data={"k": "3", "method": "lanczos"},
+                         files={"files": ("d.png", png_bytes(image[0]), "image/png")})
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["method"] == "lanczos" and len(upload.json()["results"][0]["eigenvalues"]) == 3
+
+
+# ---- attack ----
+
+def test_ossa_equals_engine(client, engine, digits):
+    module, _, sha = engine
+    images, labels = digits[0][:3], digits[1][:3]
+    response = client.post(f"/v1/models/{MODEL}/attack", json={
+        "tensor": images.tolist(), "attack": "ossa", "epsilon": 3.0, "labels": labels.tolist(), "output": "both"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "ossa" and body["sha256"] == sha and body["epsilon"] == 3.0
+    expected = ossa(module, images, labels, epsilon=3.0)
+    for i, item in enumerate(body["results"]):
+        assert item["perturbation_norm"] == pytest.approx(float(expected.perturbation_norm[i]), rel=1e-4)
+        assert item["top_eigenvalue"] == pytest.approx(float(expected.extras["top_eigenvalue"][i]), rel=1e-5)
+        assert item["fooled"] == bool(expected.fooled[i]) and item["label"] == int(labels[i])
+        assert item["original_prediction"] == int(expected.original_prediction[i])
+        assert item["adversarial_prediction"] == int(expected.adversarial_prediction[i])
+        np.testing.assert_allclose(item["adversarial"], expected.adversarial[i].numpy(), atol=1e-5)
+        png = Image.open(io.BytesIO(base64.b64decode(item["adversarial_png"])))
+        assert png.size == (28, 28) and png.mode == "L"
+
+
+@pytest.mark.parametrize("attack, extra", [
+    ("iterative-ossa", {"steps": 3, "step_size": 0.5}), ("fgm", {}), ("otcm", {}), ("bim", {"steps": 3}),
+    ("opt", {"steps": 5}), ("least-norm", {"base_attack": "fgm"}),
+])
+def test_other_attacks(client, digits, attack, extra):
+    images = digits[0][:2]
+    response = client.post(f"/v1/models/{MODEL}/attack", json={"tensor": images.tolist(), "attack": attack,
+                                                              "epsilon": 2.0, "output": "tensor", **extra})
+    assert response.status_code == 200, response.text
+    for item in response.json()["results"]:
+        assert item["perturbation_norm"] <= 2.0 + 1e-4 and item["top_eigenvalue"] > 0
+        assert np.asarray(item["adversarial"]).shape == (1, 28, 28) and item["adversarial_png"] is None
+        if attack == "least-norm":
+            assert item["found"] is not None
+
+
+def test_attack_upload_and_limits(client, digits):
+    image = digits[0][0]
+    response = client.post(f"/v1/models/{MODEL}/attack/upload", data={"attack": "ossa", "epsilon": "2.5"},
+                           files={"files": ("d.png", png_bytes(image), "image/png")})
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["adversarial_png"]
+    many = digits[0][:5].tolist()  # the fixture's max_attack_batch is 4
+    body = assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many, "attack": "bim"}), 422,
+                          "too_heavy")
+    assert body["jobs"] == "/v1/jobs" and "/v1/jobs" in body["detail"]
+    assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "attack": "bim",
+                                                                   "steps": 51}), 422, "too_heavy")
+    assert client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many, "attack": "fgm"}).status_code == 200
+    assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "epsilon": 11}), 422,
+                   "epsilon_out_of_range")
+    assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "epsilon": -1}), 422,
+                   "validation_error")
+    assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:2], "labels": [1]}), 422,
+                   "invalid_labels")
+    assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "labels": [10]}), 422,
+                   "invalid_argument")
+
+
+# ---- bad inputs: 4xx problem documents, never a 500 ----
+
+def test_bad_image_files(client, digits):
+    good = png_bytes(digits[0][0])
+    gif = io.BytesIO()
+    Image.new("L", (28, 28)).save(gif, format="GIF")
+    cases = [
+        (good[:60] + b"\x00" * 40 + good[100:], 422, "corrupt_image"),
+        (good[: len(good) // 2], 422, "corrupt_image"),
+        (gif.getvalue(), 415, "unsupported_format"),
+        (b"hello, not an image", 415, "unsupported_format"),
+        (bomb_png(), 413, "image_too_large"),
+        (bomb_png(5000), 413, "image_too_large"),
+        (b"", 422, "empty_file"),
+        (b"\x93NUMPY garbage", 422, "corrupt_npy"),
+        (npy_bytes(np.array([{"a": 1}], dtype=object)), 422, "corrupt_npy"),
+        (npy_bytes(np.zeros((2, 3, 28, 28), dtype=np.float32)), 422, "wrong_channels"),
+    ]
+    for data, status, code in cases:
+        assert_problem(client.post(f"/v1/models/{MODEL}/screen/upload", files={"files": ("x.png", data)}), status, code)
+        assert_problem(client.post(f"/v1/models/{MODEL}/screen", json={"images": [b64(data)]}), status, code)
+
+
+def test_bad_tensors(client):
+    nan = np.full((28, 28), 0.5)
+    nan[3, 4] = np.nan
+    cases = [
+        ({"tensor": nan.tolist()}, 422, "non_finite"),
+        ({"tensor": np.zeros((27, 28)).tolist()}, 422, "wrong_shape"),
+        ({"tensor": np.zeros((2, 28)).tolist()}, 422, "wrong_shape"),
+        ({"tensor": np.zeros((1, 3, 28, 28)).tolist()}, 422, "wrong_channels"),
+        ({"tensor": np.zeros((1, 1, 1, 28, 28)).tolist()}, 422, "wrong_shape"),
+        ({"tensor": []}, 422, "empty_batch"),
+        ({"images": []}, 422, "empty_batch"),
+        ({"tensor": np.zeros((0, 1, 28, 28)).tolist()}, 422, "empty_batch"),
+        ({"tensor": np.zeros((33, 28, 28)).tolist()}, 413, "batch_too_large"),
+        ({"tensor": [[0.1, 0.2], [0.3]]}, 422, "invalid_tensor"),
+        ({"tensor": [["a"] * 28] * 28}, 422, "invalid_tensor"),
+        ({"tensor": (np.ones((28, 28)) * -0.5).tolist()}, 422, "out_of_range"),
+        ({"tensor": (np.ones((28, 28)) * 300).tolist()}, 422, "out_of_range"),
+        ({"images": ["not base64!"]}, 400, "invalid_base64"),
+        ({"images": ["AAAA"], "tensor": [[0]]}, 422, "validation_error"),
+        ({}, 422, "validation_error"),
+        ({"tensor": [[0]], "threshold": 2}, 422, "validation_error"),
+        ({"tensor": [[0]], "surprise": 1}, 422, "validation_error"),
+    ]
+    for body, status, code in cases:  # json.dumps writes NaN as the literal NaN, as some clients do
+        assert_problem(client.post(f"/v1/models/{MODEL}/screen", content=json.dumps(body),
+                                   headers={"content-type": "application/json"}), status, code)
+
+
+def test_bad_requests(client, digits):
+    url = f"/v1/models/{MODEL}/screen"
+    assert_problem(client.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400,
+                   "invalid_json")
+    assert_problem(client.post(url, content=b"abc", headers={"content-type": "text/plain"}), 415,
+                   "unsupported_media_type")
+    assert_problem(client.post(f"{url}/upload", json={"tensor": [[0]]}), 415, "unsupported_media_type")
+    assert_problem(client.post(f"{url}/upload", files={"other": ("x", b"1")}), 422, "validation_error")
+    too_many = [("files", (f"{i}.png", b"x")) for i in range(33)]
+    assert_problem(client.post(f"{url}/upload", files=too_many), 413, "batch_too_large")
+    image = digits[0][:1].tolist()
+    assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "k": 21}), 422, "k_out_of_range")
+    assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "k": 0}), 422,
+                   "validation_error")
+    assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "k": 2, "method": "power"}),
+                   422, "invalid_argument")
+    assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "method": "magic"}), 422,
+                   "validation_error")
+
+
+def test_payload_limit(client):
+    big = b"0" * (PAYLOAD_LIMIT + 1)
+    assert_problem(client.post(f"/v1/models/{MODEL}/screen", content=big,
+                               headers={"content-type": "application/json"}), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(PAYLOAD_LIMIT // 65536 + 2):
+            yield b" " * 65536
+
+    assert_problem(client.post(f"/v1/models/{MODEL}/screen", content=chunks(),
+                               headers={"content-type": "application/json"}), 413, "payload_too_large")
+    assert_problem(client.post(f"/v1/models/{MODEL}/screen/upload",
+                               files={"files": ("big.npy", b"\x93NUMPY" + big)}), 413, "payload_too_large")
+
+
+# ---- auth ----
+
+def test_api_keys(client, app, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    app.state.settings = settings.model_copy(update={"api_keys": [KEY, "other-key"]})
+    try:
+        body = {"tensor": np.zeros((28, 28)).tolist()}
+        assert_problem(client.get("/v1/models"), 401, "unauthorized")
+        assert_problem(client.post(f"/v1/models/{MODEL}/screen", json=body), 401, "unauthorized")
+        assert_problem(client.get("/metrics"), 401, "unauthorized")
+        assert_problem(client.get(f"/v2/models/{MODEL}"), 401, "unauthorized")
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert_problem(wrong, 401, "unauthorized")
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-API-Key": "other-key"}).status_code == 200
+        assert client.post(f"/v1/models/{MODEL}/screen", json=body, headers={"X-API-Key": KEY}).status_code == 200
+        assert client.get("/health/live").status_code == 200 and client.get("/health/ready").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 200
+    finally:
+        app.state.settings = settings
+    assert client.get("/v1/models").status_code == 200
+    assert KEY not in caplog.text
+
+
+# ---- metrics, request ids, OpenAPI ----
+
+def test_metrics_and_request_id(client, digits):
+    client.post(f"/v1/models/{MODEL}/screen", json={"tensor": digits[0][:2].tolist(), "threshold": 0.0})
+    response = client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert len(client.get("/health/live").headers["x-request-id"]) == 32
+    text = client.get("/metrics").text
+    assert 'fisher_guard_images_screened_total{model="lenet5"}' in text
+    assert 'fisher_guard_adversarial_verdicts_total{model="lenet5"}' in text
+    route = 'endpoint="/v1/models/{model}/screen"'
+    assert f'fisher_guard_request_duration_seconds_bucket{{{route},le="0.1",model="lenet5"}}' in text
+    assert 'fisher_guard_batch_size_images_count{kind="screen",model="lenet5"}' in text
+    assert f'fisher_guard_requests_total{{{route},method="POST",model="lenet5",status="200"}}' in text
+
+
+def test_openapi_schema(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/v1/models/{model}/screen", "/v1/models/{model}/spectrum", "/v1/models/{model}/attack",
+                 "/v1/models/{model}/screen/upload", "/v2/models/{model_name}/infer", "/health/ready", "/metrics"):
+        assert path in paths
+    screen = paths["/v1/models/{model}/screen"]["post"]
+    assert "application/problem+json" in screen["responses"]["422"]["content"]
+    assert screen["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ScreenRequest")
+    assert "multipart/form-data" in paths["/v1/models/{model}/screen/upload"]["post"]["requestBody"]["content"]
+
+
+# ---- Open Inference Protocol v2 ----
+
+def test_v2_metadata_and_infer(client, engine, digits):
+    module, detector, sha = engine
+    meta = client.get(f"/v2/models/{MODEL}").json()
+    assert meta["name"] == MODEL and meta["versions"] == [sha] and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    assert {o["name"] for o in meta["outputs"]} == {"logits", "probabilities", "predictions", "adversarial_score",
+                                                    "adversarial"}
+    assert client.get(f"/v2/models/{MODEL}/ready").json()["ready"] is True
+    images = digits[0][:3]
+    request = {"id": "r1", "inputs": [{"name": "input", "shape": [3, 1, 28, 28], "datatype": "FP32",
+                                       "data": images.flatten().tolist()}]}
+    response = client.post(f"/v2/models/{MODEL}/infer", json=request)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == MODEL and body["model_version"] == sha and body["id"] == "r1"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    with torch.no_grad():
+        logits = module(images)
+    assert outputs["logits"]["shape"] == [3, 10]
+    np.testing.assert_allclose(np.reshape(outputs["logits"]["data"], (3, 10)), logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs["adversarial_score"]["data"], detector.score(module, images).scores, atol=1e-6)
+    uint8 = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                         "data": (images[0] * 255).round().int().flatten().tolist()}],
+             "outputs": [{"name": "predictions"}]}
+    small = client.post(f"/v2/models/{MODEL}/infer", json=uint8).json()
+    assert [o["name"] for o in small["outputs"]] == ["predictions"]
+    assert small["outputs"][0]["data"][0] == int(logits[0].argmax())
+    bad = dict(request, inputs=[dict(request["inputs"][0], shape=[2, 1, 28, 28])])
+    body = assert_problem(client.post(f"/v2/models/{MODEL}/infer", json=bad), 422, "wrong_shape")
+    assert body["error"] == body["detail"]
+    assert_problem(client.post(f"/v2/models/{MODEL}/infer", json=dict(request, outputs=[{"name": "x"}])), 422,
+                   "unknown_output")
+    assert_problem(client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0],
+                                                                                  datatype="STRING")]}),
+                   422, "unsupported_datatype")
+    bare = client.post(f"/v2/models/{BARE}/infer", json=request).json()
+    assert "adversarial_score" not in {o["name"] for o in bare["outputs"]}
+
+
+# ---- micro-batching, overload, timeouts ----
+
+def test_concurrent_requests_are_batched_and_correct(client, app, engine, digits):
+    module, detector, _ = engine
+    images = digits[0]
+    expected = detector.score(module, images).scores
+    results: dict[int, float] = {}
+
+    def one(i: int) -> None:
+        body = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images[i].tolist()}).json()
+        results[i] = body["results"][0]["score"]
+
+    before = app.state.metrics.batch_size.labels(MODEL, "screen")._sum.get()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_allclose([results[i] for i in range(len(images))], expected, atol=1e-6)
+    assert app.state.metrics.batch_size.labels(MODEL, "screen")._sum.get() - before == len(images)
+
+
+def test_micro_batcher_groups_waiting_requests():
+    sizes: list[int] = []
+
+    def work(batch: torch.Tensor) -> list[float]:
+        sizes.append(int(batch.shape[0]))
+        return batch.flatten(1).sum(1).tolist()
+
+    async def scenario() -> list[list[float]]:
+        worker = ModelWorker("m", capacity=100, max_batch=4, max_wait_ms=50)
+        try:
+            inputs = [torch.full((1, 2), float(i)) for i in range(6)] + [torch.ones(3, 2)]
+            return await asyncio.gather(*(worker.submit(("k",), work, x) for x in inputs))
+        finally:
+            await worker.close()
+
+    out = asyncio.run(scenario())
+    assert out[:6] == [[2.0 * i] for i in range(6)] and out[6] == [2.0, 2.0, 2.0]
+    assert sizes == [4, 2, 3]  # 4 singles; then 2 singles (the 3-image request would overflow); then it
+
+
+def test_micro_batcher_capacity():
+    async def scenario() -> None:
+        worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0)
+        try:
+            slow = asyncio.ensure_future(worker.run(time.sleep, 0.3, images=2))
+            await asyncio.sleep(0.05)
+            with pytest.raises(QueueFullError):
+                await worker.submit(("k",), lambda b: b.tolist(), torch.zeros(1, 1))
+            await slow
+            assert await worker.submit(("k",), lambda b: b.tolist(), torch.zeros(1, 1)) == [[0.0]]
+        finally:
+            await worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_overload_and_timeout_over_http(api_models_dir, digits):
+    """A request past its time limit gets 504 while its work keeps the model busy; meanwhile the full queue
+    answers 503 with Retry-After."""
+    from fastapi.testclient import TestClient
+
+    tight = Settings(models_dir=api_models_dir, user_models_dir=None, device="cpu", serve_models=[MODEL],
+                     queue_capacity=2, request_timeout_s=0.15, max_attack_steps=300, max_attack_batch=2)
+    with TestClient(create_app(tight), raise_server_exceptions=False) as tight_client:
+        wait_ready(tight_client)
+        images = digits[0][:2].tolist()
+        slow = tight_client.post(f"/v1/models/{MODEL}/attack", json={"tensor": images, "attack": "iterative-ossa",
+                                                                     "steps": 300, "step_size": 0.01})
+        assert_problem(slow, 504, "timeout")
+        busy = tight_client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images[0]})
+        assert_problem(busy, 503, "overloaded")
+        assert busy.headers["retry-after"] == "1"
+
+
+def test_no_server_errors_logged(client):
+    text = client.get("/metrics").text
+    assert 'status="500"' not in text
+    assert json.loads(client.get("/health/live").text) == {"status": "ok"}

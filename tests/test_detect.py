@@ -1,0 +1,172 @@
+"""The detector on real MNIST slices and the shipped LeNet-5: features, detection set, training, threshold,
+save / load, baselines, and the quick evaluation report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from service.data.mnist import load_mnist
+from service.detect.baselines import KernelDensityScorer, bayesian_uncertainty
+from service.detect.dataset import build_detection_set
+from service.detect.detector import (
+    DetectorLoadError,
+    card_path_for,
+    detector_path,
+    load_detector,
+    threshold_at_fpr,
+    train_detector,
+)
+from service.detect.features import EIGENVALUE_FLOOR, feature_names, fisher_features
+from service.fisher import fisher_spectrum
+from service.zoo.registry import load_model
+
+ATTACKS = ("fgm", "ossa")  # the fast ones; the builder treats all five alike
+
+
+@pytest.fixture(scope="session")
+def shipped_lenet():
+    return load_model("lenet5", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lenet(shipped_lenet):
+    """The shipped LeNet-5 (overrides conftest's random-weight `lenet` in this module)."""
+    return shipped_lenet
+
+
+@pytest.fixture(scope="session")
+def val_slice():
+    x, y = load_mnist("val")
+    return x[:48], y[:48]
+
+
+@pytest.fixture(scope="session")
+def detection(lenet, val_slice):
+    return build_detection_set(lenet.module, *val_slice, attacks=ATTACKS, epsilons={"fgm": 4.0, "ossa": 4.0}, seed=3)
+
+
+@pytest.fixture(scope="session")
+def detector(lenet, val_slice):
+    x, y = load_mnist("test")
+    return train_detector(lenet.module, model_name="lenet5", model_sha256=lenet.sha256, fit_images=val_slice[0],
+                          fit_labels=val_slice[1], test_images=x[:24], test_labels=y[:24], attacks=ATTACKS,
+                          feature_set="plain+probs", seed=0, command="pytest")
+
+
+def test_plain_features_are_log10_eigenvalues(lenet, val_slice):
+    x = val_slice[0][:6]
+    feats = fisher_features(lenet.module, x, "plain", k=20)
+    evals = fisher_spectrum(lenet.module, x, k=20, method="exact").eigenvalues.numpy()
+    assert feats.matrix.shape == (6, 20)
+    np.testing.assert_allclose(feats.matrix, np.log10(np.maximum(evals, EIGENVALUE_FLOOR)), rtol=1e-9, atol=1e-9)
+    assert np.all(feats.matrix[:, 9:] == np.log10(EIGENVALUE_FLOOR))  # rank <= K-1 = 9
+    assert np.all(np.diff(feats.matrix[:, :9], axis=1) <= 1e-12)  # descending
+
+
+def test_richer_sets_extend_plain(lenet, val_slice):
+    x = val_slice[0][:4]
+    plain = fisher_features(lenet.module, x, "plain").matrix
+    probs = fisher_features(lenet.module, x, "plain+probs")
+    np.testing.assert_allclose(probs.matrix[:, :20], plain, atol=1e-9)
+    p = probs.spectrum.probabilities.numpy()
+    np.testing.assert_allclose(probs.matrix[:, 21], p.max(1), atol=1e-12)
+    geo = fisher_features(lenet.module, x, "geometry")
+    assert geo.matrix.shape == (4, len(feature_names("geometry"))) and np.isfinite(geo.matrix).all()
+
+
+def test_detection_set_filters_and_labels(lenet, val_slice, detection):
+    x, y = val_slice
+    with torch.no_grad():
+        correct = (lenet.module(x).argmax(-1) == y).numpy()
+    assert set(detection.source) <= set(np.flatnonzero(correct))
+    assert detection.info["correctly_classified"] == int(correct.sum())
+    for attack, c in detection.counts().items():
+        assert c["clean"] == c["noisy"] == c["adversarial"] > 0, attack
+        rows = detection.attack == attack
+        adv, clean, noisy = (rows & (detection.kind == k) for k in ("adversarial", "clean", "noisy"))
+        assert detection.is_adversarial[adv].all() and not detection.is_adversarial[clean | noisy].any()
+        with torch.no_grad():
+            pred = lenet.module(detection.images[torch.from_numpy(adv)]).argmax(-1).numpy()
+        assert (pred != detection.label[adv]).all()  # only successful attacks
+        assert torch.equal(detection.images[torch.from_numpy(clean)], x[detection.source[clean]])
+        np.testing.assert_allclose(detection.perturbation_norm[noisy], detection.perturbation_norm[adv], rtol=1e-3)
+        # the same source images, in the same order, in each kind
+        assert (detection.source[clean] == detection.source[adv]).all()
+
+
+def test_detection_set_is_deterministic(lenet, val_slice, detection):
+    again = build_detection_set(lenet.module, *val_slice, attacks=ATTACKS, epsilons={"fgm": 4.0, "ossa": 4.0}, seed=3)
+    assert torch.equal(again.images, detection.images)
+
+
+def test_threshold_at_fpr():
+    neg = np.arange(100) / 100.0
+    t = threshold_at_fpr(neg, 0.05)
+    assert np.mean(neg >= t) <= 0.05 and np.mean(neg >= 0.94) > 0.05
+    assert np.mean(np.ones(10) >= threshold_at_fpr(np.ones(10), 0.05)) == 0.0
+
+
+def test_detector_trains_scores_and_holds_its_fpr(lenet, detector):
+    x, _ = load_mnist("test")
+    result = detector.score(lenet.module, x[:10])
+    assert result.scores.shape == (10,) and ((result.scores >= 0) & (result.scores <= 1)).all()
+    assert (result.adversarial == (result.scores >= detector.threshold)).all()
+    assert result.eigenvalues.shape == (10, 20) and result.probabilities.shape == (10, 10)
+    card = detector.card
+    assert card["model"] == {"name": "lenet5", "sha256": lenet.sha256}
+    assert card["validation"]["fpr"] <= 0.05  # out-of-fold FPR at the chosen threshold
+    assert 0.0 <= card["test"]["auc"] <= 1.0 and card["features"]["feature_set"] == "plain+probs"
+
+
+def test_save_load_round_trip_and_refusals(lenet, detector, tmp_path):
+    path, card = detector.save(detector_path(tmp_path, "lenet5"))
+    assert path.name == "lenet5.detector.joblib" and card == card_path_for(path)
+    assert json.loads(card.read_text())["threshold"]["value"] == detector.threshold
+    loaded = load_detector(path, lenet.sha256)
+    x, _ = load_mnist("test")
+    np.testing.assert_array_equal(loaded.score(lenet.module, x[:8]).scores, detector.score(lenet.module, x[:8]).scores)
+    with pytest.raises(DetectorLoadError, match="sha256"):
+        load_detector(path, "0" * 64)
+    with pytest.raises(DetectorLoadError, match="not found"):
+        load_detector(tmp_path / "missing.detector.joblib", lenet.sha256)
+    bad = tmp_path / "bad.detector.joblib"
+    bad.write_bytes(b"not a joblib file")
+    with pytest.raises(DetectorLoadError, match="corrupt"):
+        load_detector(bad, lenet.sha256)
+
+
+def test_kd_and_bu_give_finite_scores(lenet, detection):
+    xt, yt = load_mnist("train")
+    kd = KernelDensityScorer.fit(lenet.module, xt[:300], yt[:300])
+    assert kd.bandwidth > 0
+    kd_scores = kd.score(lenet.module, detection.images[:30])
+    bu = bayesian_uncertainty(lenet.module, detection.images[:30], samples=10)
+    assert np.isfinite(kd_scores).all() and np.isfinite(bu).all() and (bu >= -1e-12).all()
+
+
+def test_shipped_detector_matches_shipped_model(lenet):
+    path = detector_path(lenet.card_path.parent, "lenet5")
+    if not path.is_file():
+        pytest.skip("no shipped detector yet")
+    detector = load_detector(path, lenet.sha256)
+    assert detector.card["test"]["auc"] > 0.8
+
+
+@pytest.mark.slow
+def test_evaluate_quick_writes_report(tmp_path):
+    out = tmp_path / "mnist"
+    subprocess.run([sys.executable, "-m", "service.cli", "evaluate", "--quick", "--out", str(out)], check=True,
+                   capture_output=True)
+    report = (out / "report.md").read_text()
+    for heading in ("## Protocol", "## Table 2", "## Table 3", "## Table 4", "## Table 5", "## Against the paper"):
+        assert heading in report
+    for png in ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
+                "roc_curves.png"):
+        assert (out / png).stat().st_size > 1000 and png in report
+    assert "table4" in json.loads((out / "results.json").read_text())

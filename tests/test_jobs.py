@@ -1,0 +1,575 @@
+"""Jobs against a real redis-server (started here on a free port) and real `fisher-guard worker` processes, and the
+in-process backend through the same behavioural tests; the HTTP router through the app.
+
+Timings are shortened by settings: heartbeat 1 s, lease 3 s, batches of 50 images with a debug sleep per batch
+(FISHER_GUARD_JOBS_DEBUG_DELAY_S) so that running jobs can be watched, cancelled and killed mid-way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from service.config import Settings, get_settings
+from service.jobs import engine
+from service.jobs.local_backend import InProcessJobQueue
+from service.jobs.redis_backend import RedisJobQueue
+from service.jobs.types import (
+    JobInfo,
+    JobInputError,
+    JobNotFound,
+    JobNotReady,
+    JobRequest,
+    JobStatus,
+    QueueUnavailable,
+)
+
+HEARTBEAT_S, LEASE_S, BATCH, DELAY_S = 1, 3, 50, 0.15
+FISHER_GUARD = Path(sys.executable).with_name("fisher-guard")
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port, no persistence; the tests fail (never skip) without one."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server): the job tests need a real Redis")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Iterator[Path]:
+    """A model folder with a seeded LeNet-5 and a small detector for it (logistic regression on random features:
+    fast to make; what is tested is the plumbing, not detection quality). The process settings point at it."""
+    from sklearn.linear_model import LogisticRegression
+
+    from service.detect.detector import Detector, detector_path
+    from service.zoo.architectures import LeNet5
+    from service.zoo.cards import ModelCard
+    from service.zoo.registry import sha256_file
+
+    folder = tmp_path_factory.mktemp("job-models")
+    torch.manual_seed(3)
+    torch.save(LeNet5().state_dict(), folder / "lenet5.pt")
+    sha = sha256_file(folder / "lenet5.pt")
+    ModelCard(name="lenet5", architecture="lenet5", activation="relu", weights="lenet5.pt", sha256=sha,
+              input_shape=[1, 28, 28], mean=[0.1307], std=[0.3081], class_names=[str(i) for i in range(10)],
+              num_classes=10).write(folder / "lenet5.json")
+    rng = np.random.default_rng(0)
+    features = rng.normal(-3, 1, size=(200, 20))
+    labels = (features[:, 0] > -3).astype(int)
+    Detector(LogisticRegression().fit(features, labels), "plain", 20, 0.5,
+             {"model": {"name": "lenet5", "sha256": sha}}).save(detector_path(folder, "lenet5"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
+        mp.delenv("FISHER_GUARD_REDIS_URL", raising=False)
+        get_settings.cache_clear()
+        engine.forget()
+        yield folder
+    get_settings.cache_clear()
+    engine.forget()
+
+
+class Workers:
+    """Real `fisher-guard worker` subprocesses on one queue; each in its own session, killed by pid only."""
+
+    def __init__(self, url: str, queue: str, models: Path, log_dir: Path, delay_s: float = DELAY_S) -> None:
+        self.url, self.queue, self.log_dir = url, queue, log_dir
+        self.env = {**os.environ, "FISHER_GUARD_REDIS_URL": url, "FISHER_GUARD_MODELS_DIR": str(models),
+                    "FISHER_GUARD_JOBS_QUEUE": queue, "FISHER_GUARD_JOBS_HEARTBEAT_S": str(HEARTBEAT_S),
+                    "FISHER_GUARD_JOBS_LEASE_S": str(LEASE_S), "FISHER_GUARD_JOBS_BATCH_SIZE": str(BATCH),
+                    "FISHER_GUARD_JOBS_DEBUG": "true", "FISHER_GUARD_JOBS_DEBUG_DELAY_S": str(delay_s),
+                    "FISHER_GUARD_DEVICE": "cpu"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, preload: bool = True) -> None:
+        cmd = [str(FISHER_GUARD), "worker", "--name", name, "--threads", "1"] + (["--preload", "lenet5"] if preload
+                                                                                  else [])
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def wait_ready(self, *names: str, timeout: float = 60) -> None:
+        """Until each worker is registered with rq on our queue."""
+        from rq import Queue, Worker
+
+        conn = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        while True:
+            live = {w.name for w in Worker.all(queue=Queue(self.queue, connection=conn))}
+            if set(names) <= live:
+                return
+            for name in names:
+                if self.procs[name].poll() is not None:
+                    raise AssertionError(f"worker {name} exited: {self.log(name)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers {set(names) - live} did not start in {timeout} s")
+            time.sleep(0.1)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text()[-3000:]
+
+    def kill(self, name: str) -> None:
+        os.kill(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def queue_settings(**overrides) -> Settings:
+    base = {"jobs_batch_size": BATCH, "jobs_debug": True, "jobs_debug_delay_s": DELAY_S, "jobs_local_threads": 2,
+            "jobs_max_items": 64, "jobs_max_attempts": 2, "jobs_heartbeat_s": HEARTBEAT_S, "jobs_lease_s": LEASE_S}
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module", params=["redis", "in-process"])
+def make_queue(request, models_dir, tmp_path_factory) -> Iterator[Callable[..., object]]:
+    """A factory of queues of one backend (settings overridable); for Redis, two workers serve the queue."""
+    made: list = []
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        name = f"fg-test-{uuid.uuid4().hex[:8]}"
+        workers = Workers(url, name, models_dir, tmp_path_factory.mktemp("workers"))
+        workers.start("w1")
+        workers.start("w2")
+        workers.wait_ready("w1", "w2")
+
+        def factory(**overrides):
+            queue = RedisJobQueue(url, queue_settings(redis_url=url, jobs_queue=name, **overrides))
+            made.append(queue)
+            return queue
+    else:
+        workers = None
+
+        def factory(**overrides):
+            queue = InProcessJobQueue(queue_settings(**overrides))
+            made.append(queue)
+            return queue
+    yield factory
+    for queue in made:
+        queue.close()
+    if workers is not None:
+        workers.stop()
+
+
+@pytest.fixture
+def queue(make_queue):
+    return make_queue()
+
+
+def wait_for(queue, job_id: str, until: Callable[[JobInfo], bool] = lambda i: i.status.finished,
+             timeout: float = 60, seen: list | None = None) -> JobInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = queue.status(job_id)
+        if seen is not None:
+            seen.append(info)
+        if until(info):
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {info.status.value} after {timeout} s: {info}")
+        time.sleep(0.05)
+
+
+def csv_rows(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((image[0] * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_images() -> tuple[np.ndarray, np.ndarray]:
+    from service.data.mnist import load_mnist
+
+    images, labels = load_mnist("test")
+    return images[:8].numpy(), labels[:8].numpy()
+
+
+test_images.__test__ = False  # a helper, not a test
+
+
+# ------------------------------------------------------------------------- behaviour, both backends
+
+def test_submit_progress_result_artifact(queue):
+    info = queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=200))
+    assert info.status in (JobStatus.queued, JobStatus.running) and info.items == 200
+    seen: list[JobInfo] = []
+    final = wait_for(queue, info.id, seen=seen)
+    assert final.status == JobStatus.succeeded, final.error
+    assert final.progress.done == final.progress.total == 200
+    assert any(0 < s.progress.done < 200 and s.status == JobStatus.running for s in seen), "no progress seen"
+    assert final.worker and final.attempts == 1 and final.has_artifact
+    assert final.created_at <= final.started_at <= final.ended_at
+    summary = queue.result(info.id)
+    assert summary["screened"] == 200 and 0 <= summary["accuracy"] <= 1 and summary["item_errors"] == []
+    artifact = queue.artifact(info.id)
+    assert artifact.media_type == "text/csv" and artifact.filename.endswith(".csv")
+    rows = csv_rows(artifact.data)
+    assert len(rows) == 200 and rows[0]["name"] == "mnist:test[0]" and rows[0]["status"] == "ok"
+    # the same engine call as a request: the detector's score of the same images in this process
+    from service.data.mnist import load_mnist
+
+    direct = engine.screen(engine.get_model("lenet5"), load_mnist("test")[0][:200].numpy())
+    np.testing.assert_allclose([float(r["score"]) for r in rows], direct.scores, rtol=1e-5, atol=1e-7)
+    assert [int(r["prediction"]) for r in rows] == direct.predictions.tolist()
+
+
+def test_uploads_keep_valid_items_and_report_bad_ones(queue):
+    images, labels = test_images()
+    members = {f"digits/{i}.png": png(images[i]) for i in range(3)}
+    members["digits/broken.png"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
+    members["digits/notes.txt"] = b"not an image"
+    info = queue.submit(JobRequest(type="screen", model="lenet5"), [("batch.zip", zip_of(members))])
+    assert info.items == 5 and info.item_errors == 2
+    assert wait_for(queue, info.id).status == JobStatus.succeeded
+    summary = queue.result(info.id)
+    assert summary["screened"] == 3
+    bad = {e["name"]: e["reason"] for e in summary["item_errors"]}
+    assert set(bad) == {"batch.zip/digits/broken.png", "batch.zip/digits/notes.txt"}
+    assert bad["batch.zip/digits/broken.png"].startswith("corrupt_image")
+    assert bad["batch.zip/digits/notes.txt"].startswith("unsupported_format")
+    rows = csv_rows(queue.artifact(info.id).data)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "error"]  # zip members in name order
+    # an .npz with labels through the least-norm search
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images[:4], labels=labels[:4])
+    info = queue.submit(JobRequest(type="least-norm", model="lenet5", params={"attack": "fgm", "tol": 0.01}),
+                        [("four.npz", buffer.getvalue())])
+    assert wait_for(queue, info.id).status == JobStatus.succeeded
+    rows = csv_rows(queue.artifact(info.id).data)
+    assert [int(r["label"]) for r in rows] == labels[:4].tolist()
+    assert all(float(r["least_norm"]) >= 0 for r in rows if r["found"] == "true")
+
+
+@pytest.mark.parametrize("request_, files, status, code", [
+    ({"type": "nope"}, [], 422, "unknown_job_type"),
+    ({"type": "screen", "model": "no-such-model", "dataset": "mnist:test"}, [], 422, "unknown_model"),
+    ({"type": "screen", "model": "lenet5", "dataset": "cifar:test"}, [], 422, "unknown_dataset"),
+    ({"type": "screen", "model": "lenet5"}, [], 400, "no_input"),
+    ({"type": "least-norm", "model": "lenet5", "dataset": "mnist:test", "params": {"attack": "bim"}}, [], 422,
+     "invalid_params"),
+    ({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"options": {"nope": 1}}}, [], 422,
+     "invalid_params"),
+    ({"type": "screen", "model": "lenet5"}, [("x.zip", b"PK\x03\x04 this is not a zip")], 400, "corrupt_archive"),
+    ({"type": "screen", "model": "lenet5"}, [("x.zip", "escape")], 400, "unsafe_archive"),
+    ({"type": "screen", "model": "lenet5"}, [("x.zip", "absolute")], 400, "unsafe_archive"),
+    ({"type": "screen", "model": "lenet5"}, [("x.zip", "many")], 413, "too_many_items"),
+    ({"type": "screen", "model": "lenet5"}, [("a.png", b"garbage"), ("b.png", b"")], 422, "invalid_images"),
+    ({"type": "screen", "model": "lenet5"}, [("x.npz", "wrong-shape")], 422, "wrong_shape"),
+])
+def test_bad_input_is_refused_at_submission(queue, request_, files, status, code):
+    image = png(test_images()[0][0])
+    special = {"escape": zip_of({"ok.png": image, "../../evil.png": image}),
+               "absolute": zip_of({"/etc/evil.png": image}),
+               "many": zip_of({f"{i}.png": image for i in range(65)})}  # over jobs_max_items = 64
+    if files and files[0][1] == "wrong-shape":
+        buffer = io.BytesIO()
+        np.savez(buffer, images=np.zeros((2, 1, 32, 32), np.float32))
+        files = [("x.npz", buffer.getvalue())]
+    files = [(name, special.get(data, data) if isinstance(data, str) else data) for name, data in files]
+    before = {j.id for j in queue.list(500)}
+    with pytest.raises(JobInputError) as caught:
+        queue.submit(JobRequest(**request_), files)
+    assert (caught.value.status, caught.value.code) == (status, code), caught.value.detail
+    assert {j.id for j in queue.list(500)} == before  # nothing was queued
+
+
+def test_cancel_queued_and_running(queue):
+    # two long jobs occupy the two workers (threads); the third waits in the queue
+    jobs = [queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=1000))
+            for _ in range(3)]
+    queued = queue.cancel(jobs[2].id)
+    assert queued.status == JobStatus.cancelled and queued.cancel_requested
+    for job in jobs[:2]:
+        wait_for(queue, job.id, lambda i: i.status == JobStatus.running and i.progress.done > 0)
+        queue.cancel(job.id)
+    for job in jobs:
+        final = wait_for(queue, job.id, timeout=30)
+        assert final.status == JobStatus.cancelled, final
+        assert final.progress.done < 1000 and final.error.code == "cancelled"
+        with pytest.raises(JobNotReady) as caught:
+            queue.result(job.id)
+        assert caught.value.code == "job_cancelled"
+    # cancelling a finished job changes nothing
+    assert queue.cancel(jobs[0].id).status == JobStatus.cancelled
+
+
+def test_list_recent_jobs(queue):
+    first = queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=10))
+    second = queue.submit(JobRequest(type="least-norm", model="lenet5", dataset="mnist:test", limit=5,
+                                     params={"attack": "fgm", "tol": 0.01}))
+    for job in (first, second):
+        assert wait_for(queue, job.id).status == JobStatus.succeeded
+    ids = [j.id for j in queue.list(100)]
+    assert ids.index(second.id) < ids.index(first.id)  # newest first
+    assert [j.id for j in queue.list(1)] == [second.id]
+    succeeded = queue.list(100, JobStatus.succeeded)
+    assert {first.id, second.id} <= {j.id for j in succeeded}
+    assert all(j.status == JobStatus.succeeded for j in succeeded)
+    with pytest.raises(JobNotFound):
+        queue.status(uuid.uuid4().hex)
+
+
+def test_results_expire_after_ttl(make_queue):
+    queue = make_queue(jobs_result_ttl_s=2)
+    info = queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=10))
+    assert wait_for(queue, info.id).status == JobStatus.succeeded
+    assert queue.result(info.id)["screened"] == 10 and queue.artifact(info.id).data
+    time.sleep(2.6)
+    with pytest.raises(JobNotFound):
+        queue.status(info.id)
+    with pytest.raises(JobNotFound):
+        queue.artifact(info.id)
+    assert info.id not in {j.id for j in queue.list(500)}
+
+
+def test_failing_job_fails_with_reason_and_is_not_retried(queue):
+    info = queue.submit(JobRequest(type="debug-crash", params={"mode": "raise"}))
+    final = wait_for(queue, info.id)
+    assert final.status == JobStatus.failed and final.attempts == 1
+    assert final.error.code == "job_failed" and "raised on purpose" in final.error.reason
+    with pytest.raises(JobNotReady) as caught:
+        queue.result(info.id)
+    assert caught.value.code == "job_failed"
+
+
+def test_attack_job_gives_an_npz(queue):
+    info = queue.submit(JobRequest(type="attack", model="lenet5", dataset="mnist:test", limit=6,
+                                   params={"attack": "bim", "epsilon": 1.0, "options": {"steps": 3}}))
+    assert wait_for(queue, info.id).status == JobStatus.succeeded
+    artifact = queue.artifact(info.id)
+    with np.load(io.BytesIO(artifact.data)) as npz:
+        assert npz["adversarial"].shape == (6, 1, 28, 28)
+        assert np.all(npz["perturbation_norm"] <= 1.0 + 1e-4)
+        assert npz["names"].tolist()[0] == "mnist:test[0]"
+
+
+# --------------------------------------------------------------------------------- Redis only: crashes
+
+def test_worker_killed_mid_job_the_job_completes_elsewhere(redis_url, models_dir, tmp_path):
+    name = f"fg-crash-{uuid.uuid4().hex[:8]}"
+    workers = Workers(redis_url, name, models_dir, tmp_path, delay_s=0.3)
+    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=name, jobs_max_attempts=3))
+    try:
+        workers.start("a")
+        workers.start("b")
+        workers.wait_ready("a", "b")
+        request = JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=300)
+        clean = queue.submit(request)
+        assert wait_for(queue, clean.id).status == JobStatus.succeeded
+        expected = queue.artifact(clean.id).data
+
+        job = queue.submit(request)
+        running = wait_for(queue, job.id, lambda i: i.status == JobStatus.running and i.progress.done >= BATCH)
+        assert running.progress.done < 300, "the job finished before it could be killed"
+        victim = running.worker
+        workers.kill(victim)
+        killed_at = time.monotonic()
+        final = wait_for(queue, job.id, timeout=60)
+        assert final.status == JobStatus.succeeded, (final, workers.log("a"), workers.log("b"))
+        assert final.attempts == 2 and final.worker != victim
+        # picked up within the lease + a maintenance pass + the re-run itself
+        assert time.monotonic() - killed_at < LEASE_S + 2 * HEARTBEAT_S + 20
+        assert queue.artifact(job.id).data == expected  # same bytes as the uninterrupted run
+        strip = lambda s: {k: v for k, v in s.items() if k != "timing"}  # noqa: E731
+        assert strip(queue.result(job.id)) == strip(queue.result(clean.id))
+    finally:
+        queue.close()
+        workers.stop()
+
+
+def test_a_job_that_keeps_killing_workers_ends_failed(redis_url, models_dir, tmp_path):
+    name = f"fg-poison-{uuid.uuid4().hex[:8]}"
+    workers = Workers(redis_url, name, models_dir, tmp_path)
+    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=name, jobs_max_attempts=2))
+    try:
+        workers.start("p0", preload=False)
+        workers.wait_ready("p0")
+        info = queue.submit(JobRequest(type="debug-crash", params={"mode": "kill"}))
+        restarts = 0
+        deadline = time.monotonic() + 90
+        while not (status := queue.status(info.id)).status.finished:
+            assert time.monotonic() < deadline, status
+            for proc_name, proc in list(workers.procs.items()):
+                if proc.poll() is not None and proc_name == f"p{restarts}":  # died: a supervisor restarts it
+                    restarts += 1
+                    workers.start(f"p{restarts}", preload=False)
+            time.sleep(0.1)
+        assert status.status == JobStatus.failed and status.attempts == 2, status
+        assert status.error.code == "worker_lost" and "2 attempt" in status.error.reason
+        assert restarts == 2
+    finally:
+        queue.close()
+        workers.stop()
+
+
+def test_redis_down_means_queue_unavailable(models_dir):
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    queue = RedisJobQueue(url, queue_settings(redis_url=url))
+    for call in (lambda: queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=5)),
+                 lambda: queue.list(), lambda: queue.status("x"), lambda: queue.ping()):
+        with pytest.raises(QueueUnavailable) as caught:
+            call()
+        assert caught.value.status == 503 and "unreachable" in caught.value.detail
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+def api_client(settings: Settings):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    return TestClient(create_app(settings))
+
+
+def wait_ready(client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the app did not become ready"
+        time.sleep(0.1)
+
+
+def http_wait(client, url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(url).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def test_http_jobs_in_process(models_dir):
+    with api_client(queue_settings(models_dir=models_dir)) as client:
+        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
+                                                 "limit": 8})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert response.headers["location"] == job["status_url"] == f"/v1/jobs/{job['id']}"
+        assert http_wait(client, job["status_url"])["status"] == "succeeded"
+        result = client.get(job["result_url"]).json()
+        assert result["summary"]["screened"] == 8 and result["job"]["artifact_url"]
+        artifact = client.get(result["job"]["artifact_url"])
+        assert artifact.status_code == 200 and artifact.headers["content-type"].startswith("text/csv")
+        assert "attachment" in artifact.headers["content-disposition"]
+        # a job and a request give the same answer
+        wait_ready(client)
+        images = test_images()[0]
+        sync = client.post("/v1/models/lenet5/screen", json={"tensor": images.tolist()})
+        assert sync.status_code == 200, sync.text
+        scores = [item["score"] for item in sync.json()["results"]]
+        np.testing.assert_allclose([float(r["score"]) for r in csv_rows(artifact.content)], scores, rtol=1e-5)
+        listed = client.get("/v1/jobs", params={"limit": 5}).json()["jobs"]
+        assert listed[0]["id"] == job["id"]
+        assert client.delete(job["status_url"]).json()["status"] == "succeeded"  # nothing left to cancel
+
+        # multipart with files; a running job has no result yet (409); cancel through POST
+        response = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5", "params": '{"k": 3}'},
+                               files=[("files", ("a.png", png(images[0]), "image/png")),
+                                      ("files", ("b.png", png(images[1]), "image/png"))])
+        assert response.status_code == 202, response.text
+        assert http_wait(client, response.json()["status_url"])["items"] == 2
+        long = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test"}).json()
+        early = client.get(long["result_url"])
+        assert early.status_code == 409 and early.headers["content-type"] == "application/problem+json"
+        assert client.post(f"{long['status_url']}/cancel").status_code == 202
+        assert http_wait(client, long["status_url"])["status"] == "cancelled"
+
+        # refusals are problem documents
+        bad = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5"},
+                          files={"files": ("x.zip", zip_of({"../up.png": png(images[0])}), "application/zip")})
+        assert bad.status_code == 400 and bad.json()["code"] == "unsafe_archive"
+        assert client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+        assert client.post("/v1/jobs", json={"type": "screen", "bogus": 1}).status_code == 422
+        missing = client.get(f"/v1/jobs/{uuid.uuid4().hex}")
+        assert missing.status_code == 404 and missing.json()["code"] == "job_not_found"
+
+
+def test_http_jobs_through_each_backend(make_queue, models_dir):
+    queue = make_queue()
+    redis_backend = isinstance(queue, RedisJobQueue)
+    with api_client(queue.settings.model_copy(update={"models_dir": models_dir})) as client:
+        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
+                                                 "limit": 60})
+        assert response.status_code == 202, response.text
+        final = http_wait(client, response.json()["status_url"])
+        assert final["status"] == "succeeded"
+        assert final["worker"] in (("w1", "w2") if redis_backend else ("in-process",))
+        assert client.get(final["artifact_url"]).content.count(b"\n") == 61
+
+
+def test_http_redis_down_is_503_and_sync_endpoints_keep_working(models_dir):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with api_client(queue_settings(models_dir=models_dir, redis_url=url)) as client:
+        for response in (client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test"}),
+                         client.get("/v1/jobs"), client.get(f"/v1/jobs/{uuid.uuid4().hex}")):
+            assert response.status_code == 503, response.text
+            body = response.json()
+            assert response.headers["content-type"] == "application/problem+json"
+            assert body["code"] == "queue_unavailable" and "unreachable" in body["detail"]
+        wait_ready(client)
+        sync = client.post("/v1/models/lenet5/screen", json={"tensor": test_images()[0][:2].tolist()})
+        assert sync.status_code == 200, sync.text
