@@ -350,3 +350,22 @@ def test_bench_quick_lenet(tmp_path):
     for method in ("power", "power-alias", "lanczos", "truncated", "exact"):
         assert f"| {method} " in table
     assert "LeNet-5" in proc.stdout
+
+
+def test_fisher_factors():
+    """S S^T = L L^T = diag(p) - p p^T; the truncated factor for a partial mass too."""
+    from service.fisher.gram import reduced_fisher_factor, sqrt_fisher_factor
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(5, 7, generator=gen, dtype=torch.float64), -1)
+    p[0] = torch.tensor([1 - 6e-12] + [1e-12] * 6, dtype=torch.float64)  # nearly one-hot
+    a = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    s = sqrt_fisher_factor(p)
+    torch.testing.assert_close(s @ s.transpose(1, 2), a, rtol=0, atol=1e-14)
+    lower = reduced_fisher_factor(p)
+    assert lower.shape == (5, 7, 6)
+    torch.testing.assert_close(lower @ lower.transpose(1, 2), a, rtol=0, atol=1e-14)
+    q = p[:, :3]
+    aq = torch.diag_embed(q) - q.unsqueeze(-1) * q.unsqueeze(-2)
+    sq = sqrt_fisher_factor(q)
+    torch.testing.assert_close(sq @ sq.transpose(1, 2), aq, rtol=0, atol=1e-14)

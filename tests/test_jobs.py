@@ -161,7 +161,7 @@ class Workers:
                 proc.terminate()
         for proc in self.procs.values():
             try:
-                proc.wait(10)
+                proc.wait(3)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
@@ -173,25 +173,46 @@ def queue_settings(**overrides) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+class Pool:
+    """The module's worker processes, all started at once (their start-up dominates the run time): two serve the
+    behavioural tests' queue, four the crash tests' queue (a crash test kills one, the poison job two more)."""
+
+    def __init__(self, url: str, models: Path, log_dir: Path) -> None:
+        self.behaviour = Workers(url, f"fg-test-{uuid.uuid4().hex[:8]}", models, log_dir)
+        self.crash = Workers(url, f"fg-crash-{uuid.uuid4().hex[:8]}", models, log_dir, delay_s=0.3)
+        for name in ("w1", "w2"):
+            self.behaviour.start(name)
+        for name in ("c1", "c2", "c3", "c4"):
+            self.crash.start(name)
+
+    def stop(self) -> None:
+        self.behaviour.stop()
+        self.crash.stop()
+
+
+@pytest.fixture(scope="module")
+def pool(redis_url, models_dir, tmp_path_factory) -> Iterator[Pool]:
+    workers = Pool(redis_url, models_dir, tmp_path_factory.mktemp("workers"))
+    try:
+        yield workers
+    finally:
+        workers.stop()
+
+
 @pytest.fixture(scope="module", params=["redis", "in-process"])
-def make_queue(request, models_dir, tmp_path_factory) -> Iterator[Callable[..., object]]:
+def make_queue(request, models_dir) -> Iterator[Callable[..., object]]:
     """A factory of queues of one backend (settings overridable); for Redis, two workers serve the queue."""
     made: list = []
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
-        name = f"fg-test-{uuid.uuid4().hex[:8]}"
-        workers = Workers(url, name, models_dir, tmp_path_factory.mktemp("workers"))
-        workers.start("w1")
-        workers.start("w2")
+        workers = request.getfixturevalue("pool").behaviour
         workers.wait_ready("w1", "w2")
 
         def factory(**overrides):
-            queue = RedisJobQueue(url, queue_settings(redis_url=url, jobs_queue=name, **overrides))
+            queue = RedisJobQueue(url, queue_settings(redis_url=url, jobs_queue=workers.queue, **overrides))
             made.append(queue)
             return queue
     else:
-        workers = None
-
         def factory(**overrides):
             queue = InProcessJobQueue(queue_settings(**overrides))
             made.append(queue)
@@ -199,8 +220,6 @@ def make_queue(request, models_dir, tmp_path_factory) -> Iterator[Callable[..., 
     yield factory
     for queue in made:
         queue.close()
-    if workers is not None:
-        workers.stop()
 
 
 @pytest.fixture
@@ -408,14 +427,16 @@ def test_attack_job_gives_an_npz(queue):
 
 # --------------------------------------------------------------------------------- Redis only: crashes
 
-def test_worker_killed_mid_job_the_job_completes_elsewhere(redis_url, models_dir, tmp_path):
-    name = f"fg-crash-{uuid.uuid4().hex[:8]}"
-    workers = Workers(redis_url, name, models_dir, tmp_path, delay_s=0.3)
-    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=name, jobs_max_attempts=3))
+def live_workers(workers: Workers) -> list[str]:
+    return [name for name, proc in workers.procs.items() if proc.poll() is None]
+
+
+def test_worker_killed_mid_job_the_job_completes_elsewhere(redis_url, pool):
+    workers = pool.crash
+    workers.wait_ready(*live_workers(workers))
+    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=workers.queue,
+                                                    jobs_max_attempts=3))
     try:
-        workers.start("a")
-        workers.start("b")
-        workers.wait_ready("a", "b")
         request = JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=300)
         clean = queue.submit(request)
         assert wait_for(queue, clean.id).status == JobStatus.succeeded
@@ -428,7 +449,7 @@ def test_worker_killed_mid_job_the_job_completes_elsewhere(redis_url, models_dir
         workers.kill(victim)
         killed_at = time.monotonic()
         final = wait_for(queue, job.id, timeout=60)
-        assert final.status == JobStatus.succeeded, (final, workers.log("a"), workers.log("b"))
+        assert final.status == JobStatus.succeeded, (final, [workers.log(n) for n in workers.procs])
         assert final.attempts == 2 and final.worker != victim
         # picked up within the lease + a maintenance pass + the re-run itself
         assert time.monotonic() - killed_at < LEASE_S + 2 * HEARTBEAT_S + 20
@@ -437,32 +458,23 @@ def test_worker_killed_mid_job_the_job_completes_elsewhere(redis_url, models_dir
         assert strip(queue.result(job.id)) == strip(queue.result(clean.id))
     finally:
         queue.close()
-        workers.stop()
 
 
-def test_a_job_that_keeps_killing_workers_ends_failed(redis_url, models_dir, tmp_path):
-    name = f"fg-poison-{uuid.uuid4().hex[:8]}"
-    workers = Workers(redis_url, name, models_dir, tmp_path)
-    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=name, jobs_max_attempts=2))
+def test_a_job_that_keeps_killing_workers_ends_failed(redis_url, pool):
+    workers = pool.crash
+    alive = live_workers(workers)
+    assert len(alive) >= 3, "the poison job kills two workers; a third marks it failed"
+    workers.wait_ready(*alive)
+    queue = RedisJobQueue(redis_url, queue_settings(redis_url=redis_url, jobs_queue=workers.queue,
+                                                    jobs_max_attempts=2))
     try:
-        workers.start("p0", preload=False)
-        workers.wait_ready("p0")
         info = queue.submit(JobRequest(type="debug-crash", params={"mode": "kill"}))
-        restarts = 0
-        deadline = time.monotonic() + 90
-        while not (status := queue.status(info.id)).status.finished:
-            assert time.monotonic() < deadline, status
-            for proc_name, proc in list(workers.procs.items()):
-                if proc.poll() is not None and proc_name == f"p{restarts}":  # died: a supervisor restarts it
-                    restarts += 1
-                    workers.start(f"p{restarts}", preload=False)
-            time.sleep(0.1)
-        assert status.status == JobStatus.failed and status.attempts == 2, status
-        assert status.error.code == "worker_lost" and "2 attempt" in status.error.reason
-        assert restarts == 2
+        final = wait_for(queue, info.id, timeout=60)
+        assert final.status == JobStatus.failed and final.attempts == 2, final
+        assert final.error.code == "worker_lost" and "2 attempt" in final.error.reason
+        assert len(live_workers(workers)) == len(alive) - 2  # each attempt took a worker down
     finally:
         queue.close()
-        workers.stop()
 
 
 def test_redis_down_means_queue_unavailable(models_dir):

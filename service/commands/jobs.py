@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("activate-detector", help="make a trained candidate detector the active one of its model",
                        description="Copy a detector written by a 'train-detector' job (models/candidates/...) over "
-                       "the active `<model>.detector.joblib`; restart or reload the API and workers to use it.")
+                       "the active `<model>.detector.joblib` next to the model's card; restart the API and workers "
+                       "to use it.")
     a.add_argument("path", type=Path)
     a.set_defaults(handler=run_activate)
 
@@ -169,9 +170,8 @@ def follow(queue, job_id: str, progress: bool = True, poll_s: float = 0.2):
 
 
 def run_activate(args: argparse.Namespace) -> int:
-    from service.config import get_settings
     from service.jobs.tasks import activate_detector
 
-    target = activate_detector(args.path, get_settings())
+    target = activate_detector(args.path)
     print(f"active detector: {target}")
     return 0

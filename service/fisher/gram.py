@@ -3,7 +3,8 @@
 With A = diag(p) - p p^T = S S^T, G_x = J^T A J = (S^T J)^T (S^T J). The non-zero eigenvalues of G_x are
 those of the K x K matrix M = (S^T J)(S^T J)^T, and G_x's eigenvectors are (S^T J)^T u / sqrt(lambda).
 The rows of S^T J are vector-Jacobian products with the columns of S as cotangents, so K backward passes
-(vmapped) give them for a whole batch at once: in eval mode images do not interact.
+give them for a whole batch at once: in eval mode images do not interact. S has the null vector sqrt(p),
+so a K x (K-1) factor L with L L^T = A serves as well: K-1 backward passes.
 
 The same code serves the truncated route: restricted to a class subset M, A_M = diag(q) - q q^T (q the
 probabilities of the kept classes, summing to sigma <= 1) has the square root
@@ -21,12 +22,18 @@ from torch.func import vjp, vmap
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the Jacobian block of one chunk of images
 
 
-def sqrt_fisher_factor(q: Tensor) -> Tensor:
-    """S with S S^T = diag(q) - q q^T for probabilities q (B, m) of total mass <= 1; returns (B, m, m)."""
-    sigma = q.sum(-1, keepdim=True).clamp(max=1.0)
-    alpha = torch.where(sigma > 0, (1 - torch.sqrt((1 - sigma).clamp(min=0))) / sigma.clamp(min=1e-300), 0)
+def sqrt_fisher_factor(q: Tensor, rest: Tensor | None = None) -> Tensor:
+    """S with S S^T = diag(q) - q q^T for probabilities q (B, m) of total mass 1 - rest <= 1; returns (B, m, m).
+
+    S = diag(sqrt q) - alpha q sqrt(q)^T with alpha = 1 / (1 + sqrt(rest)). `rest` (B,) is the probability
+    left out (0 for all K classes); pass it when known: 1 - sum(q) loses digits to cancellation, which
+    sqrt(rest) would magnify (1e-16 -> 1e-8).
+    """
+    if rest is None:
+        rest = (1 - q.sum(-1)).clamp(min=0)
+    alpha = 1 / (1 + rest.clamp(min=0).sqrt())
     sq = q.sqrt()
-    return torch.diag_embed(sq) - alpha.unsqueeze(-1) * q.unsqueeze(-1) * sq.unsqueeze(-2)
+    return torch.diag_embed(sq) - alpha[:, None, None] * q.unsqueeze(-1) * sq.unsqueeze(-2)
 
 
 def images_per_chunk(rows: int, dim: int, itemsize: int, memory_budget: int) -> int:
@@ -34,26 +41,58 @@ def images_per_chunk(rows: int, dim: int, itemsize: int, memory_budget: int) -> 
     return max(1, memory_budget // max(1, 3 * rows * dim * itemsize))
 
 
-def factor_rows(model: nn.Module, x: Tensor, classes: Tensor | None, class_chunk: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows of S^T J for a chunk of images.
+def reduced_fisher_factor(p: Tensor) -> Tensor:
+    """L (B, K, K-1) with L L^T = diag(p) - p p^T for full probability vectors p (B, K): one backward pass fewer.
 
-    x: (B, *S). classes: (B, m) indices of kept classes, or None for all K.
-    Returns (rows (B, m, D), logits (B, K), probabilities (B, K) in float64).
+    S = sqrt_fisher_factor(p) has S u = 0 for the unit vector u = sqrt(p). The Householder reflector H with
+    H u = -e_K (w = u + e_K) has its first K-1 columns orthonormal and orthogonal to u, so L = (S H)[:, :K-1]
+    keeps S S^T; as S w = S e_K, S H = S - S e_K w^T / (1 + u_K).
+    """
+    s = sqrt_fisher_factor(p, torch.zeros_like(p[:, 0]))
+    w = p.sqrt()
+    w[..., -1] += 1
+    sh = s - s[..., -1:] * (w / w[..., -1:]).unsqueeze(-2)
+    return sh[..., :-1]
+
+
+def select_classes(probs: Tensor, mass: float, max_classes: int | None) -> tuple[Tensor, Tensor] | None:
+    """The truncated route's classes: the m most probable, m the fewest covering `mass` for every image of the
+    chunk, at most `max_classes`. Returns (classes (B, m), discarded mass (B,)), or None when all K are kept."""
+    num_classes = probs.shape[1]
+    ordered, order = probs.sort(dim=-1, descending=True)
+    needed = int(((ordered.cumsum(-1) < mass).sum(-1) + 1).clamp(max=num_classes).max())
+    m = min(needed, max_classes or num_classes)
+    return (order[:, :m], ordered[:, m:].sum(-1)) if m < num_classes else None
+
+
+def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
+                class_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images.
+
+    x: (B, *S). All K classes (mass=1, no max_classes): F = reduced_fisher_factor, K-1 rows. Otherwise the
+    truncated route's classes (`select_classes`) and F = sqrt_fisher_factor of their probabilities.
+    class_chunk: None or 1 runs the backward passes one after another (fastest on CPU); n > 1 vmaps n at once.
+    Returns (rows (B, r, D), probabilities (B, K) float64, discarded probability mass (B,)).
     """
     logits, vjp_fn = vjp(model, x)
     probs = torch.softmax(logits.detach().double(), dim=-1)
     b, num_classes = probs.shape
-    q = probs if classes is None else probs.gather(1, classes)
-    s = sqrt_fisher_factor(q)  # (B, m, m): row i of S^T J uses column i of S as cotangent
-    if classes is None:
-        cot = s.permute(2, 0, 1)  # (m, B, K)
+    kept = None if mass >= 1.0 and max_classes is None else select_classes(probs, mass, max_classes)
+    if kept is None:
+        factor = reduced_fisher_factor(probs)  # (B, K, K-1)
+        discarded = torch.zeros(b, dtype=probs.dtype, device=probs.device)
     else:
+        classes, discarded = kept
         m = classes.shape[1]
-        cot = torch.zeros(m, b, num_classes, dtype=s.dtype, device=s.device)
-        cot.scatter_(2, classes.unsqueeze(0).expand(m, b, m), s.permute(2, 0, 1))
-    (rows,) = vmap(vjp_fn, chunk_size=class_chunk)(cot.to(logits.dtype))  # (m, B, *S)
+        factor = torch.zeros(b, num_classes, m, dtype=probs.dtype, device=probs.device)
+        factor.scatter_(1, classes.unsqueeze(-1).expand(b, m, m), sqrt_fisher_factor(probs.gather(1, classes), discarded))
+    cot = factor.permute(2, 0, 1).to(logits.dtype)  # (r, B, K): cotangent j gives row j of every image
+    if class_chunk is None or class_chunk <= 1:
+        rows = torch.stack([vjp_fn(c)[0] for c in cot])
+    else:
+        (rows,) = vmap(vjp_fn, chunk_size=class_chunk)(cot)
     rows = rows.reshape(rows.shape[0], b, -1).transpose(0, 1)
-    return rows, logits.detach(), probs
+    return rows, probs, discarded
 
 
 def gram_eigenpairs(rows: Tensor, k: int, return_vectors: bool) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -45,8 +45,8 @@ def fisher_spectrum(
     the model's device and dtype. method: "exact" (Gram route), "lanczos" (matrix-free, tolerance `tol`,
     iteration cap `max_iter`), "truncated" (Gram route over the most probable classes covering `mass` of the
     probability, at most `max_classes`), "power" / "power-alias" (the paper's Algorithm 1, top-1 only), or
-    "auto". `memory_budget` bounds the Jacobian block held at once (bytes); `class_chunk` bounds how many
-    backward passes are vmapped together.
+    "auto". `memory_budget` bounds the Jacobian block held at once (bytes); `class_chunk` > 1 vmaps that
+    many backward passes together (default: one after another, which measured fastest on CPU).
     """
     k = check_k(k)
     if method not in METHODS:
@@ -85,30 +85,14 @@ def _pad(evals: Tensor, k: int) -> Tensor:
 
 
 def _gram(model, x, k, return_vectors, method, mass, max_classes, class_chunk) -> dict:
-    num_classes = num_classes_of(model, x)
-    classes = None
-    if method == "truncated":
-        with torch.no_grad():
-            probs = torch.softmax(model(x).double(), dim=-1)
-        ordered, order = probs.sort(dim=-1, descending=True)
-        needed = int(((ordered.cumsum(-1) < mass).sum(-1) + 1).clamp(max=num_classes).max())
-        m = min(needed, max_classes or num_classes)
-        if m < num_classes:
-            classes = order[:, :m]
-    rows, logits, probs = factor_rows(model, x, classes, class_chunk)
+    if method == "exact":
+        mass, max_classes = 1.0, None
+    rows, probs, discarded = factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk)
+    # all K classes give K-1 rows: G_x has rank <= K - 1, the eigenvalues from K-1 on are exact zeros (padded)
     evals, vectors, bound = gram_eigenpairs(rows, min(k, rows.shape[1]), return_vectors)
-    kept = rows.shape[1] if classes is None else classes.shape[1]
-    if classes is None:
-        # the structural zero: S^T 1 = 0, so G_x has rank <= K - 1 and eigenvalue K-1 is exactly zero
-        evals[:, num_classes - 1 :] = 0
-        if vectors is not None:
-            vectors = vectors[:, : num_classes - 1]
-        discarded = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    else:
-        discarded = (1 - probs.gather(1, classes).sum(-1)).clamp(min=0)
     return dict(
         evals=_pad(evals, k), vectors=vectors, probs=probs, bound=bound, discarded=discarded,
-        iters=torch.zeros(x.shape[0], dtype=torch.long, device=x.device), kept=kept,
+        iters=torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
     )
 
 

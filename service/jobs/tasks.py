@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -251,41 +252,44 @@ def train_detector_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
             "threshold": detector.threshold}
 
 
-def activate_detector(path: str | Path, settings: Settings) -> Path:
-    """Make a candidate detector the active one of its model (copies it and its card over the active files)."""
+def activate_detector(path: str | Path) -> Path:
+    """Make a candidate detector the active one of its model: copied, with its card, to
+    `<model>.detector.joblib` next to the model's card (where the API and the workers load it from), after
+    checking that it was trained for the model's current weights. API and workers pick it up on restart."""
     from service.detect.detector import card_path_for, detector_path, load_detector
+    from service.zoo.registry import find_card, sha256_file, weights_path
 
     path = Path(path)
-    detector = load_detector(path, _sha_of(path))
-    model_name = detector.card.get("model", {}).get("name")
+    card = json.loads(card_path_for(path).read_text())
+    model_name = card.get("model", {}).get("name")
     if not model_name:
         raise ValueError(f"detector {path} names no model in its card")
-    target = detector_path(settings.models_dir, model_name)
+    model_card, card_path = find_card(model_name)
+    load_detector(path, sha256_file(weights_path(model_card, card_path)))  # refuses a detector of other weights
+    target = detector_path(card_path.parent, model_name)
     shutil.copyfile(path, target)
     shutil.copyfile(card_path_for(path), card_path_for(target))
     engine.forget(model_name)
     return target
 
 
-def _sha_of(path: Path) -> str | None:
-    """The model sha256 a detector file was trained for (read from its card file)."""
-    from service.detect.detector import card_path_for
-
-    card = json.loads(card_path_for(path).read_text())
-    return card.get("model", {}).get("sha256")
-
-
 def evaluate_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
-    """The reproduction report (service.detect.evaluation), zipped as the artifact."""
-    from service.detect import evaluation  # the detection helper's module
+    """The reproduction report (service.detect.evaluation.run_evaluation), zipped as the artifact."""
+    from service.detect.evaluation import EvalConfig, run_evaluation
 
-    out_dir = Path(ctx.settings.models_dir).parent / "reports" / "jobs" / spec.id
     ctx.progress(0, 1)
-    result = evaluation.run_evaluation(out_dir=out_dir, **spec.params)  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory(prefix=f"fisher-guard-report-{spec.id}-") as tmp:
+        out = Path(tmp) / "report"
+        cfg = EvalConfig.make(out, quick=spec.params["quick"], seed=spec.params["seed"],
+                              command=f"job {spec.id}: evaluate {json.dumps(spec.params, sort_keys=True)}")
+        report = run_evaluation(cfg)
+        archive = shutil.make_archive(str(Path(tmp) / "report"), "zip", root_dir=out)
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        ctx.save_artifact(f"report-{spec.id}.zip", "application/zip", Path(archive).read_bytes())
+        summary = {"report": str(report.relative_to(out)), "files": files, "quick": cfg.quick,
+                   "timing": {k: round(v, 2) for k, v in cfg.timings.items()}}
     ctx.progress(1, 1)
-    archive = shutil.make_archive(str(out_dir), "zip", root_dir=out_dir)
-    ctx.save_artifact(f"report-{spec.id}.zip", "application/zip", Path(archive).read_bytes())
-    return {"report_dir": str(out_dir), "result": result if isinstance(result, dict) else None}
+    return summary
 
 
 def debug_crash_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:

@@ -124,23 +124,27 @@ class AttackParams(BaseModel):
 
 
 class TrainDetectorParams(BaseModel):
+    """As `fisher-guard train-detector`: fitted on the validation split, measured on the test split."""
+
     model_config = ConfigDict(extra="forbid")
-    fit_dataset: str = Field("mnist:train", description="Images the detector is fitted on.")
+    fit_dataset: str = Field("mnist:val", description="Images the detector is fitted on.")
     fit_limit: int | None = Field(None, ge=10, description="Use only the first N fit images.")
-    test_dataset: str | None = Field("mnist:val", description="Images for the card's test metrics (null: none).")
+    test_dataset: str | None = Field("mnist:test", description="Images for the card's test metrics (null: none).")
     test_limit: int | None = Field(None, ge=10)
     attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
-    feature_set: str = "plain"
-    classifier: str = "rf"
+    feature_set: str = "plain+probs"
+    classifier: Literal["rf", "gnb"] = "rf"
     k: int = Field(20, ge=1, le=100)
     target_fpr: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
 
 
-class FreeParams(BaseModel):
-    """Parameters passed on as keyword arguments (training and evaluation; checked by the function)."""
+class EvaluateParams(BaseModel):
+    """As `fisher-guard evaluate`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+    quick: bool = Field(False, description="A small slice (about a minute) instead of the full reproduction.")
+    seed: int = 0
 
 
 class DebugCrashParams(BaseModel):
@@ -150,7 +154,7 @@ class DebugCrashParams(BaseModel):
 
 PARAMS: dict[str, type[BaseModel]] = {
     "screen": ScreenParams, "least-norm": LeastNormParams, "attack": AttackParams,
-    "train-detector": TrainDetectorParams, "evaluate": FreeParams, "debug-crash": DebugCrashParams,
+    "train-detector": TrainDetectorParams, "evaluate": EvaluateParams, "debug-crash": DebugCrashParams,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,9 @@ def _build(card: ModelCard, path: Path, device: torch.device) -> nn.Module:
         _load_weights(net, path, card.architecture)
         return PixelSpaceModel(net, card.mean, card.std)
     try:
-        scripted = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users export
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch.jit raises several error types
         raise ModelLoadError(f"weights file {path} is not a TorchScript module: {exc}") from exc
     return PixelSpaceModel(scripted, card.mean, card.std)

@@ -1,0 +1,211 @@
+"""Load test of the screen endpoint: `fisher-guard serve` (uvicorn) on loopback, LeNet-5 on MNIST, CPU.
+
+Starts the server twice (micro-batching on, and off: FISHER_GUARD_BATCH_MAX_SIZE=1), drives it with an httpx
+async load generator, and reports throughput and p50/p95/p99 latency for single-image requests at concurrency
+1, 8 and 32, for 64-image batches, and micro-batching on vs off at concurrency 32. Prints a Markdown table and
+writes it to bench/results/api-cpu.md.
+
+    .venv/bin/python bench/bench_api.py                  # models/ must hold lenet5 and its detector
+    .venv/bin/python bench/bench_api.py --duration 5 --models-dir /path/to/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from service.data.mnist import load_mnist  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "api-cpu.md"
+
+
+@dataclass
+class Scenario:
+    name: str
+    batching: bool
+    concurrency: int
+    batch: int  # images per request
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    requests: int
+    seconds: float
+    latencies_ms: np.ndarray
+    errors: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.requests * self.scenario.batch / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray((image[0] * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def start_server(port: int, batching: bool, args: argparse.Namespace) -> subprocess.Popen:
+    env = {**os.environ, "FISHER_GUARD_SERVE_MODELS": args.model, "FISHER_GUARD_DEVICE": "cpu",
+           "FISHER_GUARD_LOG_LEVEL": "warning", "FISHER_GUARD_BATCH_MAX_SIZE": str(args.max_batch if batching else 1),
+           "FISHER_GUARD_BATCH_MAX_WAIT_MS": str(args.max_wait_ms), "FISHER_GUARD_QUEUE_CAPACITY": "4096"}
+    env.pop("FISHER_GUARD_API_KEYS", None)
+    if args.models_dir:
+        env["FISHER_GUARD_MODELS_DIR"] = str(args.models_dir)
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--threads", str(args.threads)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+async def drive(base: str, model: str, scenario: Scenario, bodies: list[dict], duration: float) -> Outcome:
+    """`concurrency` clients, each sending its next request as soon as the last is answered, for `duration` s."""
+    url = f"{base}/v1/models/{model}/screen"
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        for body in bodies[:4]:  # warm-up: connections, first batches
+            await client.post(url, json=body)
+        start = time.perf_counter()
+        stop = start + duration
+
+        async def client_loop(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                response = await client.post(url, json=bodies[i % len(bodies)])
+                if response.status_code == 200:
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
+                else:
+                    errors += 1
+                i += scenario.concurrency
+
+        await asyncio.gather(*(client_loop(k) for k in range(scenario.concurrency)))
+        seconds = time.perf_counter() - start
+    return Outcome(scenario, len(latencies), seconds, np.asarray(latencies), errors)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = ["| scenario | micro-batching | concurrency | images/request | requests | images/s | p50 ms | p95 ms | "
+            "p99 ms | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        s = o.scenario
+        rows.append(f"| {s.name} | {'on' if s.batching else 'off'} | {s.concurrency} | {s.batch} | {o.requests} | "
+                    f"{o.images_per_s:.0f} | {o.percentile(50):.1f} | {o.percentile(95):.1f} | "
+                    f"{o.percentile(99):.1f} | {o.errors} |")
+    return "\n".join(rows)
+
+
+def targets(outcomes: list[Outcome]) -> list[str]:
+    by = {(o.scenario.name, o.scenario.batching, o.scenario.concurrency): o for o in outcomes}
+    batch = max(o.images_per_s for o in outcomes if o.scenario.batch > 1)
+    p50 = by[("single", True, 1)].percentile(50)
+    on, off = by[("single", True, 32)].images_per_s, by[("single", False, 32)].images_per_s
+    ok = lambda good: "met" if good else "MISSED"  # noqa: E731
+    return [f"- batches: {batch:.0f} images/s (target >= 400): {ok(batch >= 400)}",
+            f"- single image, concurrency 1: p50 {p50:.1f} ms (target <= 15 ms): {ok(p50 <= 15)}",
+            f"- micro-batching at concurrency 32: {on:.0f} vs {off:.0f} images/s without, x{on / off:.1f} "
+            f"(target >= 3x): {ok(on >= 3 * off)}"]
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--models-dir", type=Path, default=None, help="default: the settings' (models/)")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--max-batch", type=int, default=64, help="FISHER_GUARD_BATCH_MAX_SIZE when batching")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="FISHER_GUARD_BATCH_MAX_WAIT_MS")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    images = load_mnist("test")[0].numpy()
+    singles = [{"images": [png_b64(images[i])]} for i in range(256)]
+    batches = [{"images": [png_b64(images[j]) for j in range(i, i + 64)]} for i in range(0, 256, 64)]
+    plan = {
+        True: [Scenario("single", True, 1, 1), Scenario("single", True, 8, 1), Scenario("single", True, 32, 1),
+               Scenario("batch", True, 1, 64), Scenario("batch", True, 4, 64)],
+        False: [Scenario("single", False, 1, 1), Scenario("single", False, 32, 1)],
+    }
+    load_before = load_average()
+    outcomes: list[Outcome] = []
+    for batching, scenarios in plan.items():
+        port = free_port()
+        process = start_server(port, batching, args)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base, process)
+            for scenario in scenarios:
+                bodies = batches if scenario.batch > 1 else singles
+                outcome = asyncio.run(drive(base, args.model, scenario, bodies, args.duration))
+                outcomes.append(outcome)
+                print(f"{scenario}: {outcome.images_per_s:.0f} images/s, p50 {outcome.percentile(50):.1f} ms",
+                      file=sys.stderr)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    load_after = load_average()
+    command = "python bench/bench_api.py " + " ".join(sys.argv[1:])
+    report = "\n".join([
+        "# HTTP API benchmark: screen endpoint, LeNet-5 on MNIST, CPU", "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
+        f"(1/5/15 min) {load_before} before, {load_after} after (the load generator shares the cores).  ",
+        f"Server: `fisher-guard serve`, 1 uvicorn worker, torch threads {args.threads}, micro-batching max "
+        f"{args.max_batch} images / {args.max_wait_ms:g} ms (off: max 1). Requests: JSON with base64 PNG digits; "
+        f"{args.duration:g} s per row, httpx async clients on loopback, each sending its next request when "
+        "answered.", "",
+        table(outcomes), "", "Targets:", *targets(outcomes), "",
+    ])
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
