@@ -3,9 +3,10 @@ test split, CPU.
 
 Starts its own redis-server on a free port and real workers, then measures end-to-end time (submit -> succeeded,
 as a client sees it) and the workers' own task time, for:
-  - one job of 1000 images, one worker with 2 torch threads;
+  - one job of 1000 images, one worker with 1 and with 2 torch threads;
   - one job of 1000 images, two workers with 1 thread each (a job runs on one worker: the second one idles);
-  - the same 1000 images as two jobs of 500 (uploaded .npz), two workers with 1 thread each (scale-out).
+  - the same 1000 images as two jobs of 500 (uploaded .npz), two workers with 1 thread each (scale-out);
+  - and, for reference, the same engine calls without any queue, in this process.
 Prints a Markdown table and writes it to bench/results/jobs-cpu.md.
 
     .venv/bin/python bench/bench_jobs.py                  # models/ must hold lenet5 and its detector
@@ -51,7 +52,7 @@ class Row:
 
     def line(self) -> str:
         e2e, task = statistics.median(self.end_to_end_s), statistics.median(self.task_s)
-        return (f"| {self.setup} | {self.jobs} | {e2e:.2f} | {1000 / e2e:.0f} | {task:.2f} | "
+        return (f"| {self.setup} | {self.jobs or '-'} | {e2e:.2f} | {1000 / e2e:.0f} | {task:.2f} | "
                 f"{1000 / task:.0f} |")
 
 
@@ -127,6 +128,26 @@ def npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def engine_only(images: np.ndarray, repeats: int, threads: int) -> Row:
+    """The same screening without the queue: the task's engine calls in this process."""
+    import torch
+
+    from service.jobs import engine
+
+    torch.set_num_threads(threads)
+    model = engine.get_model("lenet5")
+    size = Settings().jobs_batch_size
+    engine.screen(model, images[:64])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for first in range(0, len(images), size):
+            engine.screen(model, images[first:first + size])
+        times.append(time.perf_counter() - start)
+    return Row(f"engine only, no queue ({threads} thread{'s' if threads > 1 else ''}, this process)", 0, times,
+               times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -145,6 +166,7 @@ def main() -> None:
     rows: list[Row] = []
     try:
         for setup, workers, threads, submissions in (
+            ("1 worker x 1 thread", 1, 1, one_job),
             ("1 worker x 2 threads", 1, 2, one_job),
             ("2 workers x 1 thread", 2, 1, one_job),
             ("2 workers x 1 thread", 2, 1, two_jobs),
@@ -169,6 +191,9 @@ def main() -> None:
 
     import torch
 
+    for threads in (1, 2):
+        rows.append(engine_only(images.numpy(), args.repeats, threads))
+        print(rows[-1].line(), flush=True)
     load = os.getloadavg()
     header = (f"Screening the 1000-image MNIST test split with LeNet-5 as jobs (Redis + `fisher-guard worker`), CPU "
               f"({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}, "

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="Port `fisher-guard serve` listens on.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every model once).")
+    api_torch_threads: int = Field(1, ge=1, description="torch CPU threads of each API process (set at start-up). "
+                                   "Each model's work runs in one thread; on a busy 2-core machine 2 torch threads "
+                                   "spin and made a 1-image screen 20x slower.")
     log_level: str = Field("info", description="Log level of the service: debug, info, warning, error.")
     serve_models: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated model names the API loads; empty: every registered model.")
@@ -50,8 +53,8 @@ class Settings(BaseSettings):
     max_attack_steps: int = Field(200, ge=1, description="Most iterations an iterative attack request may ask for.")
     batch_max_size: int = Field(64, ge=1, description="Micro-batching: most images grouped into one forward/Jacobian "
                                 "batch (1 turns micro-batching off).")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="Micro-batching: longest wait for more requests before a "
-                                     "batch runs (ms).")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batching: longest wait for more requests before a "
+                                     "batch runs (ms); only spent while other requests for the model are arriving.")
     queue_capacity: int = Field(1024, ge=1, description="Images that may wait per model; beyond it requests get 503 "
                                 "with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Longest time a request may take (504 after it); also "
@@ -82,6 +85,9 @@ class Settings(BaseSettings):
     jobs_max_items: int = Field(10000, ge=1, description="Most images in one job (archive members or files).")
     jobs_batch_size: int = Field(256, ge=1, description="Images per engine call inside a job (progress steps).")
     jobs_local_threads: int = Field(1, ge=1, description="Threads of the in-process job backend.")
+    jobs_worker_threads: int = Field(1, ge=1, description="torch CPU threads of a `fisher-guard worker` (scale out "
+                                     "with one worker per core: on a busy 2-core machine one thread each was "
+                                     "10x faster than two; see bench/results/jobs-cpu.md).")
     jobs_debug: bool = Field(False, description="Tests only: enables the 'debug-crash' job type and "
                              "FISHER_GUARD_JOBS_DEBUG_DELAY_S.")
     jobs_debug_delay_s: float = Field(0.0, ge=0, description="Tests only (with jobs_debug): sleep per batch.")

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from torch import Tensor, nn

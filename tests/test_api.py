@@ -586,12 +586,12 @@ def test_overload_and_timeout_over_http(api_models_dir, digits):
     from fastapi.testclient import TestClient
 
     tight = Settings(models_dir=api_models_dir, user_models_dir=None, device="cpu", serve_models=[MODEL],
-                     queue_capacity=2, request_timeout_s=0.15, max_attack_steps=300, max_attack_batch=2)
+                     queue_capacity=4, request_timeout_s=0.15, max_attack_steps=300, max_attack_batch=4)
     with TestClient(create_app(tight), raise_server_exceptions=False) as tight_client:
         wait_ready(tight_client)
-        images = digits[0][:2].tolist()
+        images = digits[0][:4].tolist()
         slow = tight_client.post(f"/v1/models/{MODEL}/attack", json={"tensor": images, "attack": "iterative-ossa",
-                                                                     "steps": 300, "step_size": 0.01})
+                                                                     "steps": 150, "step_size": 0.01})
         assert_problem(slow, 504, "timeout")
         busy = tight_client.post(f"/v1/models/{MODEL}/screen", json={"tensor": images[0]})
         assert_problem(busy, 503, "overloaded")

@@ -56,7 +56,7 @@ def detector(lenet, val_slice):
     x, y = load_mnist("test")
     return train_detector(lenet.module, model_name="lenet5", model_sha256=lenet.sha256, fit_images=val_slice[0],
                           fit_labels=val_slice[1], test_images=x[:24], test_labels=y[:24], attacks=ATTACKS,
-                          feature_set="plain+probs", seed=0, command="pytest")
+                          feature_set="spectral", seed=0, command="pytest")
 
 
 def test_plain_features_are_log10_eigenvalues(lenet, val_slice):
@@ -76,8 +76,10 @@ def test_richer_sets_extend_plain(lenet, val_slice):
     np.testing.assert_allclose(probs.matrix[:, :20], plain, atol=1e-9)
     p = probs.spectrum.probabilities.numpy()
     np.testing.assert_allclose(probs.matrix[:, 21], p.max(1), atol=1e-12)
-    geo = fisher_features(lenet.module, x, "geometry")
-    assert geo.matrix.shape == (4, len(feature_names("geometry"))) and np.isfinite(geo.matrix).all()
+    for name in ("spectral", "geometry"):
+        feats = fisher_features(lenet.module, x, name)
+        assert feats.matrix.shape == (4, len(feature_names(name))) and np.isfinite(feats.matrix).all()
+        np.testing.assert_allclose(feats.matrix[:, :22], probs.matrix, atol=1e-9)
 
 
 def test_detection_set_filters_and_labels(lenet, val_slice, detection):
@@ -121,7 +123,7 @@ def test_detector_trains_scores_and_holds_its_fpr(lenet, detector):
     card = detector.card
     assert card["model"] == {"name": "lenet5", "sha256": lenet.sha256}
     assert card["validation"]["fpr"] <= 0.05  # out-of-fold FPR at the chosen threshold
-    assert 0.0 <= card["test"]["auc"] <= 1.0 and card["features"]["feature_set"] == "plain+probs"
+    assert 0.0 <= card["test"]["auc"] <= 1.0 and card["features"]["feature_set"] == "spectral"
 
 
 def test_save_load_round_trip_and_refusals(lenet, detector, tmp_path):

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from types import ModuleType
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -50,6 +51,7 @@ async def load_models(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     try:
+        torch.set_num_threads(settings.api_torch_threads)
         cards = await asyncio.to_thread(discover_cards, settings)
         if not cards:
             raise ValueError(f"no model cards found in {settings.models_dir}")

@@ -7,6 +7,9 @@ event loop never blocks and models never fight over one module), a count of imag
 request, then keeps adding waiting requests until `max_batch` images or `max_wait` seconds, runs the joined
 batch in the worker thread, and hands each request its rows. While a batch runs, new requests queue up and
 form the next batch, so batches grow with the load; `max_batch = 1` turns batching off.
+
+The wait for more requests is only spent while other requests for the model are still arriving (received by
+the HTTP layer, being decoded: `Arrival`); a lone request runs at once, so batching costs no latency at low load.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 import logging
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +43,23 @@ class QueueFullError(RuntimeError):
 
 class WorkerClosedError(RuntimeError):
     """The service is shutting down and takes no new work."""
+
+
+class Arrival:
+    """A request on its way to a model's batcher: counted in `worker.arriving` until it is submitted or ends."""
+
+    def __init__(self, worker: ModelWorker) -> None:
+        self.worker = worker
+        self.open = True
+        worker.arriving += 1
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.worker.arriving -= 1
+
+
+current_arrival: ContextVar[Arrival | None] = ContextVar("current_arrival", default=None)
 
 
 @dataclass
@@ -69,6 +90,9 @@ class MicroBatcher:
         """The per-image results for `images`, computed in a batch with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
         self._items.append(_Item(images, future))
+        arrival = current_arrival.get()
+        if arrival is not None and arrival.worker is self.worker:
+            arrival.close()
         self._wakeup.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"batcher-{self.worker.name}")
@@ -104,8 +128,8 @@ class MicroBatcher:
                 size += item.size
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+            if remaining <= 0 or self.worker.arriving <= 0:
+                break  # nobody else is on the way: run now
             item = await self._next(remaining)
             if item is None:
                 break
@@ -163,6 +187,7 @@ class ModelWorker:
         self.max_wait = max_wait_ms / 1000.0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self.pending = 0
+        self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
         self.closed = False
         self._on_batch = on_batch
         self._batchers: dict[Hashable, MicroBatcher] = {}
@@ -197,6 +222,7 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         # released when the work is really over: a request that times out leaves its work running in the thread
         work = self.executor.submit(fn, *args)
+
         def done(_: object) -> None:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self.release, images)

@@ -2,6 +2,7 @@
 
 Routers of other packages (e.g. the jobs router) can use `get_settings_dep`, `require_ready`, `served_model`,
 `require_api_key` (service.api.security) and `decode_json_images` / `decode_upload` the same way.
+Dependencies are `async def`: plain functions would each cost a hop to a thread pool per request.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import Depends, Path, Request, UploadFile
+from fastapi import Path, Request, UploadFile
 
 from service.api.errors import ProblemError
 from service.api.runtime import ServedModel
@@ -18,12 +19,12 @@ from service.config import Settings
 from service.data.images import DecodedBatch, InputLimits, decode_base64_images, decode_files, nested_batch
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     """The app's settings (app.state.settings)."""
     return request.app.state.settings
 
 
-def require_ready(request: Request) -> None:
+def check_ready(request: Request) -> None:
     """503 until every model is loaded and warmed up."""
     if not request.app.state.ready:
         error = request.app.state.load_error
@@ -43,8 +44,14 @@ def lookup_model(request: Request, name: str) -> ServedModel:
 ModelName = Annotated[str, Path(description="Model name, e.g. 'lenet5'.", examples=["lenet5"])]
 
 
-def served_model(request: Request, model: ModelName, _: Annotated[None, Depends(require_ready)]) -> ServedModel:
-    """The model named in the path (404 when unknown, 503 while loading)."""
+async def require_ready(request: Request) -> None:
+    """Dependency: 503 until every model is loaded and warmed up."""
+    check_ready(request)
+
+
+async def served_model(request: Request, model: ModelName) -> ServedModel:
+    """Dependency: the model named in the path (404 when unknown, 503 while loading)."""
+    check_ready(request)
     return lookup_model(request, model)
 
 
@@ -61,11 +68,11 @@ def require_content_type(request: Request, *expected: str) -> None:
                            f"this endpoint takes {' or '.join(expected)}, not {media or 'a body without a type'}")
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     require_content_type(request, "application/json")
 
 
-def require_multipart(request: Request) -> None:
+async def require_multipart(request: Request) -> None:
     require_content_type(request, "multipart/form-data")
 
 

@@ -13,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.batching import Arrival, current_arrival
 from service.api.errors import ProblemError, problem_response
 from service.api.metrics import Metrics
 from service.observability import request_id
@@ -20,6 +21,19 @@ from service.observability import request_id
 log = logging.getLogger("service.api.access")
 REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNMATCHED = "unmatched"
+BATCHED = {("v1", "screen"), ("v1", "screen", "upload"), ("v1", "spectrum"), ("v1", "spectrum", "upload"),
+           ("v2", "infer")}
+
+
+def announce(scope: Scope) -> Arrival | None:
+    """For a request to a micro-batched endpoint of a loaded model, count it as arriving at that model."""
+    parts = scope.get("path", "").strip("/").split("/")
+    if len(parts) < 4 or parts[1] != "models" or (parts[0], *parts[3:]) not in BATCHED:
+        return None
+    app = scope.get("app")
+    models = getattr(getattr(app, "state", None), "models", {})
+    served = models.get(parts[2])
+    return Arrival(served.worker) if served is not None else None
 
 
 class RequestContextMiddleware:
@@ -45,6 +59,8 @@ class RequestContextMiddleware:
         token = request_id.set(rid)
         status = {"code": 500, "started": False}
         path = scope.get("path", "")
+        arrival = announce(scope)
+        arrival_token = current_arrival.set(arrival)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -101,3 +117,6 @@ class RequestContextMiddleware:
             log.info("%s %s %s %.1f ms", scope.get("method"), path, status["code"], elapsed * 1000.0,
                      extra={"status": status["code"], "duration_ms": round(elapsed * 1000.0, 2)})
             request_id.reset(token)
+            current_arrival.reset(arrival_token)
+            if arrival is not None:
+                arrival.close()

@@ -65,7 +65,8 @@ def l2_normalize(v: Tensor) -> Tensor:
 def project_l2(delta: Tensor, epsilon: float) -> Tensor:
     """Project each perturbation onto the L2 ball of radius epsilon."""
     norms = delta.flatten(1).norm(dim=1)
-    scale = torch.where(norms > epsilon, epsilon / norms.clamp(min=torch.finfo(delta.dtype).tiny), torch.ones_like(norms))
+    tiny = torch.finfo(delta.dtype).tiny
+    scale = torch.where(norms > epsilon, epsilon / norms.clamp(min=tiny), torch.ones_like(norms))
     return delta * scale.view(-1, *([1] * (delta.ndim - 1)))
 
 

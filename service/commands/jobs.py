@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--name", help="worker name (default: rq's, host + pid based)")
     w.add_argument("--preload", action="append", default=[], metavar="MODEL",
                    help="load this model (and its detector) before taking jobs; repeatable")
-    w.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    w.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: FISHER_GUARD_JOBS_WORKER_THREADS, 1)")
     w.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     w.add_argument("--log-level", default="INFO")
     w.set_defaults(handler=run_worker)
@@ -76,8 +77,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("fisher-guard worker: set FISHER_GUARD_REDIS_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or settings.jobs_worker_threads)
     for name in args.preload:
         model = engine.get_model(name)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,20 +14,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="address to bind (default: FISHER_GUARD_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: FISHER_GUARD_PORT, 8000)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: FISHER_GUARD_WORKERS, 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: FISHER_GUARD_API_TORCH_THREADS, 1)")
     p.set_defaults(handler=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from service.config import get_settings
     from service.observability import configure_logging
 
+    if args.threads:  # read by every worker process's app at start-up
+        os.environ["FISHER_GUARD_API_TORCH_THREADS"] = str(args.threads)
+        get_settings.cache_clear()
     settings = get_settings()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     configure_logging(settings.log_level)
     uvicorn.run(
         "service.api.app:create_app",

@@ -19,9 +19,10 @@ from service.attacks import AttackResult, bim, cw_l2, fgm, ossa, otcm
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgm", "otcm", "opt", "bim", "ossa")
 
 # L2 budgets in [0, 1] pixel space (the paper's MNIST attacks have norms ~1-3), chosen on the validation split
-# so that the attacks mostly succeed on LeNet-5 (see reports/mnist/report.md). "opt" is C&W L2 with trade-off
+# with LeNet-5 by the rule of `evaluation.select_budgets`: the smallest epsilon of its grid whose fooling rate
+# reaches 80% (val, first 500 images; FGM 83%, OSSA 85%, OTCM 85%, BIM 90%). "opt" is C&W L2 with trade-off
 # c and no budget: it finds its own (small) norm.
-DEFAULT_EPSILONS: dict[str, float] = {"fgm": 4.0, "otcm": 4.0, "bim": 2.0, "ossa": 4.0}
+DEFAULT_EPSILONS: dict[str, float] = {"fgm": 3.0, "otcm": 4.0, "bim": 2.0, "ossa": 3.0}
 OPT_PARAMS: dict[str, float] = {"c": 1.0, "steps": 100, "lr": 0.05}
 BIM_STEPS = 20
 

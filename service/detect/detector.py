@@ -110,7 +110,7 @@ class Detector:
     """A fitted classifier on one feature set, with its operating threshold and its card (provenance, metrics)."""
 
     classifier: Any
-    feature_set: str = "plain"
+    feature_set: str = "spectral"
     k: int = DEFAULT_K
     threshold: float = 0.5
     card: dict = field(default_factory=dict)
@@ -226,7 +226,7 @@ def fit_with_threshold(features: np.ndarray, data: DetectionSet, classifier: str
 def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | None, fit_images: Tensor,
                    fit_labels: Tensor, test_images: Tensor | None = None, test_labels: Tensor | None = None,
                    attacks: tuple[str, ...] = DEFAULT_ATTACKS, epsilons: dict[str, float] | None = None,
-                   feature_set: str = "plain", classifier: str = "rf", k: int = DEFAULT_K,
+                   feature_set: str = "spectral", classifier: str = "rf", k: int = DEFAULT_K,
                    target_fpr: float = DEFAULT_FPR, seed: int = 0, progress: bool = False,
                    command: str | None = None, data_description: str = "") -> Detector:
     """Build the detection set, fit the classifier, pick the threshold on out-of-fold validation scores,

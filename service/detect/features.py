@@ -20,10 +20,17 @@ DEFAULT_K = 20
 STEP_SIZE = 0.5  # L2 step along the top eigenvector for the "geometry" set (paper Figure 4b)
 EXTRA_STEPS = (0.25, 1.0)  # further step sizes for the KL features (forward passes only)
 KL_FLOOR = 1e-12
+KL_STEPS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
+DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
+VECTORS = 3  # eigenvectors described by the "spectral" set
 
 FEATURE_SETS: dict[str, str] = {
     "plain": "log10 of the top-k eigenvalues of G_x (the paper's features)",
     "plain+probs": "plain, plus the entropy and the top probability of the model's output (same spectrum call)",
+    "spectral": "plain+probs, plus, for each of the top-3 eigenvectors v_i of G_x: |cos(v_i, x)|, the share of "
+                f"|v_i|^2 on dark pixels (x < {DARK}) and ||v_i||_1 (where the vulnerable directions lie), and "
+                f"log10 KL(p(x) || p(x +/- t v_1)), larger side, for t in {KL_STEPS} (how fast the output moves along "
+                "the top eigenvector); one spectrum call (with eigenvectors) plus forward passes",
     "geometry": "plain+probs, plus, after an L2 step of "
                 f"{STEP_SIZE} along +/- the top eigenvector v (paper Figure 4b: eigenvalues rise along the "
                 "adversarial direction): the change of log10 of the top-3 eigenvalues and "
@@ -64,8 +71,11 @@ def probability_features(probabilities: Tensor) -> np.ndarray:
 
 def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
     names = [f"log10_lambda_{i + 1}" for i in range(k)]
-    if feature_set in ("plain+probs", "geometry"):
+    if feature_set != "plain":
         names += ["entropy", "max_prob"]
+    if feature_set == "spectral":
+        names += [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
+        names += [f"step{t}_max_log10_kl" for t in KL_STEPS]
     if feature_set == "geometry":
         names += [f"step_{side}_dlog10_lambda_{i + 1}" for side in ("max", "min") for i in range(3)]
         names += ["step_max_log10_kl", "step_min_log10_kl", "step_flips"]
@@ -103,16 +113,42 @@ def _step_features(model: nn.Module, images: Tensor, spectrum: FisherSpectrum, b
     return np.concatenate(cols, 1)
 
 
+def _spectral_features(model: nn.Module, images: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
+    """Eigenvector shape (|cos with the image|, energy on dark pixels, L1 norm) of the top VECTORS eigenvectors,
+    and log10 KL of the output after steps along +/- the top eigenvector (forward passes only)."""
+    n = images.shape[0]
+    v = spectrum.eigenvectors[:, :VECTORS].flatten(2).to(images.dtype)  # (N, r, D), unit norm (zeros past rank)
+    if v.shape[1] < VECTORS:
+        v = torch.cat([v, v.new_zeros(n, VECTORS - v.shape[1], v.shape[2])], 1)
+    x = images.flatten(1)
+    unit = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    cos = (v * unit[:, None]).sum(-1).abs()
+    dark = ((v * v) * (x < DARK).to(v.dtype)[:, None]).sum(-1)
+    l1 = v.abs().sum(-1)
+    p = spectrum.probabilities.to(images.device)
+    top = v[:, 0].reshape(images.shape)
+    kls = []
+    with torch.no_grad():
+        for t in KL_STEPS:
+            moved = torch.cat([(images + t * top).clamp(0, 1), (images - t * top).clamp(0, 1)])
+            q = torch.softmax(model(moved).double(), -1)
+            kls.append(torch.maximum(_kl(p, q[:n]), _kl(p, q[n:])))
+    shape = torch.cat([cos, dark, l1], 1).double().cpu().numpy()
+    return np.concatenate([shape, torch.stack(kls, 1).cpu().numpy()], 1)
+
+
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
-    """Features of one batch. `plain` and `plain+probs` cost ONE exact spectrum call; `geometry` two."""
+    """Features of one batch. `plain`, `plain+probs` and `spectral` cost ONE exact spectrum call; `geometry` two."""
     check_feature_set(feature_set)
-    geometry = feature_set == "geometry"
-    spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=geometry)
+    vectors = feature_set in ("geometry", "spectral")
+    spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=vectors)
     base = log_eigenvalues(spectrum.eigenvalues)
     parts = [base]
-    if feature_set in ("plain+probs", "geometry"):
+    if feature_set != "plain":
         parts.append(probability_features(spectrum.probabilities))
-    if geometry:
+    if feature_set == "spectral":
+        parts.append(_spectral_features(model, images.to(spectrum.eigenvectors.device), spectrum))
+    if feature_set == "geometry":
         parts.append(_step_features(model, images.to(spectrum.eigenvectors.device), spectrum, base))
     return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
 

@@ -4,4 +4,5 @@ from service.fisher.dense import dense_fisher, dense_spectrum, fisher_by_class_s
 from service.fisher.result import FisherSpectrum
 from service.fisher.spectrum import METHODS, choose_method, fisher_spectrum
 
-__all__ = ["FisherSpectrum", "METHODS", "choose_method", "dense_fisher", "dense_spectrum", "fisher_by_class_sum", "fisher_spectrum"]
+__all__ = ["FisherSpectrum", "METHODS", "choose_method", "dense_fisher", "dense_spectrum", "fisher_by_class_sum",
+           "fisher_spectrum"]

@@ -85,7 +85,8 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
         classes, discarded = kept
         m = classes.shape[1]
         factor = torch.zeros(b, num_classes, m, dtype=probs.dtype, device=probs.device)
-        factor.scatter_(1, classes.unsqueeze(-1).expand(b, m, m), sqrt_fisher_factor(probs.gather(1, classes), discarded))
+        kept_factor = sqrt_fisher_factor(probs.gather(1, classes), discarded)
+        factor.scatter_(1, classes.unsqueeze(-1).expand(b, m, m), kept_factor)
     cot = factor.permute(2, 0, 1).to(logits.dtype)  # (r, B, K): cotangent j gives row j of every image
     if class_chunk is None or class_chunk <= 1:
         rows = torch.stack([vjp_fn(c)[0] for c in cot])
@@ -116,5 +117,6 @@ def gram_eigenpairs(rows: Tensor, k: int, return_vectors: bool) -> tuple[Tensor,
         u = evecs[:, :, :r].to(rows.dtype)
         vectors = torch.bmm(u.transpose(1, 2), rows)  # (B, r, D)
         norms = vectors.norm(dim=-1, keepdim=True)
-        vectors = torch.where(zero.unsqueeze(-1), torch.zeros_like(vectors), vectors / norms.clamp(min=torch.finfo(rows.dtype).tiny))
+        unit = vectors / norms.clamp(min=torch.finfo(rows.dtype).tiny)
+        vectors = torch.where(zero.unsqueeze(-1), torch.zeros_like(vectors), unit)
     return evals, vectors, bound.squeeze(-1)

@@ -44,7 +44,8 @@ def lanczos_eigenpairs(
     """Top-k Ritz pairs of the symmetric PSD operator `matvec`, batched.
 
     Stops when every image's top-k residuals |beta_m s_mj| are <= tol * lambda_1, when the Krylov space
-    reaches `rank` steps (K + 1 covers the whole Krylov space of G_x in float32: exact then), or after `max_iter` steps. Returns (eigenvalues (B, r) float64 descending,
+    reaches `rank` steps (K + 1 covers the whole Krylov space of G_x in float32: exact then), or after
+    `max_iter` steps. Returns (eigenvalues (B, r) float64 descending,
     eigenvectors (B, r, D) or None, error bound (B,): the largest residual plus the rounding of the
     products in `dtype`, inf where the iteration stopped at `max_iter` unconverged, iterations (B,)).
     """
@@ -82,7 +83,8 @@ def lanczos_eigenpairs(
         active = active & ~converged
         if not bool(active.any()) or step + 1 == steps_cap:
             break
-        nxt = torch.where(breakdown.unsqueeze(-1), torch.zeros_like(w), w / beta.clamp(min=torch.finfo(dtype).tiny).unsqueeze(-1))
+        unit = w / beta.clamp(min=torch.finfo(dtype).tiny).unsqueeze(-1)
+        nxt = torch.where(breakdown.unsqueeze(-1), torch.zeros_like(w), unit)
         basis.append(nxt)
     r = min(k, len(alphas))
     ritz = evals[:, :r].clamp(min=0)

@@ -36,7 +36,7 @@ class AliasTable:
     def sample(self, count: int, generator: torch.Generator) -> list[int]:
         cols = torch.randint(self.n, (count,), generator=generator).tolist()
         coins = torch.rand(count, generator=generator, dtype=torch.float64).tolist()
-        return [c if u < self.prob[c] else self.alias[c] for c, u in zip(cols, coins)]
+        return [c if u < self.prob[c] else self.alias[c] for c, u in zip(cols, coins, strict=True)]
 
 
 def _class_gradients(model: nn.Module, x: Tensor, classes: list[int]) -> tuple[Tensor, Tensor]:
@@ -75,7 +75,8 @@ def power_iteration_top(
     draws = num_samples or max(1, round(num_classes / 5))
     change = float("inf")
     steps = 0
-    for steps in range(1, max_iter + 1):
+    for step in range(1, max_iter + 1):
+        steps = step
         if table is None:
             classes = list(range(num_classes))
             grads, _ = _class_gradients(model, x, classes)

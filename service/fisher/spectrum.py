@@ -60,7 +60,8 @@ def fisher_spectrum(
     generator = torch.Generator().manual_seed(seed)
     if method in ("power", "power-alias"):
         if k != 1:
-            raise ValueError("k: the paper's Algorithm 1 ('power', 'power-alias') computes only the top eigenpair; use k=1")
+            raise ValueError("k: the paper's Algorithm 1 ('power', 'power-alias') computes only the top eigenpair; "
+                             "use k=1")
         return _power(model, x, method, return_vectors, tol, max_iter or 50, num_samples, generator)
     dim = x[0].numel()
     rows = num_classes
@@ -151,8 +152,8 @@ def _concat(parts: list[dict], method: str, image_shape: torch.Size) -> FisherSp
     if method == "exact":
         notes.append("error_bound: float rounding bound of the Gram route")
     elif method == "lanczos":
-        notes.append("error_bound: largest Lanczos residual |beta_m s_mj| of the returned Ritz pairs plus float rounding; "
-                     "inf where the iteration was not converged at max_iter")
+        notes.append("error_bound: largest Lanczos residual |beta_m s_mj| of the returned Ritz pairs plus float "
+                     "rounding; inf where the iteration was not converged at max_iter")
     else:
         notes.append("error_bound: float rounding of the Gram route over the kept classes; see discarded_mass")
     return FisherSpectrum(

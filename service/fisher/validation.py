@@ -11,7 +11,8 @@ def check_images(images: Tensor, name: str = "images") -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
     if images.ndim < 2:
-        raise ValueError(f"{name}: expected a batch of shape (N, ...) with at least 2 dims, got shape {tuple(images.shape)}")
+        raise ValueError(f"{name}: expected a batch of shape (N, ...) with at least 2 dims, "
+                         f"got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError(f"{name}: the batch is empty (N = 0)")
     if not images.is_floating_point():

@@ -355,7 +355,8 @@ class FisherWorker(SimpleWorker):
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
                            execution: Any = None) -> None:
-        job.retries_left = 0  # retries are for dead workers only (registry cleanup), not for errors
+        if not exc_string.startswith("Job was stuck in intermediate queue"):  # a worker died there: retry
+            job.retries_left = 0  # retries are for dead workers only (registry cleanup), not for errors
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
                                    execution=execution)
 

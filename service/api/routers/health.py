@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.api.dependencies import require_ready
+from service.api.dependencies import check_ready
 from service.api.errors import problem_responses
 from service.api.schemas import Liveness, Readiness
 
@@ -19,5 +19,5 @@ async def live() -> Liveness:
 @router.get("/ready", response_model=Readiness, responses=problem_responses(503),
             summary="Readiness: every model (and detector) is loaded and warmed up.")
 async def ready(request: Request) -> Readiness:
-    require_ready(request)
+    check_ready(request)
     return Readiness(models=sorted(request.app.state.models))

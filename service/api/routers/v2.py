@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
 
-from service.api.dependencies import input_limits, lookup_model, require_json, require_ready
+from service.api.dependencies import check_ready, input_limits, lookup_model, require_json
 from service.api.errors import ProblemError, problem_responses
 from service.api.routers.inference import run_batched
 from service.api.runtime import ServedModel
@@ -39,9 +39,9 @@ DATATYPES: dict[str, Any] = {
 OUTPUTS = ("logits", "probabilities", "predictions", "adversarial_score", "adversarial")
 
 
-def v2_model(request: Request,
+async def v2_model(request: Request,
              model_name: Annotated[str, Path(description="Model name.", examples=["lenet5"])]) -> ServedModel:
-    require_ready(request)
+    check_ready(request)
     return lookup_model(request, model_name)
 
 
@@ -60,7 +60,7 @@ async def v2_live() -> V2Health:
 @health_router.get("/health/ready", response_model=V2Health, responses=problem_responses(503),
                    summary="OIP v2 server readiness.")
 async def v2_ready(request: Request) -> V2Health:
-    require_ready(request)
+    check_ready(request)
     return V2Health(ready=True)
 
 
