@@ -370,3 +370,18 @@ def test_fisher_factors():
     aq = torch.diag_embed(q) - q.unsqueeze(-1) * q.unsqueeze(-2)
     sq = sqrt_fisher_factor(q)
     torch.testing.assert_close(sq @ sq.transpose(1, 2), aq, rtol=0, atol=1e-14)
+
+
+def test_truncated_each_image_keeps_its_own_classes(digits):
+    """Images of one batch need different class counts; each gets its own, as if alone (and within mass)."""
+    model, images = digits.model, digits.images[:12]
+    batch = fisher_spectrum(model, images, k=2, method="truncated", mass=0.99)
+    counts = set()
+    for i in range(images.shape[0]):
+        one = fisher_spectrum(model, images[i : i + 1], k=2, method="truncated", mass=0.99)
+        torch.testing.assert_close(batch.discarded_mass[i], one.discarded_mass[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(batch.eigenvalues[i], one.eigenvalues[0], rtol=1e-5, atol=1e-9)
+        p = one.probabilities[0].sort(descending=True).values
+        counts.add(int(((1 - one.discarded_mass[0]) - p.cumsum(0)).abs().argmin()) + 1)
+    assert len(counts) > 1, "the test needs images with different class counts"
+    assert (batch.discarded_mass <= 0.01 + 1e-12).all()

@@ -55,14 +55,22 @@ def reduced_fisher_factor(p: Tensor) -> Tensor:
     return sh[..., :-1]
 
 
-def select_classes(probs: Tensor, mass: float, max_classes: int | None) -> tuple[Tensor, Tensor] | None:
-    """The truncated route's classes: the m most probable, m the fewest covering `mass` for every image of the
-    chunk, at most `max_classes`. Returns (classes (B, m), discarded mass (B,)), or None when all K are kept."""
+def select_classes(probs: Tensor, mass: float, max_classes: int | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The truncated route's classes: per image the fewest most probable classes covering `mass`, at most
+    `max_classes`; each image's choice does not depend on the rest of the batch.
+
+    Returns (classes (B, m), their probabilities q (B, m) with zeros past each image's own count, discarded
+    mass (B,)), m the largest count in the batch; None when every image keeps all K classes.
+    """
     num_classes = probs.shape[1]
     ordered, order = probs.sort(dim=-1, descending=True)
-    needed = int(((ordered.cumsum(-1) < mass).sum(-1) + 1).clamp(max=num_classes).max())
-    m = min(needed, max_classes or num_classes)
-    return (order[:, :m], ordered[:, m:].sum(-1)) if m < num_classes else None
+    counts = ((ordered.cumsum(-1) < mass).sum(-1) + 1).clamp(max=min(max_classes or num_classes, num_classes))
+    m = int(counts.max())
+    if m == num_classes and bool((counts == num_classes).all()):
+        return None
+    keep = torch.arange(num_classes, device=probs.device) < counts.unsqueeze(-1)
+    discarded = torch.where(keep, 0, ordered).sum(-1)
+    return order[:, :m], torch.where(keep, ordered, 0)[:, :m], discarded
 
 
 def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
@@ -82,10 +90,10 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
         factor = reduced_fisher_factor(probs)  # (B, K, K-1)
         discarded = torch.zeros(b, dtype=probs.dtype, device=probs.device)
     else:
-        classes, discarded = kept
+        classes, q, discarded = kept
         m = classes.shape[1]
         factor = torch.zeros(b, num_classes, m, dtype=probs.dtype, device=probs.device)
-        kept_factor = sqrt_fisher_factor(probs.gather(1, classes), discarded)
+        kept_factor = sqrt_fisher_factor(q, discarded)  # zero rows and columns for classes past an image's count
         factor.scatter_(1, classes.unsqueeze(-1).expand(b, m, m), kept_factor)
     cot = factor.permute(2, 0, 1).to(logits.dtype)  # (r, B, K): cotangent j gives row j of every image
     if class_chunk is None or class_chunk <= 1:

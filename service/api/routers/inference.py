@@ -87,8 +87,8 @@ async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch
         metrics.adversarial.labels(model.name).inc(flagged)
     metrics.request_images.labels("screen").observe(len(items))
     auc, _ = model.detector_auc
-    method = (f"detector: {detector.card.get('classifier', {}).get('name', 'classifier')} on "
-              f"'{detector.feature_set}' Fisher features (top-{detector.k} eigenvalues, exact spectrum)")
+    classifier = (detector.card.get("classifier") or {}).get("name", "classifier")
+    method = f"detector: {classifier} on Fisher features '{detector.feature_set}' (k={detector.k}, exact spectrum)"
     return ScreenResponse(model=model.name, sha256=model.sha256, method=method, notes=batch.notes,
                           threshold=chosen, threshold_source="detector" if threshold is None else "request",
                           detector_auc=auc, results=items)  # type: ignore[arg-type]
