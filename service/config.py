@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     jobs_max_items: int = Field(10000, ge=1, description="Most images in one job (archive members or files).")
     jobs_batch_size: int = Field(256, ge=1, description="Images per engine call inside a job (progress steps).")
     jobs_local_threads: int = Field(1, ge=1, description="Threads of the in-process job backend.")
+    jobs_shard_size: int = Field(250, ge=0, description="Redis backend: a screening, least-norm or attack job of more "
+                                 "images is split into shards of this many, which free workers run in parallel "
+                                 "(0: never split).")
     jobs_worker_threads: int = Field(1, ge=1, description="torch CPU threads of a `fisher-guard worker` (scale out "
                                      "with one worker per core: on a busy 2-core machine one thread each was "
                                      "10x faster than two; see bench/results/jobs-cpu.md).")

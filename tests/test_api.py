@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from service.api import create_app
-from service.api.batching import ModelWorker, QueueFullError
+from service.api.batching import Arrival, ModelWorker, QueueFullError, current_arrival
 from service.attacks import ossa
 from service.config import Settings
 from service.data.mnist import load_mnist
@@ -498,6 +498,7 @@ def test_v2_metadata_and_infer(client, engine, digits):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_name"] == MODEL and body["model_version"] == sha and body["id"] == "r1"
+    assert body["parameters"]["sha256"] == sha and "detector" in body["parameters"]["method"]
     outputs = {o["name"]: o for o in body["outputs"]}
     with torch.no_grad():
         logits = module(images)
@@ -564,6 +565,42 @@ def test_micro_batcher_groups_waiting_requests():
     assert sizes == [4, 2, 3]  # 4 singles; then 2 singles (the 3-image request would overflow); then it
 
 
+def test_micro_batcher_waits_only_for_arriving_requests():
+    """A lone request runs at once even with a long max wait; with another request announced (received by the
+    HTTP layer, still decoding) the batcher waits for it and runs both together."""
+    sizes: list[int] = []
+
+    def work(batch: torch.Tensor) -> list[float]:
+        sizes.append(int(batch.shape[0]))
+        return batch.flatten(1).sum(1).tolist()
+
+    async def scenario() -> tuple[float, float]:
+        worker = ModelWorker("m", capacity=100, max_batch=8, max_wait_ms=2000)
+        try:
+            start = time.perf_counter()
+            await worker.submit(("k",), work, torch.ones(1, 2))
+            lone = time.perf_counter() - start
+            late = Arrival(worker)  # announced, not yet submitted
+
+            async def later() -> list[float]:
+                await asyncio.sleep(0.2)
+                token = current_arrival.set(late)
+                try:
+                    return await worker.submit(("k",), work, torch.ones(1, 2))
+                finally:
+                    current_arrival.reset(token)
+
+            start = time.perf_counter()
+            await asyncio.gather(worker.submit(("k",), work, torch.ones(1, 2)), later())
+            return lone, time.perf_counter() - start
+        finally:
+            await worker.close()
+
+    lone, pair = asyncio.run(scenario())
+    assert lone < 1.0 and 0.15 < pair < 1.5
+    assert sizes == [1, 2]
+
+
 def test_micro_batcher_capacity():
     async def scenario() -> None:
         worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0)
@@ -602,3 +639,32 @@ def test_no_server_errors_logged(client):
     text = client.get("/metrics").text
     assert 'status="500"' not in text
     assert json.loads(client.get("/health/live").text) == {"status": "ok"}
+
+
+# ---- image decoding (service.data.images) ----
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16"])
+def test_decode_image_modes_and_channels(mode):
+    from service.data.images import InputLimits, decode_image
+
+    gray = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(gray.astype(np.uint16) * 257)  # 16-bit: exact after /65535
+    else:
+        img = Image.fromarray(gray, mode="L").convert(mode)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    for channels in (1, 3):
+        out = decode_image(buffer.getvalue(), (channels, 28, 28), InputLimits()).images
+        assert out.shape == (1, channels, 28, 28) and out.dtype == torch.float32
+        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+        if mode in ("L", "RGB", "LA", "I;16"):
+            np.testing.assert_allclose(out[0, 0].numpy(), gray / 255.0, atol=1e-6)
+
+
+def test_encode_png_round_trip(digits):
+    from service.data.images import InputLimits, decode_image, encode_png
+
+    image = digits[0][0]
+    back = decode_image(base64.b64decode(encode_png(image)), (1, 28, 28), InputLimits()).images[0]
+    assert torch.equal(back, image)  # MNIST digits are 8-bit: the PNG is exact

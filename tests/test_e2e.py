@@ -120,13 +120,15 @@ def test_problem_documents_over_http(server):
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Schema-driven fuzzing of every operation of this API (the jobs routes are another suite's), bounded in
-    examples and time; the only check is that the server never answers 5xx."""
+    examples and time: no answer is a 5xx, and every status, media type and body is the one the schema
+    documents. One schemathesis worker: with several threads, hypothesis trips a CPython 3.11 `ast` SystemError."""
     base, _, _ = server
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
-    command = [st, "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "5",
-               "--phases", "examples,coverage,fuzzing", "--max-time", "30", "--workers", "2", "--no-color",
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    command = [st, "run", f"{base}/openapi.json", "--checks", checks, "--max-examples", "5",
+               "--phases", "examples,coverage,fuzzing", "--max-time", "20", "--workers", "1", "--no-color",
                "--suppress-health-check", "all", "--exclude-path-regex", "^/v1/jobs", "--seed", "1",
                "--generation-database", "none", "--request-timeout", "30"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)

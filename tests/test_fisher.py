@@ -379,7 +379,7 @@ def test_truncated_each_image_keeps_its_own_classes(digits):
     counts = set()
     for i in range(images.shape[0]):
         one = fisher_spectrum(model, images[i : i + 1], k=2, method="truncated", mass=0.99)
-        torch.testing.assert_close(batch.discarded_mass[i], one.discarded_mass[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(batch.discarded_mass[i], one.discarded_mass[0], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(batch.eigenvalues[i], one.eigenvalues[0], rtol=1e-5, atol=1e-9)
         p = one.probabilities[0].sort(descending=True).values
         counts.add(int(((1 - one.discarded_mass[0]) - p.cumsum(0)).abs().argmin()) + 1)

@@ -172,7 +172,8 @@ class Workers:
 
 def queue_settings(**overrides) -> Settings:
     base = {"jobs_batch_size": BATCH, "jobs_debug": True, "jobs_debug_delay_s": DELAY_S, "jobs_local_threads": 2,
-            "jobs_max_items": 64, "jobs_max_attempts": 2, "jobs_heartbeat_s": HEARTBEAT_S, "jobs_lease_s": LEASE_S}
+            "jobs_max_items": 64, "jobs_max_attempts": 2, "jobs_heartbeat_s": HEARTBEAT_S, "jobs_lease_s": LEASE_S,
+            "jobs_shard_size": 0}  # no sharding unless a test asks for it
     return Settings(**{**base, **overrides})
 
 
@@ -426,6 +427,49 @@ def test_attack_job_gives_an_npz(queue):
         assert npz["adversarial"].shape == (6, 1, 28, 28)
         assert np.all(npz["perturbation_norm"] <= 1.0 + 1e-4)
         assert npz["names"].tolist()[0] == "mnist:test[0]"
+
+
+def test_a_sharded_job_gives_the_unsharded_answer(make_queue):
+    """Redis splits big jobs into shards that free workers run in parallel; the in-process backend never splits.
+    Either way the result is the same, bad items included."""
+    plain, sharded = make_queue(), make_queue(jobs_shard_size=3)
+    images, labels = test_images()
+    images[2, 0, 0, 0] = np.nan  # a bad item: the shards see 7 valid images (3 + 3 + 1)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels)
+    outputs = []
+    for queue in (plain, sharded):
+        for job_type, params in (("screen", {}), ("least-norm", {"attack": "fgm", "tol": 0.01}),
+                                 ("attack", {"attack": "fgm", "epsilon": 1.0})):
+            info = queue.submit(JobRequest(type=job_type, model="lenet5", params=params),
+                                [("batch.npz", buffer.getvalue())])
+            assert info.items == 8 and info.item_errors == 1
+            final = wait_for(queue, info.id)
+            assert final.status == JobStatus.succeeded, final.error
+            assert final.progress.done == final.progress.total
+            summary = queue.result(info.id)
+            assert [e["index"] for e in summary["item_errors"]] == [2]
+            outputs.append((job_type, summary, queue.artifact(info.id).data))
+    if isinstance(sharded, RedisJobQueue):
+        assert all(summary["shards"] == 3 for _, summary, _ in outputs[3:])
+    for (job_type, one, data_one), (_, other, data_other) in zip(outputs[:3], outputs[3:], strict=True):
+        if job_type == "attack":
+            a, b = np.load(io.BytesIO(data_one)), np.load(io.BytesIO(data_other))
+            assert a["names"].tolist() == b["names"].tolist() and len(a["names"]) == 7
+            np.testing.assert_allclose(a["adversarial"], b["adversarial"], atol=1e-5)
+            continue
+        rows_one, rows_other = csv_rows(data_one), csv_rows(data_other)
+        assert [r["status"] for r in rows_one] == [r["status"] for r in rows_other] == ["ok"] * 2 + ["error"] + \
+            ["ok"] * 5
+        assert [r["name"] for r in rows_one] == [r["name"] for r in rows_other]
+        column = "score" if job_type == "screen" else "least_norm"
+        np.testing.assert_allclose([float(r[column] or "nan") for r in rows_one],
+                                   [float(r[column] or "nan") for r in rows_other], rtol=1e-4, equal_nan=True)
+        assert one.keys() - {"shards"} == other.keys() - {"shards"}
+        for key, value in one.items():
+            if key not in ("timing", "shards"):
+                numeric = isinstance(value, float) and not isinstance(value, bool)
+                assert other[key] == (pytest.approx(value, rel=1e-4) if numeric else value), key
 
 
 def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step(models_dir, tmp_path,

@@ -31,6 +31,7 @@ from service.api.middleware import RequestContextMiddleware
 from service.api.routers import ROUTER_MODULES
 from service.api.runtime import discover_cards, load_served_model
 from service.config import Settings, get_settings
+from service.observability import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def serve_app() -> FastAPI:
+    """The app as `fisher-guard serve` runs it (uvicorn factory, once per worker process): JSON logging set up
+    in this process first, so that every worker logs its requests with their ids."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # the API logs each request itself, with its id
+    return create_app(settings)

@@ -31,7 +31,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     configure_logging(settings.log_level)
     uvicorn.run(
-        "service.api.app:create_app",
+        "service.api.app:serve_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port or settings.port,

@@ -30,6 +30,7 @@ from service.jobs.inputs import unpack
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
 from service.jobs.types import (
+    TYPES_WITH_IMAGES,
     Artifact,
     JobCancelled,
     JobFailure,
@@ -114,14 +115,32 @@ class RedisJobQueue:
             if upload is not None:
                 # kept until the job ends (deleted then), at most while a job may wait and run
                 self.conn.set(self.keys.upload(spec.id), upload, ex=ttl + self.settings.jobs_timeout_s * 2 + 7 * 86400)
-            retry = Retry(max=spec.max_attempts - 1) if spec.max_attempts > 1 else None
-            job = self.queue.enqueue(
-                PERFORM, spec.model_dump(mode="json"), job_id=spec.id, result_ttl=ttl, failure_ttl=ttl,
-                job_timeout=self.settings.jobs_timeout_s, retry=retry, description=f"{spec.type} {spec.model or ''}",
-                meta={"attempts": 0, "progress": {"done": 0, "total": spec.items}},
-            )
+            shards = [self._enqueue(shard) for shard in self._shards(spec)]
+            spec.shards = [shard.id for shard in shards]
+            # a sharded job's parent waits (deferred) until every shard succeeded, then merges their outputs
+            job = self._enqueue(spec, depends_on=shards or None)
             self.conn.zadd(self.keys.jobs, {spec.id: spec.created_at})
             return self._info(job)
+
+    def _shards(self, spec: JobSpec) -> list[JobSpec]:
+        """The shards of a large image job (settings.jobs_shard_size valid images each), or none."""
+        size = self.settings.jobs_shard_size
+        if not size or spec.type not in TYPES_WITH_IMAGES or spec.valid_items <= size:
+            return []
+        return [spec.model_copy(update={"id": f"{spec.id}-{k}", "parent": spec.id, "offset": start,
+                                        "count": min(size, spec.valid_items - start)})
+                for k, start in enumerate(range(0, spec.valid_items, size))]
+
+    def _enqueue(self, spec: JobSpec, depends_on: list[Job] | None = None) -> Job:
+        ttl = self.settings.jobs_result_ttl_s
+        retry = Retry(max=spec.max_attempts - 1) if spec.max_attempts > 1 else None
+        total = spec.count if spec.count is not None else spec.items
+        return self.queue.enqueue(
+            PERFORM, spec.model_dump(mode="json"), job_id=spec.id, result_ttl=ttl, failure_ttl=ttl,
+            ttl=ttl + 7 * 86400 if depends_on else None, depends_on=depends_on,
+            job_timeout=self.settings.jobs_timeout_s, retry=retry, description=f"{spec.type} {spec.model or ''}",
+            meta={"attempts": 0, "progress": {"done": 0, "total": total}},
+        )
 
     def _fetch(self, job_id: str) -> Job:
         try:
@@ -135,7 +154,7 @@ class RedisJobQueue:
         raw = job.get_status(refresh=False)
         status, error = self._status(job, raw, meta, spec)
         progress = Progress(**meta.get("progress", {"done": 0, "total": spec.items}))
-        return JobInfo(
+        info = JobInfo(
             id=job.id, type=spec.type, model=spec.model, dataset=spec.dataset, status=status, progress=progress,
             created_at=spec.created_at, started_at=meta.get("started_at") or _ts(job.started_at),
             ended_at=_ts(job.ended_at) if status.finished else None, worker=meta.get("worker") or job.worker_name,
@@ -144,6 +163,35 @@ class RedisJobQueue:
             item_errors=len(spec.item_errors),
             has_artifact=status == JobStatus.succeeded and bool(self.conn.exists(self.keys.artifact(job.id))),
         )
+        return self._with_shards(info, spec) if spec.shards else info
+
+    def _with_shards(self, info: JobInfo, spec: JobSpec) -> JobInfo:
+        """A sharded job as one: progress summed over its shards, workers and attempts from them, and a shard's
+        failure or cancellation as the job's (its parent then never runs)."""
+        shards = [self._info(s) if s is not None else None
+                  for s in Job.fetch_many(spec.shards, connection=self.conn, serializer=JSONSerializer)]
+        known = [s for s in shards if s is not None]
+        workers = list(dict.fromkeys(s.worker for s in known if s.worker))
+        update: dict[str, Any] = {
+            "worker": ",".join(workers + ([info.worker] if info.worker and info.worker not in workers else []))
+            or None,
+            "attempts": max([s.attempts for s in known] + [info.attempts]),
+            "started_at": min((s.started_at for s in known if s.started_at), default=info.started_at),
+        }
+        if not info.status.finished:
+            done = sum(s.progress.done for s in known) if info.status == JobStatus.queued else spec.valid_items
+            update["progress"] = Progress(done=done, total=spec.valid_items)
+            bad = next((s for s in known if s.status in (JobStatus.failed, JobStatus.cancelled)), None)
+            if bad is not None or len(known) < len(shards):
+                status = bad.status if bad is not None else JobStatus.failed
+                error = bad.error if bad is not None else None
+                reason = error.reason if error else "a shard's record expired before the job ended"
+                update |= {"status": status, "ended_at": bad.ended_at if bad else None,
+                           "error": JobFailure(code=error.code if error else "job_failed",
+                                               reason=f"shard {bad.id if bad else '?'}: {reason}")}
+            elif any(s.status != JobStatus.queued for s in known):
+                update["status"] = JobStatus.running
+        return info.model_copy(update=update)
 
     def _status(self, job: Job, raw: Any, meta: dict, spec: JobSpec) -> tuple[JobStatus, JobFailure | None]:
         if raw == RqStatus.FINISHED:
@@ -201,11 +249,17 @@ class RedisJobQueue:
                 return info
             ttl = self.settings.jobs_result_ttl_s
             self.conn.set(self.keys.cancel(job_id), 1, ex=ttl)
-            if info.status == JobStatus.queued:
-                with contextlib.suppress(InvalidJobOperation):
-                    job.cancel()
-                    self.conn.expire(job.key, ttl)
-                    self.conn.delete(self.keys.upload(job_id))
+            spec = JobSpec.model_validate(job.args[0])
+            for shard_id in spec.shards:
+                self.conn.set(self.keys.cancel(shard_id), 1, ex=ttl)
+            for each in [*Job.fetch_many(spec.shards, connection=self.conn, serializer=JSONSerializer), job]:
+                if each is not None and each.get_status(refresh=False) in (
+                        RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
+                    with contextlib.suppress(InvalidJobOperation):
+                        each.cancel()
+                        self.conn.expire(each.key, ttl)
+            if self._info(self._fetch(job_id)).status == JobStatus.cancelled:
+                self.conn.delete(self.keys.upload(job_id))
             return self._info(self._fetch(job_id))
 
     def list(self, limit: int = 50, status: JobStatus | None = None) -> list[JobInfo]:
@@ -248,12 +302,6 @@ class RedisTaskContext:
         self.keys = Keys(settings.jobs_queue)
         self._last = 0.0
 
-    def load_upload(self) -> tuple[np.ndarray, np.ndarray | None]:
-        data = self.conn.get(self.keys.upload(self.spec.id))
-        if data is None:
-            raise RuntimeError("the job's uploaded images expired or were removed before it ran")
-        return unpack(data)
-
     def cancelled(self) -> bool:
         return bool(self.conn.exists(self.keys.cancel(self.spec.id)))
 
@@ -266,9 +314,22 @@ class RedisTaskContext:
             if self.cancelled():
                 raise JobCancelled()
 
+    def load_upload(self) -> tuple[np.ndarray, np.ndarray | None]:
+        data = self.conn.get(self.keys.upload(self.spec.upload_id))
+        if data is None:
+            raise RuntimeError("the job's uploaded images expired or were removed before it ran")
+        return unpack(data)
+
+    def load_artifact(self, job_id: str) -> tuple[str, bytes]:
+        data = self.conn.hgetall(self.keys.artifact(job_id))
+        if not data:
+            raise RuntimeError(f"the output of shard {job_id} is missing (expired?)")
+        return data[b"filename"].decode(), data[b"data"]
+
     def release_upload(self) -> None:
-        """The job is over: its staged upload goes soon (not at once, in case this attempt is re-run)."""
-        if self.spec.has_upload:
+        """The job is over: its staged upload goes soon (not at once, in case this attempt is re-run); a shard
+        leaves it to its parent, which ends last."""
+        if self.spec.has_upload and self.spec.parent is None:
             self.conn.expire(self.keys.upload(self.spec.id), UPLOAD_GRACE_S)
 
     def save_artifact(self, filename: str, media_type: str, data: bytes) -> None:

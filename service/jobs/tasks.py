@@ -42,10 +42,14 @@ class TaskContext(Protocol):
     def save_artifact(self, filename: str, media_type: str, data: bytes) -> None:
         ...
 
+    def load_artifact(self, job_id: str) -> tuple[str, bytes]:
+        """Another job's artifact (filename, data): a sharded job's shards (Redis backend only)."""
+        ...
+
 
 def run_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
-    """Run one job to its summary."""
-    handler = TASKS.get(spec.type)
+    """Run one job to its summary (a sharded job's parent merges its shards' outputs)."""
+    handler = merge_shards if spec.shards else TASKS.get(spec.type)
     if handler is None:
         raise ValueError(f"unknown job type {spec.type!r}")
     started = time.perf_counter()
@@ -59,9 +63,13 @@ def _images(spec: JobSpec, ctx: TaskContext) -> tuple[np.ndarray, np.ndarray | N
     if spec.dataset:
         images, labels = load_dataset(spec.dataset, spec.limit)
         names = [f"{spec.dataset}[{i}]" for i in range(len(images))]
-        return images, labels, names
-    images, labels = ctx.load_upload()
-    return images, labels, valid_names(spec.item_names, spec.item_errors)
+    else:
+        images, labels = ctx.load_upload()
+        names = valid_names(spec.item_names, spec.item_errors)
+    if spec.count is not None:  # a shard: its slice of the valid items
+        part = slice(spec.offset, spec.offset + spec.count)
+        images, labels, names = images[part], None if labels is None else labels[part], names[part]
+    return images, labels, names
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -74,7 +82,10 @@ def _debug_delay(ctx: TaskContext) -> None:
 
 
 def _rows_with_errors(spec: JobSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Valid rows and the bad items' rows, in upload order, each with its item index and status."""
+    """Valid rows and the bad items' rows, in upload order, each with its item index and status (a shard's rows
+    are only its valid items: the parent puts the bad ones in when it merges)."""
+    if spec.count is not None:
+        return [{"index": spec.offset + i, **row, "status": "ok", "reason": ""} for i, row in enumerate(rows)]
     errors = {e.index: e for e in spec.item_errors}
     out, valid = [], iter(rows)
     total = len(rows) + len(errors)
@@ -298,6 +309,46 @@ def debug_crash_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     if spec.params.get("mode") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError("debug-crash: raised on purpose")
+
+
+def _csv_rows(data: bytes) -> list[dict[str, Any]]:
+    """A shard's CSV rows without the columns the merge puts back (index, status, reason)."""
+    return [{k: v for k, v in row.items() if k not in ("index", "status", "reason")}
+            for row in csv.DictReader(io.StringIO(data.decode()))]
+
+
+def merge_shards(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
+    """The parent of a sharded job: join its shards' artifacts (in item order) into one, and summarise them."""
+    ctx.progress(spec.valid_items, spec.valid_items)
+    parts = [ctx.load_artifact(shard) for shard in spec.shards]
+    model = {"model": spec.model}
+    if spec.type == "attack":
+        with_arrays = [dict(np.load(io.BytesIO(data), allow_pickle=False)) for _, data in parts]
+        arrays = {key: np.concatenate([a[key] for a in with_arrays]) for key in with_arrays[0]}
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        ctx.save_artifact(f"attack-{spec.params['attack']}-{spec.id}.npz", "application/x-npz", buffer.getvalue())
+        fooled = arrays["fooled"]
+        options = attack_options(spec.params["attack"], spec.params.get("epsilon"), spec.params.get("options", {}))
+        return model | {"attack": spec.params["attack"], "options": options, "attacked": int(len(fooled)),
+                        "fooling_rate": float(fooled.mean()),
+                        "mean_perturbation_norm": float(arrays["perturbation_norm"].mean()),
+                        "shards": len(parts)} | _errors_summary(spec)
+    rows = [row for _, data in parts for row in _csv_rows(data)]
+    ctx.save_artifact(f"{spec.type}-{spec.id}.csv", "text/csv", _csv(_rows_with_errors(spec, rows)))
+    if spec.type == "screen":
+        flagged = sum(r["adversarial"] == "true" for r in rows)
+        threshold = engine.get_detector(engine.get_model(spec.model or "")).threshold
+        summary: dict[str, Any] = model | {"screened": len(rows), "flagged": flagged,
+                                           "flagged_fraction": flagged / len(rows), "threshold": threshold}
+        if rows and "label" in rows[0]:
+            summary["accuracy"] = float(np.mean([r["prediction"] == r["label"] for r in rows]))
+    else:
+        found = [float(r["least_norm"]) for r in rows if r["found"] == "true"]
+        summary = model | {"attack": spec.params["attack"], "searched": len(rows), "found": len(found),
+                           "median_least_norm": float(np.median(found)) if found else None,
+                           "mean_least_norm": float(np.mean(found)) if found else None}
+    return summary | {"shards": len(parts)} | _errors_summary(spec)
 
 
 TASKS: dict[str, Callable[[JobSpec, TaskContext], dict[str, Any]]] = {

@@ -18,7 +18,7 @@ JOB_TYPES: dict[str, str] = {
     "evaluate": "The reproduction report (Markdown + figures, as a zip).",
 }
 DEBUG_JOB_TYPES = ("debug-crash",)
-TYPES_WITH_IMAGES = ("screen", "least-norm", "attack")
+TYPES_WITH_IMAGES = ("screen", "least-norm", "attack")  # also the types a Redis job can be sharded into
 
 
 class JobStatus(StrEnum):
@@ -191,6 +191,20 @@ class JobSpec(BaseModel):
     created_at: float = Field(default_factory=time.time)
     result_ttl_s: int = 86400
     max_attempts: int = 1
+    # sharding (Redis backend): a shard runs valid items [offset, offset + count) of its parent's images and
+    # reads the parent's upload; the parent lists its shards and, once they are done, merges their outputs
+    parent: str | None = None
+    offset: int = 0
+    count: int | None = None
+    shards: list[str] = Field(default_factory=list)
+
+    @property
+    def valid_items(self) -> int:
+        return self.items - len(self.item_errors)
+
+    @property
+    def upload_id(self) -> str:
+        return self.parent or self.id
 
 
 class Progress(BaseModel):

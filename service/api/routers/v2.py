@@ -138,7 +138,11 @@ async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> Infe
         metrics.adversarial.labels(model.name).inc(sum(r["score"] >= threshold for r in results))
     outputs = [InferTensor(name=name, datatype=columns[name][0], shape=columns[name][1], data=columns[name][2])
                for name in wanted]
-    parameters = {"notes": batch.notes} if batch.notes else None
+    method = "forward pass" + (f" + detector on Fisher features '{model.detector.feature_set}'"
+                               if model.detector is not None else "")
+    parameters: dict[str, Any] = {"sha256": model.sha256, "method": method}
+    if batch.notes:
+        parameters["notes"] = batch.notes
     return InferResponse(model_name=model.name, model_version=model.sha256, id=body.id, parameters=parameters,
                          outputs=outputs)
 
