@@ -89,8 +89,8 @@ class Settings(BaseSettings):
                                  "images is split into shards of this many, which free workers run in parallel "
                                  "(0: never split).")
     jobs_worker_threads: int = Field(1, ge=1, description="torch CPU threads of a `fisher-guard worker` (scale out "
-                                     "with one worker per core: on a busy 2-core machine one thread each was "
-                                     "10x faster than two; see bench/results/jobs-cpu.md).")
+                                     "with one worker per core: on a busy 2-core machine one thread was "
+                                     "several times faster than two; see bench/results/jobs-cpu.md).")
     jobs_debug: bool = Field(False, description="Tests only: enables the 'debug-crash' job type and "
                              "FISHER_GUARD_JOBS_DEBUG_DELAY_S.")
     jobs_debug_delay_s: float = Field(0.0, ge=0, description="Tests only (with jobs_debug): sleep per batch.")

@@ -467,6 +467,7 @@ def test_metrics_and_request_id(client, digits):
     route = 'endpoint="/v1/models/{model}/screen"'
     assert f'fisher_guard_request_duration_seconds_bucket{{{route},le="0.1",model="lenet5"}}' in text
     assert 'fisher_guard_batch_size_images_count{kind="screen",model="lenet5"}' in text
+    assert 'fisher_guard_images_in_flight{model="lenet5"} 0.0' in text and "fisher_guard_ready 1.0" in text
     assert f'fisher_guard_requests_total{{{route},method="POST",model="lenet5",status="200"}}' in text
 
 

@@ -62,6 +62,7 @@ async def load_models(app: FastAPI) -> None:
                                  settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
                                  metrics.observe_batch(name, kind, size))
             app.state.workers.append(worker)
+            metrics.in_flight.labels(card.name).set_function(lambda w=worker: w.pending)
             served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
             app.state.models[served.name] = served
             app.state.known_models.add(served.name)

@@ -103,6 +103,12 @@ def run_jobs(args: argparse.Namespace) -> int:
     from service.jobs import JobError, JobRequest, JobStatus, get_job_queue
 
     queue = get_job_queue()
+    if queue.backend == "in-process" and args.jobs_command == "run":  # the job runs in this process
+        import torch
+
+        from service.config import get_settings
+
+        torch.set_num_threads(get_settings().jobs_worker_threads)
     try:
         if args.jobs_command in ("run", "submit"):
             if args.jobs_command == "submit" and queue.backend != "redis":

@@ -11,6 +11,7 @@ thread while the job runs in the main thread; ordinary exceptions are not retrie
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -422,8 +423,16 @@ class FisherWorker(SimpleWorker):
                                    execution=execution)
 
 
+class QuietMaintenance(logging.Filter):
+    """Drop rq's 'cleaning registries' lines: our maintenance runs every heartbeat, not every 10 minutes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cleaning" not in record.getMessage()
+
+
 def run_worker(settings: Settings, name: str | None = None, burst: bool = False, log_level: str = "INFO") -> bool:
     """Run one worker until stopped (or, with burst, until the queue is empty)."""
+    logging.getLogger("rq.worker").addFilter(QuietMaintenance())
     if not settings.redis_url:
         raise ValueError("a worker needs FISHER_GUARD_REDIS_URL (the in-process backend runs jobs in the API)")
     conn = redis.Redis.from_url(settings.redis_url)
