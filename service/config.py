@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,10 @@ class Settings(BaseSettings):
                                    "Each model's work runs in one thread; on a busy 2-core machine 2 torch threads "
                                    "spin and made a 1-image screen 20x slower.")
     log_level: str = Field("info", description="Log level of the service: debug, info, warning, error.")
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects (with request and "
+                                                "job ids) or as human-readable text.")
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535, description="Port on which `fisher-guard worker` "
+                                            "serves Prometheus metrics (jobs run, failures, durations); unset: none.")
     serve_models: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated model names the API loads; empty: every registered model.")
     api_keys: Annotated[list[str], NoDecode] = Field(

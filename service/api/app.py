@@ -146,6 +146,6 @@ def serve_app() -> FastAPI:
     """The app as `fisher-guard serve` runs it (uvicorn factory, once per worker process): JSON logging set up
     in this process first, so that every worker logs its requests with their ids."""
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # the API logs each request itself, with its id
     return create_app(settings)

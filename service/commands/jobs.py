@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: FISHER_GUARD_JOBS_WORKER_THREADS, 1)")
     w.add_argument("--burst", action="store_true", help="quit when the queue is empty")
-    w.add_argument("--log-level", default="INFO")
+    w.add_argument("--log-level", default=None, help="default: the log_level setting")
     w.set_defaults(handler=run_worker)
 
     j = sub.add_parser("jobs", help="submit and follow long jobs (screening, least-norm, attacks, training, "
@@ -72,8 +72,11 @@ def run_worker(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.jobs import engine
     from service.jobs.redis_backend import run_worker as work
+    from service.observability import configure_logging
 
     settings = get_settings()
+    level = (args.log_level or settings.log_level).upper()
+    configure_logging(level, settings.log_format)
     if not settings.redis_url:
         print("fisher-guard worker: set FISHER_GUARD_REDIS_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
         return 2
@@ -84,7 +87,7 @@ def run_worker(args: argparse.Namespace) -> int:
             engine.get_detector(model)
         except ValueError as exc:  # a model without detector still serves attacks and searches
             print(f"note: {exc}", file=sys.stderr)
-    work(settings, name=args.name, burst=args.burst, log_level=args.log_level)
+    work(settings, name=args.name, burst=args.burst, log_level=level)
     return 0
 
 

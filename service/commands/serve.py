@@ -29,7 +29,7 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["FISHER_GUARD_API_TORCH_THREADS"] = str(args.threads)
         get_settings.cache_clear()
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "service.api.app:serve_app",
         factory=True,

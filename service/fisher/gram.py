@@ -6,9 +6,11 @@ The rows of S^T J are vector-Jacobian products with the columns of S as cotangen
 give them for a whole batch at once: in eval mode images do not interact. S has the null vector sqrt(p),
 so a K x (K-1) factor L with L L^T = A serves as well: K-1 backward passes.
 
-The same code serves the truncated route: restricted to a class subset M, A_M = diag(q) - q q^T (q the
-probabilities of the kept classes, summing to sigma <= 1) has the square root
-S_M = diag(sqrt q) - alpha q sqrt(q)^T with alpha = (1 - sqrt(1 - sigma)) / sigma.
+The same code serves the truncated route: the paper's equation (4), G_x = sum_i p_i g_i g_i^T with
+g_i = J^T (e_i - p), summed over the most probable classes only. Each kept class costs one backward pass
+(cotangent sqrt(p_i) (e_i - p)); the dropped terms are PSD, so the kept sum's eigenvalues are lower bounds,
+off by at most delta * max_i ||g_i||^2 for a discarded mass delta. (Truncating A to the kept block instead
+would leak the softmax-invariant direction J^T 1, which is large in deep nets.)
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
     """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images.
 
     x: (B, *S). All K classes (mass=1, no max_classes): F = reduced_fisher_factor, K-1 rows. Otherwise the
-    truncated route's classes (`select_classes`) and F = sqrt_fisher_factor of their probabilities.
+    truncated route's classes (`select_classes`) i, with columns sqrt(p_i) (e_i - p) (equation (4)).
     class_chunk: None or 1 runs the backward passes one after another (fastest on CPU); n > 1 vmaps n at once.
     Returns (rows (B, r, D), probabilities (B, K) float64, discarded probability mass (B,)).
     """
@@ -90,11 +92,12 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
         factor = reduced_fisher_factor(probs)  # (B, K, K-1)
         discarded = torch.zeros(b, dtype=probs.dtype, device=probs.device)
     else:
+        # equation (4) over the kept classes: column j is sqrt(p_i) (e_i - p), i the j-th kept class, so the
+        # rows are sqrt(p_i) g_i and G_M = sum_{i kept} p_i g_i g_i^T <= G_x (zero columns past an image's count)
         classes, q, discarded = kept
-        m = classes.shape[1]
-        factor = torch.zeros(b, num_classes, m, dtype=probs.dtype, device=probs.device)
-        kept_factor = sqrt_fisher_factor(q, discarded)  # zero rows and columns for classes past an image's count
-        factor.scatter_(1, classes.unsqueeze(-1).expand(b, m, m), kept_factor)
+        root = q.sqrt()
+        factor = -probs.unsqueeze(-1) * root.unsqueeze(1)  # (B, K, m)
+        factor.scatter_add_(1, classes.unsqueeze(1), root.unsqueeze(1))
     cot = factor.permute(2, 0, 1).to(logits.dtype)  # (r, B, K): cotangent j gives row j of every image
     if class_chunk is None or class_chunk <= 1:
         rows = torch.stack([vjp_fn(c)[0] for c in cot])

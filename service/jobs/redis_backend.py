@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 
 from service.config import Settings, get_settings
 from service.jobs.inputs import unpack
+from service.jobs.metrics import JOB_SECONDS, JOBS, serve_metrics
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
 from service.jobs.types import (
@@ -44,6 +45,7 @@ from service.jobs.types import (
     Progress,
     QueueUnavailable,
 )
+from service.observability import job_id
 
 PERFORM = "service.jobs.redis_backend.perform"
 PROGRESS_EVERY_S = 0.25
@@ -409,11 +411,19 @@ class FisherWorker(SimpleWorker):
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
+        token = job_id.set(job.id)
+        kind = str(job.args[0].get("type", "unknown")) if job.args and isinstance(job.args[0], dict) else "unknown"
+        started = time.monotonic()
+        ok = False
         try:
-            return super().perform_job(job, queue, execution)
+            ok = super().perform_job(job, queue, execution)
+            return ok
         finally:
             stop.set()
             thread.join()
+            JOB_SECONDS.labels(kind).observe(time.monotonic() - started)
+            JOBS.labels(kind, "succeeded" if ok else "failed").inc()
+            job_id.reset(token)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
                            execution: Any = None) -> None:
@@ -433,6 +443,7 @@ class QuietMaintenance(logging.Filter):
 def run_worker(settings: Settings, name: str | None = None, burst: bool = False, log_level: str = "INFO") -> bool:
     """Run one worker until stopped (or, with burst, until the queue is empty)."""
     logging.getLogger("rq.worker").addFilter(QuietMaintenance())
+    serve_metrics(settings.worker_metrics_port)
     if not settings.redis_url:
         raise ValueError("a worker needs FISHER_GUARD_REDIS_URL (the in-process backend runs jobs in the API)")
     conn = redis.Redis.from_url(settings.redis_url)
