@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from service.detect.dataset import DEFAULT_ATTACKS, DetectionSet, build_detection_set
 from service.detect.features import DEFAULT_K, FEATURE_SETS, batched_features, check_feature_set, fisher_features
+from service.detect.forest import CompiledForest
 
 FORMAT_VERSION = 1
 RF_TREES = 100
@@ -119,8 +120,13 @@ class Detector:
     def model_sha256(self) -> str | None:
         return self.card.get("model", {}).get("sha256")
 
+    def __post_init__(self) -> None:
+        # the screening hot path: a random forest evaluated as arrays, same answer as sklearn's, ~100x faster
+        self._predictor = CompiledForest(self.classifier) if isinstance(self.classifier, RandomForestClassifier) \
+            else self.classifier
+
     def score_features(self, features: np.ndarray) -> np.ndarray:
-        return self.classifier.predict_proba(features)[:, 1].astype(np.float64)
+        return self._predictor.predict_proba(features)[:, 1].astype(np.float64)
 
     def score(self, model: nn.Module, images: Tensor) -> ScreenResult:
         """Screen a batch: one exact spectrum call (two for the `geometry` set), then the classifier."""
