@@ -177,14 +177,14 @@ def run_case(case: Case, device: torch.device, repeats: int, full: bool, log: Ca
         run = partial(fisher_spectrum, model, method=method, **kwargs)
         timed = 1 if heavy else min(repeats, 2) if method.startswith("power") else repeats  # Alg. 1 is slow
         row["batch1_ms"] = median_ms(partial(run, one), timed, device, warm_up=not heavy)
-        row["batch1_cpu"] = CPU_MS[-1]
+        row["batch1_cpu"], single_result = CPU_MS[-1], LAST_RESULT[0]
         if method.startswith("power") or (heavy and method == "lanczos"):
             row["batched_ms"] = None  # Algorithm 1 takes one image at a time; Lanczos on K=1000: too slow here
         else:
             batched_ms = median_ms(partial(run, images), max(1, repeats // 2), device, warm_up=not heavy)
             row["batched_ms"], row["batched_cpu"] = batched_ms / case.batch, CPU_MS[-1] / case.batch
         if heavy or method.startswith("power"):  # the timed run on image 0 (Algorithm 1: too slow to repeat)
-            spectrum, reference_used = LAST_RESULT[0], reference[:1]
+            spectrum, reference_used = single_result, reference[:1]
         else:
             spectrum, reference_used = fisher_spectrum(model, err_images, method=method, **kwargs), reference
         top = spectrum.eigenvalues[:, 0].cpu()
