@@ -127,14 +127,13 @@ def _spectral_features(model: nn.Module, images: Tensor, spectrum: FisherSpectru
     l1 = v.abs().sum(-1)
     p = spectrum.probabilities.to(images.device)
     top = v[:, 0].reshape(images.shape)
-    kls = []
-    with torch.no_grad():
-        for t in KL_STEPS:
-            moved = torch.cat([(images + t * top).clamp(0, 1), (images - t * top).clamp(0, 1)])
-            q = torch.softmax(model(moved).double(), -1)
-            kls.append(torch.maximum(_kl(p, q[:n]), _kl(p, q[n:])))
+    steps = torch.tensor([s * t for t in KL_STEPS for s in (1.0, -1.0)], dtype=images.dtype, device=images.device)
+    moved = (images.unsqueeze(0) + steps.view(-1, *([1] * images.ndim)) * top.unsqueeze(0)).clamp(0, 1)
+    with torch.no_grad():  # every step, both signs, in one forward pass
+        q = torch.softmax(model(moved.flatten(0, 1)).double(), -1).view(len(KL_STEPS), 2, n, -1)
+    kls = torch.maximum(_kl(p, q[:, 0]), _kl(p, q[:, 1])).T  # (N, steps)
     shape = torch.cat([cos, dark, l1], 1).double().cpu().numpy()
-    return np.concatenate([shape, torch.stack(kls, 1).cpu().numpy()], 1)
+    return np.concatenate([shape, kls.cpu().numpy()], 1)
 
 
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
