@@ -663,3 +663,20 @@ def test_http_redis_down_is_503_and_sync_endpoints_keep_working(models_dir):
         wait_ready(client)
         sync = client.post("/v1/models/lenet5/screen", json={"tensor": test_images()[0][:2].tolist()})
         assert sync.status_code == 200, sync.text
+
+
+def test_job_uploads_have_their_own_body_limit(models_dir):
+    """An archive over the synchronous endpoints' body limit is still accepted by /v1/jobs (jobs_max_upload_mb),
+    while the same bytes sent to a synchronous endpoint get 413."""
+    images = test_images()[0]
+    archive = np.random.default_rng(0).bytes(4096)  # incompressible padding member keeps the zip over 2 KiB
+    body = zip_of({"a.png": png(images[0]), "b.png": png(images[1]), "padding.bin": archive})
+    assert len(body) > 2048
+    settings = queue_settings(models_dir=models_dir, max_payload_bytes=2048, jobs_max_upload_mb=1)
+    with api_client(settings) as client:
+        sync = client.post("/v1/models/lenet5/screen/upload", files=[("files", ("a.zip", body, "application/zip"))])
+        assert sync.status_code == 413 and sync.json()["code"] == "payload_too_large"
+        job = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5"},
+                          files=[("files", ("batch.zip", body, "application/zip"))])
+        assert job.status_code != 413, job.text
+        assert job.status_code in (202, 422), job.text  # accepted, or refused for its content, not its size

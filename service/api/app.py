@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.router_modules = router_modules()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body=settings.max_payload_bytes,
+                       max_job_body=int(settings.jobs_max_upload_mb * 1024 * 1024) + 64 * 1024,
                        timeout=settings.request_timeout_s, metrics=app.state.metrics,
                        known_models=app.state.known_models)
     for module in app.state.router_modules:

@@ -41,9 +41,10 @@ class RequestContextMiddleware:
     timeout (504 when no answer has started), request count and latency by route and model, one log line."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, timeout: float, metrics: Metrics,
-                 known_models: set[str]) -> None:
+                 known_models: set[str], max_job_body: int | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.max_job_body = max_job_body or max_body  # job submissions carry archives: their own limit
         self.timeout = timeout
         self.metrics = metrics
         self.known_models = known_models
@@ -59,6 +60,7 @@ class RequestContextMiddleware:
         token = request_id.set(rid)
         status = {"code": 500, "started": False}
         path = scope.get("path", "")
+        max_body = self.max_job_body if path.startswith("/v1/jobs") else self.max_body
         arrival = announce(scope)
         arrival_token = current_arrival.set(arrival)
 
@@ -76,16 +78,16 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     raise ProblemError(413, "payload_too_large", f"the request body is over the limit of "
-                                       f"{self.max_body} bytes")
+                                       f"{max_body} bytes")
             return message
 
         try:
             length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
+            if length is not None and length.isdigit() and int(length) > max_body:
                 response = problem_response(path, 413, "payload_too_large", f"the request body ({int(length)} "
-                                            f"bytes) is over the limit of {self.max_body} bytes")
+                                            f"bytes) is over the limit of {max_body} bytes")
                 await response(scope, receive, send_with_id)
             else:
                 try:
