@@ -392,11 +392,11 @@ def test_truncated_each_image_keeps_its_own_classes(digits):
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_replicated_and_separate_backward_passes_agree(case, batch):
-    """Small batches take one pass over copies (`replicated_vjp`); class_chunk=1 forces separate passes."""
+    """Small batches take one pass over copies (`replicated_rows`); class_chunk=1 forces separate passes."""
     from service.fisher.gram import REPLICATE_MAX_ROWS, factor_rows
 
     x = case.images[:batch]
-    auto_rows, probs, _ = factor_rows(case.model, x)
+    auto_rows, probs, _ = factor_rows(case.model, x, num_classes=case.num_classes)
     separate_rows, _, _ = factor_rows(case.model, x, class_chunk=1)
     assert (probs.shape[1] - 1) * 1 <= REPLICATE_MAX_ROWS  # batch 1 exercises the replicated path
     torch.testing.assert_close(auto_rows, separate_rows, rtol=1e-5, atol=1e-6 * float(separate_rows.abs().max()))

@@ -80,31 +80,39 @@ def select_classes(probs: Tensor, mass: float, max_classes: int | None) -> tuple
 REPLICATE_MAX_ROWS = 32
 
 
-def replicated_vjp(model: nn.Module, x: Tensor, cot: Tensor) -> Tensor:
-    """All vector-Jacobian products cot[j] (r, B, K) at once: r copies of the batch through one forward and one
-    backward pass (eval mode: copies do not interact). Returns (r, B, *S)."""
-    r, b = cot.shape[:2]
+def replicated_rows(model: nn.Module, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The exact route's K-1 rows for a small batch from ONE forward and ONE backward pass over K-1 copies of
+    the batch (eval mode: copies do not interact); the first copy's logits give p and the cotangents.
+    Returns (rows (K-1, B, *S), probabilities (B, K) float64)."""
+    r, b = num_classes - 1, x.shape[0]
     copies = x.detach().unsqueeze(0).expand(r, *x.shape).reshape(r * b, *x.shape[1:]).requires_grad_(True)
     with torch.enable_grad():
         out = model(copies)
+        probs = torch.softmax(out[:b].detach().double(), dim=-1)
+        cot = reduced_fisher_factor(probs).permute(2, 0, 1).to(out.dtype)  # (r, B, K)
         (grads,) = torch.autograd.grad(out, copies, cot.reshape(r * b, -1))
-    return grads.reshape(r, b, *x.shape[1:])
+    return grads.reshape(r, b, *x.shape[1:]), probs
 
 
 def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
-                class_chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                class_chunk: int | None = None, num_classes: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images.
 
     x: (B, *S). All K classes (mass=1, no max_classes): F = reduced_fisher_factor, K-1 rows. Otherwise the
     truncated route's classes (`select_classes`) i, with columns sqrt(p_i) (e_i - p) (equation (4)).
-    class_chunk: None runs the backward passes one after another (fastest on CPU), or for small batches all at
-    once over copies of the batch (`replicated_vjp`); 1 always one after another; n > 1 vmaps n at once.
+    class_chunk: None runs the backward passes one after another (fastest on CPU), or, for the exact route on a
+    small batch (num_classes given), one pass over copies of the batch (`replicated_rows`); 1 always one after
+    another; n > 1 vmaps n at once.
     Returns (rows (B, r, D), probabilities (B, K) float64, discarded probability mass (B,)).
     """
+    b = x.shape[0]
+    exact = mass >= 1.0 and max_classes is None
+    if exact and class_chunk is None and num_classes is not None and b * (num_classes - 1) <= REPLICATE_MAX_ROWS:
+        rows, probs = replicated_rows(model, x, num_classes)
+        return rows.reshape(rows.shape[0], b, -1).transpose(0, 1), probs, torch.zeros_like(probs[:, 0])
     logits, vjp_fn = vjp(model, x)
     probs = torch.softmax(logits.detach().double(), dim=-1)
-    b, num_classes = probs.shape
-    kept = None if mass >= 1.0 and max_classes is None else select_classes(probs, mass, max_classes)
+    kept = None if exact else select_classes(probs, mass, max_classes)
     if kept is None:
         factor = reduced_fisher_factor(probs)  # (B, K, K-1)
         discarded = torch.zeros(b, dtype=probs.dtype, device=probs.device)
@@ -116,9 +124,7 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
         factor = -probs.unsqueeze(-1) * root.unsqueeze(1)  # (B, K, m)
         factor.scatter_add_(1, classes.unsqueeze(1), root.unsqueeze(1))
     cot = factor.permute(2, 0, 1).to(logits.dtype)  # (r, B, K): cotangent j gives row j of every image
-    if class_chunk is None and cot.shape[0] * b <= REPLICATE_MAX_ROWS:
-        rows = replicated_vjp(model, x, cot)
-    elif class_chunk is None or class_chunk <= 1:
+    if class_chunk is None or class_chunk <= 1:
         rows = torch.stack([vjp_fn(c)[0] for c in cot])
     else:
         (rows,) = vmap(vjp_fn, chunk_size=class_chunk)(cot)

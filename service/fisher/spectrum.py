@@ -74,7 +74,7 @@ def fisher_spectrum(
         if method == "lanczos":
             parts.append(_lanczos(model, xc, k, return_vectors, tol, max_iter, generator))
         else:
-            parts.append(_gram(model, xc, k, return_vectors, method, mass, max_classes, class_chunk))
+            parts.append(_gram(model, xc, k, return_vectors, method, mass, max_classes, class_chunk, num_classes))
     return _concat(parts, method, x.shape[1:])
 
 
@@ -85,10 +85,11 @@ def _pad(evals: Tensor, k: int) -> Tensor:
     return torch.cat([evals, evals.new_zeros(evals.shape[0], k - evals.shape[1])], 1)
 
 
-def _gram(model, x, k, return_vectors, method, mass, max_classes, class_chunk) -> dict:
+def _gram(model, x, k, return_vectors, method, mass, max_classes, class_chunk, num_classes) -> dict:
     if method == "exact":
         mass, max_classes = 1.0, None
-    rows, probs, discarded = factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk)
+    rows, probs, discarded = factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk,
+                                         num_classes=num_classes)
     # all K classes give K-1 rows: G_x has rank <= K - 1, the eigenvalues from K-1 on are exact zeros (padded)
     evals, vectors, bound = gram_eigenpairs(rows, min(k, rows.shape[1]), return_vectors)
     return dict(
