@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     api_torch_threads: int = Field(1, ge=1, description="torch CPU threads of each API process (set at start-up). "
                                    "Each model's work runs in one thread; on a busy 2-core machine 2 torch threads "
                                    "spin and made a 1-image screen 20x slower.")
+    api_torch_threads_large_batch: int = Field(2, ge=1, description="torch CPU threads for a batch of at least "
+                                               "api_large_batch images (a large batch gains from a second core).")
+    api_large_batch: int = Field(48, ge=1, description="Batches of this many images or more use "
+                                 "api_torch_threads_large_batch threads.")
     log_level: str = Field("info", description="Log level of the service: debug, info, warning, error.")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects (with request and "
                                                 "job ids) or as human-readable text.")

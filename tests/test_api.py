@@ -669,3 +669,20 @@ def test_encode_png_round_trip(digits):
     image = digits[0][0]
     back = decode_image(base64.b64decode(encode_png(image)), (1, 28, 28), InputLimits()).images[0]
     assert torch.equal(back, image)  # MNIST digits are 8-bit: the PNG is exact
+
+
+def test_model_worker_sizes_torch_threads_to_the_batch():
+    import torch
+
+    from service.api.batching import ModelWorker
+
+    before = torch.get_num_threads()
+    worker = ModelWorker("m", capacity=8, max_batch=8, max_wait_ms=1, threads=1, large_batch_threads=2,
+                         large_batch=4)
+    try:
+        assert worker.with_threads(lambda b: torch.get_num_threads(), torch.zeros(1, 3)) == 1
+        assert worker.with_threads(lambda b: torch.get_num_threads(), torch.zeros(4, 3)) == 2
+        assert worker.with_threads(lambda b: b.shape[0], torch.zeros(5, 3)) == 5  # fn's answer comes back
+    finally:
+        worker.executor.shutdown()
+        torch.set_num_threads(before)

@@ -60,7 +60,9 @@ async def load_models(app: FastAPI) -> None:
         for card, path in cards:
             worker = ModelWorker(card.name, settings.queue_capacity, settings.batch_max_size,
                                  settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
-                                 metrics.observe_batch(name, kind, size))
+                                 metrics.observe_batch(name, kind, size), threads=settings.api_torch_threads,
+                                 large_batch_threads=settings.api_torch_threads_large_batch,
+                                 large_batch=settings.api_large_batch)
             app.state.workers.append(worker)
             metrics.in_flight.labels(card.name).set_function(lambda w=worker: w.pending)
             served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)

@@ -148,7 +148,7 @@ class MicroBatcher:
             if self.on_batch is not None:
                 self.on_batch(int(batch.shape[0]))
             try:
-                results = await loop.run_in_executor(self.worker.executor, self.fn, batch)
+                results = await loop.run_in_executor(self.worker.executor, self.worker.with_threads, self.fn, batch)
             except Exception as exc:  # every waiting request gets the error (e.g. a ValueError from the engine)
                 for it in items:
                     if not it.future.done():
@@ -180,8 +180,12 @@ class ModelWorker:
     """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
 
     def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
-                 on_batch: Callable[[str, int], None] | None = None) -> None:
+                 on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
+                 large_batch_threads: int | None = None, large_batch: int = 48) -> None:
         self.name = name
+        self.threads = threads
+        self.large_batch_threads = large_batch_threads or threads
+        self.large_batch = large_batch
         self.capacity = capacity
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -191,6 +195,14 @@ class ModelWorker:
         self.closed = False
         self._on_batch = on_batch
         self._batchers: dict[Hashable, MicroBatcher] = {}
+
+    def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
+        """Run fn(batch) with torch's intra-op threads sized to the batch: a single image gains nothing from a
+        second thread on a busy machine, a large batch nearly doubles its speed."""
+        threads = self.large_batch_threads if batch.shape[0] >= self.large_batch else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return fn(batch)
 
     def _admit(self, images: int) -> None:
         if self.closed:
