@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     models_dir: Path = Field(REPO_ROOT / "models", description="Folder of model cards, weights and detectors.")
     user_models_dir: Path | None = Field(None, description="Extra folder of user model cards (mounted volume).")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'.")
-    memory_budget_mb: int = Field(1024, ge=16, description="Jacobian memory the spectrum may hold per chunk (MiB).")
+    memory_budget_mb: int = Field(1024, ge=16, description="Jacobian memory the spectrum endpoint may hold at "
+                                  "once (MiB): larger batches are computed in chunks that fit.")
 
     # HTTP API (service/api): server, limits, micro-batching, auth
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")

@@ -34,6 +34,7 @@ class ServedModel:
     worker: ModelWorker
     detector_file: Path | None = None
     detector_error: str | None = None
+    memory_budget: int = 1 << 30  # bytes of Jacobian the spectrum may hold at once (setting memory_budget_mb)
 
     @property
     def name(self) -> str:
@@ -78,7 +79,7 @@ class ServedModel:
     def spectrum_batch(self, images: torch.Tensor, k: int, method: str, vectors: str) -> list[dict[str, Any]]:
         """Top-k eigenvalues (and eigenvectors as PNG and/or nested lists when asked) per image."""
         spec = fisher_spectrum(self.loaded.module, images.to(self.loaded.device), k=k, method=method,  # type: ignore[arg-type]
-                               return_vectors=vectors != "none")
+                               return_vectors=vectors != "none", memory_budget=self.memory_budget)
         out = []
         for i in range(spec.eigenvalues.shape[0]):
             item: dict[str, Any] = {
@@ -198,7 +199,8 @@ def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) 
         except ValueError as exc:  # a stale detector must not take the model down; it is reported instead
             detector_error = str(exc)
             log.warning("model %s served without its detector: %s", loaded.name, exc)
-    served = ServedModel(loaded, detector, worker, detector_file, detector_error)
+    served = ServedModel(loaded, detector, worker, detector_file, detector_error,
+                         memory_budget=settings.memory_budget_mb << 20)
     seconds = served.warm_up()
     log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", loaded.name, loaded.device,
              loaded.sha256[:12], "yes" if detector else "no", seconds)
