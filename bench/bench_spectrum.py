@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.fisher import dense_fisher, fisher_spectrum  # noqa: E402
 from service.zoo.architectures import LeNet5  # noqa: E402
+from service.zoo.fold import fold_batchnorm  # noqa: E402
 
 METHODS = ("power", "power-alias", "lanczos", "truncated", "exact")
 
@@ -136,7 +137,8 @@ def estimate_ms(method: str, case: Case, grad_ms: float, forward_ms: float) -> f
     return 50 * (per_step * grad_ms + forward_ms)
 
 
-def run_case(case: Case, device: torch.device, repeats: int, full: bool, log: Callable[[str], None]) -> list[dict]:
+def run_case(case: Case, device: torch.device, repeats: int, full: bool, log: Callable[[str], None],
+             fold: bool = True) -> list[dict]:
     """Time every method on one case; returns the table rows.
 
     Large K (case c) without --full: Algorithm 1 and the exact route are estimated from measured unit costs,
@@ -145,6 +147,8 @@ def run_case(case: Case, device: torch.device, repeats: int, full: bool, log: Ca
     """
     torch.manual_seed(0)
     model = case.build().to(device).eval().requires_grad_(False)
+    if fold:  # as the registry serves models: eval-mode BatchNorm folded into the convolutions
+        fold_batchnorm(model)
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(case.batch, *case.shape, generator=gen).to(device)
     one = images[:1]
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="also run Algorithm 1 on K=1000 (hours on a CPU); by default it is estimated")
     parser.add_argument("--output", type=Path, default=None, help="where to save the table (Markdown)")
+    parser.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers as they are (by default "
+                        "they are folded into the convolutions, as `load_model` serves models)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -265,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python bench/bench_spectrum.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     rows = []
     for case in cases.values():
-        rows += run_case(case, device, repeats, args.full, log)
-        text = (f"{table(rows, cases)}\n\nMachine: {machine(device)}. Total time "
+        rows += run_case(case, device, repeats, args.full, log, fold=not args.no_fold)
+        folding = "kept as built" if args.no_fold else "folded into the convolutions, as `load_model` serves models"
+        text = (f"{table(rows, cases)}\n\nBatchNorm: {folding}. Machine: {machine(device)}. Total time "
                 f"{time.perf_counter() - started:.0f} s. Command: `{command}`\n")
         output.write_text(text)  # saved after each case, so a long run keeps what it measured
     print(text)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from service.config import get_settings
 from service.zoo.architectures import ARCHITECTURES, Normalize
 from service.zoo.cards import ModelCard
+from service.zoo.fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -202,4 +203,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     dev = resolve_device(device)
     module = _build(card, path, dev).to(dev).eval().requires_grad_(False)
     _check_output(module, card, path, dev)
+    folded = fold_batchnorm(module)  # served models stay in eval mode: BatchNorm is a fixed affine map there
+    if folded:
+        log.debug("model %s: folded %d BatchNorm layers into their convolutions", card.name, folded)
     return LoadedModel(name=card.name, card=card, module=module, device=dev, sha256=digest, card_path=card_path)
