@@ -678,11 +678,15 @@ def test_model_worker_sizes_torch_threads_to_the_batch():
 
     before = torch.get_num_threads()
     worker = ModelWorker("m", capacity=8, max_batch=8, max_wait_ms=1, threads=1, large_batch_threads=2,
-                         large_batch=4)
+                         large_batch=4, small_batch_onednn=False)
+    onednn = torch.backends.mkldnn.enabled
     try:
         assert worker.with_threads(lambda b: torch.get_num_threads(), torch.zeros(1, 3)) == 1
         assert worker.with_threads(lambda b: torch.get_num_threads(), torch.zeros(4, 3)) == 2
         assert worker.with_threads(lambda b: b.shape[0], torch.zeros(5, 3)) == 5  # fn's answer comes back
+        assert worker.with_threads(lambda b: torch.backends.mkldnn.enabled, torch.zeros(1, 3)) is False
+        assert worker.with_threads(lambda b: torch.backends.mkldnn.enabled, torch.zeros(4, 3)) is True
+        assert torch.backends.mkldnn.enabled == onednn  # restored after each call
     finally:
         worker.executor.shutdown()
         torch.set_num_threads(before)

@@ -62,7 +62,8 @@ async def load_models(app: FastAPI) -> None:
                                  settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
                                  metrics.observe_batch(name, kind, size), threads=settings.api_torch_threads,
                                  large_batch_threads=settings.api_torch_threads_large_batch,
-                                 large_batch=settings.api_large_batch)
+                                 large_batch=settings.api_large_batch,
+                                 small_batch_onednn=settings.api_small_batch_onednn)
             app.state.workers.append(worker)
             metrics.in_flight.labels(card.name).set_function(lambda w=worker: w.pending)
             served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
