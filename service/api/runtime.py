@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from service.api.batching import ModelWorker
 from service.attacks import ATTACKS, least_norm_search
@@ -20,7 +19,7 @@ from service.data.images import encode_png, vector_png
 from service.detect.detector import Detector, detector_path, load_detector
 from service.fisher import fisher_spectrum
 from service.zoo.cards import ModelCard
-from service.zoo.registry import LoadedModel, load_model
+from service.zoo.registry import LoadedModel, card_files, load_model
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +169,8 @@ def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
     `serve_models` when set; other JSON files (detector cards) are skipped."""
     folders = [Path(settings.models_dir)] + ([Path(settings.user_models_dir)] if settings.user_models_dir else [])
     found: dict[str, tuple[ModelCard, Path]] = {}
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.json")):
-            try:
-                card = ModelCard.read(path)
-            except (ValidationError, ValueError, OSError):
-                continue
-            found.setdefault(card.name, (card, path))
+    for card, path in card_files(folders):
+        found.setdefault(card.name, (card, path))
     if settings.serve_models:
         missing = [name for name in settings.serve_models if name not in found]
         if missing:

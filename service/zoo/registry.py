@@ -82,10 +82,11 @@ def model_dirs() -> list[Path]:
     return dirs
 
 
-def _card_files() -> list[tuple[ModelCard, Path]]:
-    """Every valid model card in the model folders; other JSON files there (detector cards) are skipped."""
+def card_files(folders: list[Path] | None = None) -> list[tuple[ModelCard, Path]]:
+    """Every valid model card in `folders` (default: `model_dirs()`), in folder order, with its path; other
+    JSON files there (detector cards) are skipped."""
     found: list[tuple[ModelCard, Path]] = []
-    for folder in model_dirs():
+    for folder in model_dirs() if folders is None else folders:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.json")):
@@ -99,7 +100,7 @@ def _card_files() -> list[tuple[ModelCard, Path]]:
 def list_cards() -> list[ModelCard]:
     """The cards of every model that `load_model` can load by name (first folder wins on a name clash)."""
     seen: dict[str, ModelCard] = {}
-    for card, _ in _card_files():
+    for card, _ in card_files():
         seen.setdefault(card.name, card)
     return list(seen.values())
 
@@ -114,7 +115,7 @@ def find_card(name_or_path: str | Path) -> tuple[ModelCard, Path]:
             return ModelCard.read(path), path
         except (ValidationError, ValueError) as exc:
             raise ModelLoadError(f"model card {path} is not valid: {exc}") from exc
-    for card, card_path in _card_files():
+    for card, card_path in card_files():
         if card.name == str(name_or_path):
             return card, card_path
     known = ", ".join(sorted(c.name for c in list_cards())) or "none"
