@@ -1,6 +1,6 @@
 """FastAPI dependencies shared by the routers: settings, readiness, the served model of a path, input decoding.
 
-Routers of other packages (e.g. the jobs router) can use `get_settings_dep`, `require_ready`, `served_model`,
+Routers of other packages (e.g. the jobs router) can use `require_ready`, `served_model`,
 `require_api_key` (service.api.security) and `decode_json_images` / `decode_upload` the same way.
 Dependencies are `async def`: plain functions would each cost a hop to a thread pool per request.
 """
@@ -17,11 +17,6 @@ from service.api.runtime import ServedModel
 from service.api.schemas import ImagesInput
 from service.config import Settings
 from service.data.images import DecodedBatch, InputLimits, decode_base64_images, decode_files, nested_batch
-
-
-async def get_settings_dep(request: Request) -> Settings:
-    """The app's settings (app.state.settings)."""
-    return request.app.state.settings
 
 
 def check_ready(request: Request) -> None:

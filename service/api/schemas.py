@@ -18,7 +18,6 @@ EXAMPLE_PNG = (
     "cuXL+nD3qZlM4nmKaBAD5bWOBte3OBNykVH/eTTk3LaFPFENuOyRFFacOsT5PdkueLT2P+IHPZtYSObfLhkAAAAASUVORK5CYII="
 )
 CHEAP_ATTACKS = ("ossa", "fgm", "otcm")  # one step: any batch up to max_batch_size
-ITERATIVE_ATTACKS = ("iterative-ossa", "bim", "opt", "least-norm")  # small batches, bounded steps
 
 
 class ImagesInput(BaseModel):

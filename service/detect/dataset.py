@@ -89,9 +89,6 @@ class DetectionSet:
                   for k, v in values.items()}
         return DetectionSet(**picked, info=dict(self.info))
 
-    def for_attack(self, name: str) -> DetectionSet:
-        return self.subset(self.attack == name)
-
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per attack group and kind."""
         return {a: {k: int(((self.attack == a) & (self.kind == k)).sum()) for k in ("clean", "noisy", "adversarial")}

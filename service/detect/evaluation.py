@@ -248,11 +248,6 @@ def operating_point(fit: DetectionData, test: DetectionData, feature_set: str, s
     return {"threshold": thr, "tpr": float((s[y] >= thr).mean()), "fpr": float((s[~y] >= thr).mean())}
 
 
-def _nan_mean(values) -> float:
-    arr = np.asarray([v for v in values if v == v])
-    return float(arr.mean()) if arr.size else float("nan")
-
-
 def run_evaluation(cfg: EvalConfig) -> Path:
     """Run everything, write `<out>/report.md`, the figures and `results.json`; return the report path."""
     from tqdm.auto import tqdm

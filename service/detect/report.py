@@ -281,15 +281,3 @@ def _verdicts(t2: dict, t4: dict, ours: str, results: dict) -> list[str]:
                      f"{_f(100 * shipped['test']['fpr'], 1)}% (threshold {_f(shipped['threshold']['value'], 3)} chosen "
                      "on out-of-fold validation scores).")
     return lines + [""]
-
-
-def rewrite_markdown(out: Path) -> Path:
-    """Re-render `<out>/report.md` from `<out>/results.json` (no recomputation), e.g. after a wording change."""
-    import json
-
-    results = json.loads((Path(out) / "results.json").read_text())
-    c = results["config"]
-    cfg = EvalConfig(out=Path(out), quick=c["quick"], seed=c["seed"], ours=c["ours"], command=c["command"])
-    path = Path(out) / "report.md"
-    path.write_text(markdown(results, cfg))
-    return path

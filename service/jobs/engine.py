@@ -37,10 +37,6 @@ def get_detector(model: LoadedModel):
         return _detectors[model.name]
 
 
-def loaded_models() -> list[str]:
-    return sorted(_models)
-
-
 def forget(model_name: str | None = None) -> None:
     """Drop cached models and detectors (all, or one model's), e.g. after a detector is activated."""
     with _lock:
