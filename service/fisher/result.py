@@ -31,3 +31,12 @@ class FisherSpectrum:
     discarded_mass: Tensor
     iterations: Tensor
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probabilities.shape[1])
+
+    @property
+    def rank_bound(self) -> int:
+        """G_x = J^T (diag(p) - p p^T) J has rank at most K - 1."""
+        return self.num_classes - 1
