@@ -1,9 +1,9 @@
 """Load test of the screen endpoint: `fisher-guard serve` (uvicorn) on loopback, LeNet-5 on MNIST, CPU.
 
-Starts the server twice (micro-batching on, and off: FISHER_GUARD_BATCH_MAX_SIZE=1), drives it with an httpx
-async load generator, and reports throughput and p50/p95/p99 latency for single-image requests at concurrency
-1, 8 and 32, for 64-image batches, and micro-batching on vs off at concurrency 32. Prints a Markdown table and
-writes it to bench/results/api-cpu.md.
+Starts the server twice (micro-batching on, and off: FISHER_GUARD_BATCH_MAX_SIZE=1), drives it with an asyncio
+load generator (raw keep-alive HTTP/1.1), and reports throughput and p50/p95/p99 latency for single-image
+requests at concurrency 1, 8 and 32, for 64-image batches, and micro-batching on vs off at concurrency 32. Prints
+a Markdown table and writes it to bench/results/api-cpu.md.
 
     .venv/bin/python bench/bench_api.py                  # models/ must hold lenet5 and its detector
     .venv/bin/python bench/bench_api.py --duration 5 --models-dir /path/to/models
@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -97,28 +99,65 @@ def wait_ready(base: str, process: subprocess.Popen, timeout: float = 300) -> No
     raise SystemExit("server did not become ready")
 
 
-async def drive(base: str, model: str, scenario: Scenario, bodies: list[dict], duration: float) -> Outcome:
-    """`concurrency` clients, each sending its next request as soon as the last is answered, for `duration` s.
+class RawClient:
+    """One keep-alive HTTP/1.1 connection that posts prebuilt requests and reads each response by Content-Length.
 
-    Each virtual client has its own httpx.AsyncClient (one keep-alive connection): one shared pool with many
-    connections costs httpx several times more CPU per request, and the load generator shares the cores."""
-    url = f"{base}/v1/models/{model}/screen"
+    A few microseconds of CPU per request, where httpx takes about a millisecond: the load generator shares the
+    machine's cores with the server, so its own cost would otherwise be measured as the server's."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> RawClient:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def send(self, request: bytes) -> int:
+        """Send one request, read its whole response, return the status code."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        match = CONTENT_LENGTH.search(head)
+        if match is None:
+            raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+        await self.reader.readexactly(int(match.group(1)))
+        return status
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+def post_request(host: str, port: int, path: str, body: dict) -> bytes:
+    """The bytes of one JSON POST request (built once, sent many times)."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    return head + payload
+
+
+async def drive(host: str, port: int, model: str, scenario: Scenario, bodies: list[dict], duration: float) -> Outcome:
+    """`concurrency` clients, each on its own keep-alive connection, sending the next request as soon as the last
+    is answered, for `duration` s."""
+    requests = [post_request(host, port, f"/v1/models/{model}/screen", body) for body in bodies]
     latencies: list[float] = []
     errors = 0
-    clients = [httpx.AsyncClient(timeout=60) for _ in range(scenario.concurrency)]
+    clients = [await RawClient.connect(host, port) for _ in range(scenario.concurrency)]
     try:
-        for client in clients:  # warm-up: connections, first batches
-            await client.post(url, json=bodies[0])
+        await asyncio.gather(*(client.send(requests[0]) for client in clients))  # warm-up: first batches
         start = time.perf_counter()
         stop = start + duration
 
-        async def client_loop(client: httpx.AsyncClient, offset: int) -> None:
+        async def client_loop(client: RawClient, offset: int) -> None:
             nonlocal errors
             i = offset
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                response = await client.post(url, json=bodies[i % len(bodies)])
-                if response.status_code == 200:
+                status = await client.send(requests[i % len(requests)])
+                if status == 200:
                     latencies.append((time.perf_counter() - t0) * 1000.0)
                 else:
                     errors += 1
@@ -128,7 +167,7 @@ async def drive(base: str, model: str, scenario: Scenario, bodies: list[dict], d
         seconds = time.perf_counter() - start
     finally:
         for client in clients:
-            await client.aclose()
+            await client.close()
     return Outcome(scenario, len(latencies), seconds, np.asarray(latencies), errors)
 
 
@@ -214,7 +253,7 @@ def main() -> None:
             wait_ready(base, process)
             for scenario in scenarios:
                 bodies = batches if scenario.batch > 1 else singles
-                outcome = asyncio.run(drive(base, args.model, scenario, bodies, args.duration))
+                outcome = asyncio.run(drive("127.0.0.1", port, args.model, scenario, bodies, args.duration))
                 outcomes.append(outcome)
                 print(f"{scenario}: {outcome.images_per_s:.0f} images/s, p50 {outcome.percentile(50):.1f} ms",
                       file=sys.stderr)
@@ -230,8 +269,8 @@ def main() -> None:
         f"(1/5/15 min) {load_before} before, {load_after} after (the load generator shares the cores).  ",
         f"Server: `fisher-guard serve`, 1 uvicorn worker, torch threads {args.threads}, micro-batching max "
         f"{args.max_batch} images / {args.max_wait_ms:g} ms (off: max 1). Requests: JSON with base64 PNG digits; "
-        f"{args.duration:g} s per row, httpx async clients on loopback, each sending its next request when "
-        "answered.", "",
+        f"{args.duration:g} s per row, raw keep-alive HTTP/1.1 connections on loopback (prebuilt requests, "
+        "see RawClient), each sending its next request when answered.", "",
         table(outcomes), "",
         f"The detector alone (no HTTP, same process settings) took {engine[1]:.1f} ms for 1 image and "
         f"{engine[64]:.1f} ms for 64 ({64000 / engine[64]:.0f} images/s): the ceiling for the rows above.", "",

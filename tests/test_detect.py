@@ -22,7 +22,15 @@ from service.detect.detector import (
     threshold_at_fpr,
     train_detector,
 )
-from service.detect.features import EIGENVALUE_FLOOR, feature_names, fisher_features
+from service.detect.features import (
+    EIGENVALUE_FLOOR,
+    MARGIN_STEPS,
+    NOISE_DRAWS,
+    NOISE_NORMS,
+    feature_names,
+    fisher_features,
+    noise_directions,
+)
 from service.fisher import fisher_spectrum
 from service.zoo.registry import load_model
 
@@ -76,10 +84,64 @@ def test_richer_sets_extend_plain(lenet, val_slice):
     np.testing.assert_allclose(probs.matrix[:, :20], plain, atol=1e-9)
     p = probs.spectrum.probabilities.numpy()
     np.testing.assert_allclose(probs.matrix[:, 21], p.max(1), atol=1e-12)
-    for name in ("spectral", "geometry"):
+    for name in ("spectral", "spectral+noise"):
         feats = fisher_features(lenet.module, x, name)
         assert feats.matrix.shape == (4, len(feature_names(name))) and np.isfinite(feats.matrix).all()
         np.testing.assert_allclose(feats.matrix[:, :22], probs.matrix, atol=1e-9)
+
+
+def _column(name: str) -> int:
+    return feature_names("spectral+noise").index(name)
+
+
+def _log10_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float(np.log10(max(float((p * (p / q).log()).sum()), 1e-12)))
+
+
+def test_noise_features_follow_their_definition(lenet, val_slice):
+    x = val_slice[0][:3]
+    feats = fisher_features(lenet.module, x, "spectral+noise").matrix
+    u = noise_directions(x.shape[1:], x.dtype, x.device)
+    assert u.shape == (NOISE_DRAWS, *x.shape[1:])
+    np.testing.assert_allclose(u.flatten(1).norm(dim=1).numpy(), 1.0, rtol=1e-6)
+    with torch.no_grad():
+        for i in range(3):
+            p = torch.softmax(lenet.module(x[i:i + 1]).double(), -1)[0]
+            for r in NOISE_NORMS:
+                q = torch.softmax(lenet.module((x[i] + r * u).clamp(0, 1)).double(), -1)
+                kls = np.array([_log10_kl(p, q[j]) for j in range(NOISE_DRAWS)])
+                flips = float((q.argmax(-1) != p.argmax()).double().mean())
+                got = feats[i, [_column(f"noise{r}_{w}") for w in ("mean_log10_kl", "max_log10_kl", "min_log10_kl",
+                                                                    "flip_share")]]
+                np.testing.assert_allclose(got, [kls.mean(), kls.max(), kls.min(), flips], rtol=1e-5, atol=1e-6)
+
+
+def test_margin_features_follow_their_definition(lenet, val_slice):
+    x = val_slice[0][:3]
+    feats = fisher_features(lenet.module, x, "spectral+noise").matrix
+    for i in range(3):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        z = lenet.module(xi)[0]
+        first, second = z.topk(2).indices.tolist()
+        (grad,) = torch.autograd.grad(z[first] - z[second], xi)
+        gap, norm = float((z[first] - z[second]).detach()), float(grad.norm())
+        distance = gap / norm
+        np.testing.assert_allclose(feats[i, [_column("margin_logit_gap"), _column("margin_log10_grad_norm"),
+                                             _column("margin_log10_distance")]],
+                                   [gap, np.log10(norm), np.log10(distance)], rtol=1e-4)
+        with torch.no_grad():
+            p = torch.softmax(z.detach().double(), -1)
+            for c in MARGIN_STEPS:
+                q = torch.softmax(lenet.module((xi - c * distance * grad / norm).clamp(0, 1)).double(), -1)[0]
+                np.testing.assert_allclose(feats[i, _column(f"margin{c}d_log10_kl")], _log10_kl(p, q), atol=1e-3)
+                assert feats[i, _column(f"margin{c}d_flips")] == float(q.argmax() != p.argmax())
+
+
+def test_features_of_an_image_do_not_depend_on_its_batch(lenet, val_slice):
+    x = val_slice[0][:5]
+    together = fisher_features(lenet.module, x, "spectral+noise").matrix
+    alone = np.concatenate([fisher_features(lenet.module, x[i:i + 1], "spectral+noise").matrix for i in range(5)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
 
 
 def test_detection_set_filters_and_labels(lenet, val_slice, detection):

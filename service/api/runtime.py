@@ -156,11 +156,16 @@ class ServedModel:
         return out
 
     def warm_up(self) -> float:
-        """One pass of each kind of work on a blank image (allocators, kernels, lazy imports); seconds taken."""
+        """Each kind of batched work on blank images, at 1 image, at a few and at a large batch, with the worker's
+        CPU settings for each size (allocators, kernels, and lazy imports: the first batched vector-Jacobian
+        product alone imports torch._dynamo for over a second); seconds taken."""
         start = time.perf_counter()
-        blank = torch.full((1, *self.shape), 0.5)
-        self.spectrum_batch(blank, 1, "auto", "none")
-        self.infer_batch(blank)
+        for size in sorted({1, 4, max(4, min(self.worker.max_batch, self.worker.large_batch))}):
+            blank = torch.full((size, *self.shape), 0.5)
+            self.worker.with_threads(lambda x: self.spectrum_batch(x, 1, "auto", "none"), blank)
+            self.worker.with_threads(self.infer_batch, blank)
+            if self.detector is not None:
+                self.worker.with_threads(self.screen_batch, blank)
         return time.perf_counter() - start
 
 

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "validation split, fit the classifier, choose the threshold at --fpr on out-of-fold scores, "
                        "measure on the test split, write <models-dir>/<model>.detector.joblib and .json.")
     p.add_argument("--model", default="lenet5", help="registry name of the model (default lenet5)")
-    p.add_argument("--feature-set", default="spectral", choices=list(FEATURE_SETS),
-                   help="features (default spectral: chosen on validation; plain = the paper's)")
+    p.add_argument("--feature-set", default="spectral+noise", choices=list(FEATURE_SETS),
+                   help="features (default spectral+noise: chosen on validation; plain = the paper's)")
     p.add_argument("--classifier", default="rf", choices=[c for c in CLASSIFIERS if c != "logreg"])
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the operating threshold")
     p.add_argument("--images", type=int, default=1000, help="images per split to use (default: all 1000)")

@@ -17,12 +17,14 @@ from service.fisher import FisherSpectrum, fisher_spectrum
 
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
 DEFAULT_K = 20
-STEP_SIZE = 0.5  # L2 step along the top eigenvector for the "geometry" set (paper Figure 4b)
-EXTRA_STEPS = (0.25, 1.0)  # further step sizes for the KL features (forward passes only)
 KL_FLOOR = 1e-12
 KL_STEPS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
 DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
 VECTORS = 3  # eigenvectors described by the "spectral" set
+NOISE_NORMS = (1.0, 2.0, 3.0, 4.0)  # L2 norms of the isotropic probes of the "spectral+noise" set
+NOISE_DRAWS = 4  # probe directions per norm: fixed (seeded), the same for every image, so screening is deterministic
+NOISE_SEED = 0
+MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of the linearised distance
 
 FEATURE_SETS: dict[str, str] = {
     "plain": "log10 of the top-k eigenvalues of G_x (the paper's features)",
@@ -31,12 +33,13 @@ FEATURE_SETS: dict[str, str] = {
                 f"|v_i|^2 on dark pixels (x < {DARK}) and ||v_i||_1 (where the vulnerable directions lie), and "
                 f"log10 KL(p(x) || p(x +/- t v_1)), larger side, for t in {KL_STEPS} (how fast the output moves along "
                 "the top eigenvector); one spectrum call (with eigenvectors) plus forward passes",
-    "geometry": "plain+probs, plus, after an L2 step of "
-                f"{STEP_SIZE} along +/- the top eigenvector v (paper Figure 4b: eigenvalues rise along the "
-                "adversarial direction): the change of log10 of the top-3 eigenvalues and "
-                "log10 KL(p(x) || p(x +/- t v)) (larger and smaller side), whether either side flips the prediction, "
-                f"and log10 KL at steps {EXTRA_STEPS} (larger side); needs a second spectrum call and two forward "
-                "passes per extra step",
+    "spectral+noise": "spectral, plus how the output moves off the top eigenvectors: for isotropic probes of L2 norm "
+                      f"r in {NOISE_NORMS} ({NOISE_DRAWS} seeded directions per norm, the same for every image) the "
+                      "mean, max and min of log10 KL(p(x) || p(x + r u)) and the share of probes that change the "
+                      "prediction (locally KL ~ r^2 u^T G_x u / 2, whose mean over u is r^2 tr(G_x) / 2D), and the "
+                      "margin to the runner-up class: logit gap, log10 of its gradient norm, log10 of the linearised "
+                      f"distance d = gap / norm, and log10 KL and whether the prediction changes after steps of "
+                      f"{MARGIN_STEPS} x d toward that class; one spectrum call plus one backward and forward passes",
 }
 
 
@@ -73,49 +76,31 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
     names = [f"log10_lambda_{i + 1}" for i in range(k)]
     if feature_set != "plain":
         names += ["entropy", "max_prob"]
-    if feature_set == "spectral":
+    if feature_set in ("spectral", "spectral+noise"):
         names += [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
         names += [f"step{t}_max_log10_kl" for t in KL_STEPS]
-    if feature_set == "geometry":
-        names += [f"step_{side}_dlog10_lambda_{i + 1}" for side in ("max", "min") for i in range(3)]
-        names += ["step_max_log10_kl", "step_min_log10_kl", "step_flips"]
-        names += [f"step{t}_max_log10_kl" for t in EXTRA_STEPS]
+    if feature_set == "spectral+noise":
+        names += [f"noise{r}_{what}" for r in NOISE_NORMS for what in ("mean_log10_kl", "max_log10_kl",
+                                                                         "min_log10_kl", "flip_share")]
+        names += ["margin_logit_gap", "margin_log10_grad_norm", "margin_log10_distance"]
+        names += [f"margin{c}d_{what}" for c in MARGIN_STEPS for what in ("log10_kl", "flips")]
     return names
 
 
 def _kl(p: Tensor, q: Tensor) -> Tensor:
-    """log10 KL(p || q) per row, floored."""
+    """log10 KL(p || q) over the last axis (broadcasting), floored."""
     p, q = p.double().clamp(min=1e-300), q.double().clamp(min=1e-300)
     return (p * (p.log() - q.log())).sum(-1).clamp(min=KL_FLOOR).log10()
 
 
-def _step_features(model: nn.Module, images: Tensor, spectrum: FisherSpectrum, base: np.ndarray) -> np.ndarray:
-    """Fisher geometry along the top eigenvector v (sign-free, no label needed): per feature, the larger and the
-    smaller of the +v and -v sides of the change of the top-3 log eigenvalues and of log KL(p(x) || p(x +/- t v))."""
-    v = spectrum.eigenvectors[:, 0].to(images.dtype)
-    n = images.shape[0]
-    moved = lambda t: torch.cat([(images + t * v).clamp(0, 1), (images - t * v).clamp(0, 1)])  # noqa: E731
-    stepped = fisher_spectrum(model, moved(STEP_SIZE), k=3, method="exact")
-    logs = log_eigenvalues(stepped.eigenvalues)
-    p = spectrum.probabilities.to(stepped.probabilities.device)
-    both = lambda a: (a[:n], a[n:])  # noqa: E731
-    plus, minus = both(logs - np.concatenate([base[:, :3], base[:, :3]]))
-    kl_plus, kl_minus = both(_kl(torch.cat([p, p]), stepped.probabilities).cpu().numpy())
-    pred = spectrum.predictions.to(stepped.predictions.device)
-    flips = (stepped.predictions[:n] != pred) | (stepped.predictions[n:] != pred)
-    cols = [np.maximum(plus, minus), np.minimum(plus, minus), np.maximum(kl_plus, kl_minus)[:, None],
-            np.minimum(kl_plus, kl_minus)[:, None], flips.cpu().numpy()[:, None].astype(np.float64)]
+def _probe_probabilities(model: nn.Module, probes: Tensor) -> Tensor:
+    """(N, P, K) float64 output probabilities of (N, P, ...) probe images, in one forward pass."""
     with torch.no_grad():
-        for t in EXTRA_STEPS:
-            q = torch.softmax(model(moved(t)).double(), -1)
-            a, b = both(_kl(torch.cat([p, p]).to(q.device), q).cpu().numpy())
-            cols.append(np.maximum(a, b)[:, None])
-    return np.concatenate(cols, 1)
+        return torch.softmax(model(probes.flatten(0, 1)).double(), -1).view(*probes.shape[:2], -1)
 
 
-def _spectral_features(model: nn.Module, images: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
-    """Eigenvector shape (|cos with the image|, energy on dark pixels, L1 norm) of the top VECTORS eigenvectors,
-    and log10 KL of the output after steps along +/- the top eigenvector (forward passes only)."""
+def _eigenvector_shape(images: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
+    """|cos with the image|, energy on dark pixels and L1 norm of the top VECTORS eigenvectors."""
     n = images.shape[0]
     v = spectrum.eigenvectors[:, :VECTORS].flatten(2).to(images.dtype)  # (N, r, D), unit norm (zeros past rank)
     if v.shape[1] < VECTORS:
@@ -125,30 +110,89 @@ def _spectral_features(model: nn.Module, images: Tensor, spectrum: FisherSpectru
     cos = (v * unit[:, None]).sum(-1).abs()
     dark = ((v * v) * (x < DARK).to(v.dtype)[:, None]).sum(-1)
     l1 = v.abs().sum(-1)
-    p = spectrum.probabilities.to(images.device)
-    top = v[:, 0].reshape(images.shape)
+    return torch.cat([cos, dark, l1], 1).double().cpu().numpy()
+
+
+def _eigenvector_probes(images: Tensor, spectrum: FisherSpectrum) -> Tensor:
+    """(N, 2 * len(KL_STEPS), ...): x + t v_1 and x - t v_1 for each step t, clipped to [0, 1]."""
+    top = spectrum.eigenvectors[:, 0].to(images.dtype).reshape(images.shape)
     steps = torch.tensor([s * t for t in KL_STEPS for s in (1.0, -1.0)], dtype=images.dtype, device=images.device)
-    moved = (images.unsqueeze(0) + steps.view(-1, *([1] * images.ndim)) * top.unsqueeze(0)).clamp(0, 1)
-    with torch.no_grad():  # every step, both signs, in one forward pass
-        q = torch.softmax(model(moved.flatten(0, 1)).double(), -1).view(len(KL_STEPS), 2, n, -1)
-    kls = torch.maximum(_kl(p, q[:, 0]), _kl(p, q[:, 1])).T  # (N, steps)
-    shape = torch.cat([cos, dark, l1], 1).double().cpu().numpy()
-    return np.concatenate([shape, kls.cpu().numpy()], 1)
+    return (images.unsqueeze(1) + steps.view(1, -1, *([1] * (images.ndim - 1))) * top.unsqueeze(1)).clamp(0, 1)
+
+
+def _eigenvector_kl(p: Tensor, q: Tensor) -> np.ndarray:
+    """log10 KL(p(x) || p(x +/- t v_1)), the larger side, per step: (N, len(KL_STEPS))."""
+    q = q.view(q.shape[0], len(KL_STEPS), 2, -1)
+    return torch.maximum(_kl(p[:, None], q[:, :, 0]), _kl(p[:, None], q[:, :, 1])).cpu().numpy()
+
+
+def noise_directions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(NOISE_DRAWS, *shape) unit-norm Gaussian directions from NOISE_SEED: the same probes on every call."""
+    generator = torch.Generator().manual_seed(NOISE_SEED)
+    u = torch.randn((NOISE_DRAWS, *shape), generator=generator, dtype=torch.float64)
+    return (u / u.flatten(1).norm(dim=1).view(-1, *([1] * len(shape)))).to(device=device, dtype=dtype)
+
+
+def _noise_probes(images: Tensor) -> Tensor:
+    """(N, len(NOISE_NORMS) * NOISE_DRAWS, ...): x + r u for each norm r and fixed direction u, clipped."""
+    u = noise_directions(images.shape[1:], images.dtype, images.device)
+    norms = torch.tensor(NOISE_NORMS, dtype=images.dtype, device=images.device)
+    directions = (norms.view(-1, *([1] * images.ndim)) * u.unsqueeze(0)).flatten(0, 1)
+    return (images.unsqueeze(1) + directions.unsqueeze(0)).clamp(0, 1)
+
+
+def _noise_statistics(p: Tensor, q: Tensor) -> np.ndarray:
+    """Per probe norm: mean, max and min of log10 KL over the directions, and the share that change the
+    prediction: (N, 4 * len(NOISE_NORMS))."""
+    q = q.view(q.shape[0], len(NOISE_NORMS), NOISE_DRAWS, -1)
+    kl = _kl(p[:, None, None], q)
+    flips = (q.argmax(-1) != p.argmax(-1)[:, None, None]).double().mean(-1)
+    return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1).cpu().numpy()
+
+
+def _margin_features(model: nn.Module, images: Tensor, probabilities: Tensor) -> np.ndarray:
+    """The margin to the runner-up class: logit gap z_1 - z_2, log10 ||grad_x (z_1 - z_2)||, log10 of the
+    linearised distance d = gap / norm, then log10 KL and prediction change after steps of c * d toward it."""
+    x = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        top = logits.topk(2, dim=-1).values
+        gap = top[:, 0] - top[:, 1]
+        (grad,) = torch.autograd.grad(gap.sum(), x)
+    shape = (-1, *([1] * (images.ndim - 1)))
+    norm = grad.flatten(1).norm(dim=1).double().clamp(min=1e-30)
+    distance = gap.detach().double().clamp(min=0) / norm
+    toward = -grad / norm.view(shape).to(grad.dtype)
+    c = torch.tensor(MARGIN_STEPS, dtype=images.dtype, device=images.device).view(1, -1, *([1] * (images.ndim - 1)))
+    step = (distance.view(shape).to(images.dtype) * toward).unsqueeze(1)
+    q = _probe_probabilities(model, (images.unsqueeze(1) + c * step).clamp(0, 1))  # (N, steps, K)
+    p = probabilities.to(q.device)
+    kl = _kl(p[:, None], q)
+    flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
+    head = torch.stack([gap.detach().double(), norm.log10(), distance.clamp(min=1e-30).log10()], 1)
+    return torch.cat([head, torch.stack([kl, flips], -1).flatten(1)], 1).cpu().numpy()
 
 
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
-    """Features of one batch. `plain`, `plain+probs` and `spectral` cost ONE exact spectrum call; `geometry` two."""
+    """Features of one batch: ONE exact spectrum call, plus forward passes (and, for `spectral+noise`, one
+    backward pass)."""
     check_feature_set(feature_set)
-    vectors = feature_set in ("geometry", "spectral")
+    vectors = feature_set in ("spectral", "spectral+noise")
     spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=vectors)
     base = log_eigenvalues(spectrum.eigenvalues)
     parts = [base]
     if feature_set != "plain":
         parts.append(probability_features(spectrum.probabilities))
-    if feature_set == "spectral":
-        parts.append(_spectral_features(model, images.to(spectrum.eigenvectors.device), spectrum))
-    if feature_set == "geometry":
-        parts.append(_step_features(model, images.to(spectrum.eigenvectors.device), spectrum, base))
+    if vectors:  # every forward-only probe of the batch in one pass
+        images = images.to(spectrum.eigenvectors.device)
+        p = spectrum.probabilities.to(images.device)
+        noise = feature_set == "spectral+noise"
+        probes = [_eigenvector_probes(images, spectrum)] + ([_noise_probes(images)] if noise else [])
+        q = _probe_probabilities(model, torch.cat(probes, 1))
+        steps = probes[0].shape[1]
+        parts += [_eigenvector_shape(images, spectrum), _eigenvector_kl(p, q[:, :steps])]
+        if noise:
+            parts += [_noise_statistics(p, q[:, steps:]), _margin_features(model, images, p)]
     return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
 
 

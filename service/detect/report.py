@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from service.detect.dataset import BIM_STEPS, DEFAULT_ATTACKS
+from service.detect.detector import RF_DEPTH, RF_MAX_FEATURES, RF_TREES
 from service.detect.evaluation import (
     ATTACK_TITLES,
     EPS_GRID,
@@ -19,6 +20,7 @@ from service.detect.evaluation import (
     TABLE3_EPSILON,
     EvalConfig,
 )
+from service.detect.features import MARGIN_STEPS, NOISE_DRAWS, NOISE_NORMS
 
 FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
            "roc_curves.png")
@@ -73,7 +75,7 @@ def figures(out: Path, results: dict, roc: dict, log_top: np.ndarray, least: np.
     attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in roc]
     fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(3 * max(len(attacks), 1), 3.2), squeeze=False)
     for ax, attack in zip(axes[0], attacks, strict=False):
-        for name in ("RF plain", "RF plain+probs", "RF spectral", "RF geometry", "KD+BU"):
+        for name in ("RF plain", "RF plain+probs", "RF spectral", "RF spectral+noise", "KD+BU"):
             if name in roc[attack]:
                 y, s = roc[attack][name]
                 fpr, tpr, _ = roc_curve(y, s)
@@ -123,11 +125,16 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         f"(clean/noisy/adversarial): val {_counts(det['val'])}; test {_counts(det['test'])}.",
         f"- Detectors are fitted on the validation detection set and scored on the test detection set. Features: "
         "`plain` = log10 of the top-20 eigenvalues of G_x (9 non-zero, zeros floored at 1e-12: the paper's); "
-        "`plain+probs` adds the entropy and max probability (same spectrum call); `spectral` (the shipped set) adds, "
+        "`plain+probs` adds the entropy and max probability (same spectrum call); `spectral` adds, "
         "from the same call, the shape of the top-3 eigenvectors (|cos| with the image, share of energy on dark "
         "pixels, L1 norm) and log10 KL(p(x) || p(x +/- t v1)) for steps t in 0.1..3 along the top eigenvector "
-        "(forward passes only; the paper's Fig 4b idea of moving along the eigenvector). "
-        "RF = random forest, 100 trees, depth 5; GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
+        "(forward passes only; the paper's Fig 4b idea of moving along the eigenvector); `spectral+noise` (the "
+        f"shipped set) adds the output's KL under isotropic probes of L2 norm {list(NOISE_NORMS)} ({NOISE_DRAWS} "
+        "fixed directions each; locally the probe's KL is its Fisher quadratic form, on average r^2 tr(G_x)/2D) "
+        "and the margin to the runner-up class (logit gap, its gradient norm, the linearised distance d, KL after "
+        f"steps of {list(MARGIN_STEPS)} x d). "
+        f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "
+        "GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
         f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "
         f"{_f(results['kd_bandwidth'], 3)} by 3-fold CV likelihood on 1000 of those; score -log density. "
         "BU: MC dropout "
