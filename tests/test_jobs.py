@@ -335,6 +335,7 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
      "invalid_params"),
     ({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"options": {"nope": 1}}}, [], 422,
      "invalid_params"),
+    ({"type": "train-detector", "model": "lenet5", "params": {"feature_set": "geometry"}}, [], 422, "invalid_params"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", b"PK\x03\x04 this is not a zip")], 400, "corrupt_archive"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", "escape")], 400, "unsafe_archive"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", "absolute")], 400, "unsafe_archive"),

@@ -132,11 +132,20 @@ class TrainDetectorParams(BaseModel):
     test_dataset: str | None = Field("mnist:test", description="Images for the card's test metrics (null: none).")
     test_limit: int | None = Field(None, ge=10)
     attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
-    feature_set: str = "plain+probs"
+    feature_set: str = Field("spectral+noise", description="Feature set (the shipped detectors': spectral+noise).")
     classifier: Literal["rf", "gnb"] = "rf"
     k: int = Field(20, ge=1, le=100)
     target_fpr: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
+
+    @field_validator("feature_set")
+    @classmethod
+    def _known_features(cls, value: str) -> str:
+        from service.detect.features import FEATURE_SETS
+
+        if value not in FEATURE_SETS:
+            raise ValueError(f"unknown feature set {value!r} (known: {', '.join(FEATURE_SETS)})")
+        return value
 
 
 class EvaluateParams(BaseModel):
