@@ -36,8 +36,10 @@ class Settings(BaseSettings):
                                    "spin and made a 1-image screen 20x slower.")
     api_torch_threads_large_batch: int = Field(2, ge=1, description="torch CPU threads for a batch of at least "
                                                "api_large_batch images (a large batch gains from a second core).")
-    api_large_batch: int = Field(48, ge=1, description="Batches of this many images or more use "
-                                 "api_torch_threads_large_batch threads.")
+    api_large_batch: int = Field(8, ge=1, description="Batches of this many images or more use "
+                                 "api_torch_threads_large_batch threads and oneDNN (with the spectral+noise detector, "
+                                 "8 rather than 48 raised micro-batched throughput at concurrency 32 by ~25%; "
+                                 "bench/bench_api.py).")
     api_small_batch_onednn: bool = Field(False, description="Use oneDNN (mkldnn) CPU convolutions for batches under "
                                          "api_large_batch; off: for LeNet-5 at batch 1 the plain kernels were "
                                          "~35% faster on this project's 2-core machine.")

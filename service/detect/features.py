@@ -18,13 +18,14 @@ from service.fisher import FisherSpectrum, fisher_spectrum
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
 DEFAULT_K = 20
 KL_FLOOR = 1e-12
-KL_STEPS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
+KL_STEPS = (0.25, 1.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
 DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
 VECTORS = 3  # eigenvectors described by the "spectral" set
-NOISE_NORMS = (1.0, 2.0, 3.0, 4.0)  # L2 norms of the isotropic probes of the "spectral+noise" set
+NOISE_NORMS = (1.0, 2.0, 4.0)  # L2 norms of the isotropic probes of the "spectral+noise" set
 NOISE_DRAWS = 4  # probe directions per norm: fixed (seeded), the same for every image, so screening is deterministic
 NOISE_SEED = 0
 MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of the linearised distance
+PROBE_CHUNK = 256  # probe images per forward pass
 
 FEATURE_SETS: dict[str, str] = {
     "plain": "log10 of the top-k eigenvalues of G_x (the paper's features)",
@@ -94,9 +95,11 @@ def _kl(p: Tensor, q: Tensor) -> Tensor:
 
 
 def _probe_probabilities(model: nn.Module, probes: Tensor) -> Tensor:
-    """(N, P, K) float64 output probabilities of (N, P, ...) probe images, in one forward pass."""
+    """(N, P, K) float64 output probabilities of (N, P, ...) probe images, PROBE_CHUNK images per forward pass
+    (on CPU, LeNet-5 ran 1792 probes 1.6x faster in chunks of 256 than in one call: they stay in cache)."""
     with torch.no_grad():
-        return torch.softmax(model(probes.flatten(0, 1)).double(), -1).view(*probes.shape[:2], -1)
+        logits = torch.cat([model(chunk) for chunk in probes.flatten(0, 1).split(PROBE_CHUNK)])
+    return torch.softmax(logits.double(), -1).view(*probes.shape[:2], -1)
 
 
 def _eigenvector_shape(images: Tensor, spectrum: FisherSpectrum) -> np.ndarray:

@@ -20,7 +20,7 @@ from service.detect.evaluation import (
     TABLE3_EPSILON,
     EvalConfig,
 )
-from service.detect.features import MARGIN_STEPS, NOISE_DRAWS, NOISE_NORMS
+from service.detect.features import KL_STEPS, MARGIN_STEPS, NOISE_DRAWS, NOISE_NORMS
 
 FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
            "roc_curves.png")
@@ -127,10 +127,11 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         "`plain` = log10 of the top-20 eigenvalues of G_x (9 non-zero, zeros floored at 1e-12: the paper's); "
         "`plain+probs` adds the entropy and max probability (same spectrum call); `spectral` adds, "
         "from the same call, the shape of the top-3 eigenvectors (|cos| with the image, share of energy on dark "
-        "pixels, L1 norm) and log10 KL(p(x) || p(x +/- t v1)) for steps t in 0.1..3 along the top eigenvector "
-        "(forward passes only; the paper's Fig 4b idea of moving along the eigenvector); `spectral+noise` (the "
-        f"shipped set) adds the output's KL under isotropic probes of L2 norm {list(NOISE_NORMS)} ({NOISE_DRAWS} "
-        "fixed directions each; locally the probe's KL is its Fisher quadratic form, on average r^2 tr(G_x)/2D) "
+        f"pixels, L1 norm) and log10 KL(p(x) || p(x +/- t v1)) for steps t in {list(KL_STEPS)} along the top "
+        "eigenvector (forward passes only; the paper's Fig 4b idea of moving along the eigenvector); "
+        f"`spectral+noise` (the shipped set) adds the output's KL under isotropic probes of L2 norm "
+        f"{list(NOISE_NORMS)} ({NOISE_DRAWS} fixed directions each; locally the probe's KL is its Fisher "
+        "quadratic form, on average r^2 tr(G_x)/2D) "
         "and the margin to the runner-up class (logit gap, its gradient norm, the linearised distance d, KL after "
         f"steps of {list(MARGIN_STEPS)} x d). "
         f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "

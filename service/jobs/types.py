@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -105,6 +106,14 @@ class LeastNormParams(BaseModel):
     use_labels: bool = Field(True, description="Use the dataset's labels (else the model's predictions).")
 
 
+def one_of(value: str, known: Iterable[str], what: str) -> str:
+    """`value` when it is one of `known`, else a ValueError that lists them (a pydantic validation error)."""
+    names = list(known)
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(names)})")
+    return value
+
+
 class AttackParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     attack: str = "ossa"
@@ -118,9 +127,7 @@ class AttackParams(BaseModel):
     def _known(cls, value: str) -> str:
         from service.attacks import ATTACKS
 
-        if value not in ATTACKS:
-            raise ValueError(f"unknown attack {value!r} (known: {', '.join(ATTACKS)})")
-        return value
+        return one_of(value, ATTACKS, "attack")
 
 
 class TrainDetectorParams(BaseModel):
@@ -143,9 +150,7 @@ class TrainDetectorParams(BaseModel):
     def _known_features(cls, value: str) -> str:
         from service.detect.features import FEATURE_SETS
 
-        if value not in FEATURE_SETS:
-            raise ValueError(f"unknown feature set {value!r} (known: {', '.join(FEATURE_SETS)})")
-        return value
+        return one_of(value, FEATURE_SETS, "feature set")
 
 
 class EvaluateParams(BaseModel):
