@@ -186,7 +186,7 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
     parts = [base]
     if feature_set != "plain":
         parts.append(probability_features(spectrum.probabilities))
-    if vectors:  # every forward-only probe of the batch in one pass
+    if vectors:  # the forward-only probes of every image share forward passes
         images = images.to(spectrum.eigenvectors.device)
         p = spectrum.probabilities.to(images.device)
         noise = feature_set == "spectral+noise"
