@@ -11,15 +11,15 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     from service.detect.detector import CLASSIFIERS
-    from service.detect.features import FEATURE_SETS
+    from service.detect.features import FEATURE_SETS, SHIPPED_FEATURE_SET
 
     p = sub.add_parser("train-detector", help="train the adversarial detector of a model and write it to models/",
                        description="Build the detection set (clean + noisy vs FGM/OTCM/Opt/BIM/OSSA) from the "
                        "validation split, fit the classifier, choose the threshold at --fpr on out-of-fold scores, "
                        "measure on the test split, write <models-dir>/<model>.detector.joblib and .json.")
     p.add_argument("--model", default="lenet5", help="registry name of the model (default lenet5)")
-    p.add_argument("--feature-set", default="spectral+noise", choices=list(FEATURE_SETS),
-                   help="features (default spectral+noise: chosen on validation; plain = the paper's)")
+    p.add_argument("--feature-set", default=SHIPPED_FEATURE_SET, choices=list(FEATURE_SETS),
+                   help=f"features (default {SHIPPED_FEATURE_SET}: chosen on validation; plain = the paper's)")
     p.add_argument("--classifier", default="rf", choices=[c for c in CLASSIFIERS if c != "logreg"])
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the operating threshold")
     p.add_argument("--images", type=int, default=1000, help="images per split to use (default: all 1000)")

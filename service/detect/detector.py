@@ -28,7 +28,14 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
 from service.detect.dataset import DEFAULT_ATTACKS, DetectionSet, build_detection_set
-from service.detect.features import DEFAULT_K, FEATURE_SETS, batched_features, check_feature_set, fisher_features
+from service.detect.features import (
+    DEFAULT_K,
+    FEATURE_SETS,
+    SHIPPED_FEATURE_SET,
+    batched_features,
+    check_feature_set,
+    fisher_features,
+)
 from service.detect.forest import CompiledForest
 
 FORMAT_VERSION = 1
@@ -113,7 +120,7 @@ class Detector:
     """A fitted classifier on one feature set, with its operating threshold and its card (provenance, metrics)."""
 
     classifier: Any
-    feature_set: str = "spectral+noise"
+    feature_set: str = SHIPPED_FEATURE_SET
     k: int = DEFAULT_K
     threshold: float = 0.5
     card: dict = field(default_factory=dict)
@@ -234,7 +241,7 @@ def fit_with_threshold(features: np.ndarray, data: DetectionSet, classifier: str
 def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | None, fit_images: Tensor,
                    fit_labels: Tensor, test_images: Tensor | None = None, test_labels: Tensor | None = None,
                    attacks: tuple[str, ...] = DEFAULT_ATTACKS, epsilons: dict[str, float] | None = None,
-                   feature_set: str = "spectral+noise", classifier: str = "rf", k: int = DEFAULT_K,
+                   feature_set: str = SHIPPED_FEATURE_SET, classifier: str = "rf", k: int = DEFAULT_K,
                    target_fpr: float = DEFAULT_FPR, seed: int = 0, progress: bool = False,
                    command: str | None = None, data_description: str = "") -> Detector:
     """Build the detection set, fit the classifier, pick the threshold on out-of-fold validation scores,

@@ -17,6 +17,7 @@ from service.fisher import FisherSpectrum, fisher_spectrum
 
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
 DEFAULT_K = 20
+SHIPPED_FEATURE_SET = "spectral+noise"  # the shipped detectors' set, chosen on validation (reports/mnist)
 KL_FLOOR = 1e-12
 KL_STEPS = (0.25, 1.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
 DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
