@@ -390,13 +390,35 @@ def test_truncated_each_image_keeps_its_own_classes(digits):
     assert (batch.discarded_mass <= 0.01 + 1e-12).all()
 
 
+@pytest.mark.parametrize("class_chunk", [None, 1])  # None: one pass over copies for these small batches
+@pytest.mark.parametrize("method", ["exact", "truncated"])
+def test_margin_is_the_top_two_logit_gap_and_its_gradient(case64, class_chunk, method):
+    x = case64.images
+    spec = fisher_spectrum(case64.model, x, k=3, method=method, return_margin=True, class_chunk=class_chunk)
+    plain = fisher_spectrum(case64.model, x, k=3, method=method, class_chunk=class_chunk)
+    assert plain.margin is None and plain.margin_gradient is None
+    torch.testing.assert_close(spec.eigenvalues, plain.eigenvalues, rtol=1e-10, atol=1e-14)
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        z = case64.model(xi)[0]
+        first, second = z.topk(2).indices.tolist()
+        (grad,) = torch.autograd.grad(z[first] - z[second], xi)
+        torch.testing.assert_close(spec.margin[i], (z[first] - z[second]).detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(spec.margin_gradient[i], grad[0], rtol=1e-10, atol=1e-12)
+
+
+def test_margin_is_refused_by_the_iterative_routes(case):
+    with pytest.raises(ValueError, match="return_margin"):
+        fisher_spectrum(case.model, case.images, k=1, method="power", return_margin=True)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_replicated_and_separate_backward_passes_agree(case, batch):
     """Small batches take one pass over copies (`replicated_rows`); class_chunk=1 forces separate passes."""
     from service.fisher.gram import REPLICATE_MAX_ROWS, factor_rows
 
     x = case.images[:batch]
-    auto_rows, probs, _ = factor_rows(case.model, x, num_classes=case.num_classes)
-    separate_rows, _, _ = factor_rows(case.model, x, class_chunk=1)
+    auto_rows, probs, _, _ = factor_rows(case.model, x, num_classes=case.num_classes)
+    separate_rows, _, _, _ = factor_rows(case.model, x, class_chunk=1)
     assert (probs.shape[1] - 1) * 1 <= REPLICATE_MAX_ROWS  # batch 1 exercises the replicated path
     torch.testing.assert_close(auto_rows, separate_rows, rtol=1e-5, atol=1e-6 * float(separate_rows.abs().max()))

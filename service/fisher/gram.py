@@ -80,36 +80,58 @@ def select_classes(probs: Tensor, mass: float, max_classes: int | None) -> tuple
 REPLICATE_MAX_ROWS = 32
 
 
-def replicated_rows(model: nn.Module, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def margin_cotangents(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """e_(1) - e_(2) per image, for the top two classes of `logits` (B, K), and the logit gap z_(1) - z_(2) (B,)
+    float64: the cotangent whose vector-Jacobian product is the gap's gradient (DeepFool's step to the nearest
+    class under the linearisation)."""
+    top = logits.detach().topk(2, dim=-1)
+    images = torch.arange(logits.shape[0], device=logits.device)
+    cot = torch.zeros_like(logits)
+    cot[images, top.indices[:, 0]] = 1.0
+    cot[images, top.indices[:, 1]] = -1.0
+    return cot, (top.values[:, 0] - top.values[:, 1]).double()
+
+
+def replicated_rows(model: nn.Module, x: Tensor, num_classes: int, margin: bool = False
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """The exact route's K-1 rows for a small batch from ONE forward and ONE backward pass over K-1 copies of
-    the batch (eval mode: copies do not interact); the first copy's logits give p and the cotangents.
-    Returns (rows (K-1, B, *S), probabilities (B, K) float64)."""
+    the batch (eval mode: copies do not interact); the first copy's logits give p and the cotangents. With
+    `margin`, one more copy gives the gradient of the top-two logit gap.
+    Returns (rows (K-1, B, *S), probabilities (B, K) float64, (gap (B,), gap gradient (B, *S)) or None)."""
     r, b = num_classes - 1, x.shape[0]
-    copies = x.detach().unsqueeze(0).expand(r, *x.shape).reshape(r * b, *x.shape[1:]).requires_grad_(True)
+    n = r + int(margin)
+    copies = x.detach().unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:]).requires_grad_(True)
     with torch.enable_grad():
         out = model(copies)
         probs = torch.softmax(out[:b].detach().double(), dim=-1)
         cot = reduced_fisher_factor(probs).permute(2, 0, 1).to(out.dtype)  # (r, B, K)
-        (grads,) = torch.autograd.grad(out, copies, cot.reshape(r * b, -1))
-    return grads.reshape(r, b, *x.shape[1:]), probs
+        gap = None
+        if margin:
+            margin_cot, gap = margin_cotangents(out[:b])
+            cot = torch.cat([cot, margin_cot.unsqueeze(0)])
+        (grads,) = torch.autograd.grad(out, copies, cot.reshape(n * b, -1))
+    grads = grads.reshape(n, b, *x.shape[1:])
+    return grads[:r], probs, None if gap is None else (gap, grads[r])
 
 
 def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
-                class_chunk: int | None = None, num_classes: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                class_chunk: int | None = None, num_classes: int | None = None, margin: bool = False,
+                ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images.
 
     x: (B, *S). All K classes (mass=1, no max_classes): F = reduced_fisher_factor, K-1 rows. Otherwise the
     truncated route's classes (`select_classes`) i, with columns sqrt(p_i) (e_i - p) (equation (4)).
     class_chunk: None runs the backward passes one after another (fastest on CPU), or, for the exact route on a
     small batch (num_classes given), one pass over copies of the batch (`replicated_rows`); 1 always one after
-    another; n > 1 vmaps n at once.
-    Returns (rows (B, r, D), probabilities (B, K) float64, discarded probability mass (B,)).
+    another; n > 1 vmaps n at once. margin: also the gradient of the top-two logit gap, from the same forward pass.
+    Returns (rows (B, r, D), probabilities (B, K) float64, discarded probability mass (B,), (gap (B,) float64,
+    its gradient (B, *S)) or None).
     """
     b = x.shape[0]
     exact = mass >= 1.0 and max_classes is None
     if exact and class_chunk is None and num_classes is not None and b * (num_classes - 1) <= REPLICATE_MAX_ROWS:
-        rows, probs = replicated_rows(model, x, num_classes)
-        return rows.reshape(rows.shape[0], b, -1).transpose(0, 1), probs, torch.zeros_like(probs[:, 0])
+        rows, probs, gap = replicated_rows(model, x, num_classes, margin)
+        return rows.reshape(rows.shape[0], b, -1).transpose(0, 1), probs, torch.zeros_like(probs[:, 0]), gap
     logits, vjp_fn = vjp(model, x)
     probs = torch.softmax(logits.detach().double(), dim=-1)
     kept = None if exact else select_classes(probs, mass, max_classes)
@@ -129,7 +151,11 @@ def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: 
     else:
         (rows,) = vmap(vjp_fn, chunk_size=class_chunk)(cot)
     rows = rows.reshape(rows.shape[0], b, -1).transpose(0, 1)
-    return rows, probs, discarded
+    gap = None
+    if margin:
+        margin_cot, values = margin_cotangents(logits)
+        gap = (values, vjp_fn(margin_cot)[0])
+    return rows, probs, discarded, gap
 
 
 def gram_eigenpairs(rows: Tensor, k: int, return_vectors: bool) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -20,6 +20,8 @@ class FisherSpectrum:
     error_bound:   (N,) absolute bound (or estimate, see `notes`) on the error of each returned eigenvalue.
     discarded_mass: (N,) probability mass left out by the truncated route, zeros otherwise.
     iterations:    (N,) iterations that ran (iterative routes), zeros otherwise.
+    margin:        (N,) float64 gap z_(1) - z_(2) between the top two logits, when asked for (Gram routes).
+    margin_gradient: (N, *image_shape) its gradient, from the same forward pass (one more backward product).
     """
 
     eigenvalues: Tensor
@@ -31,6 +33,8 @@ class FisherSpectrum:
     discarded_mass: Tensor
     iterations: Tensor
     notes: list[str] = field(default_factory=list)
+    margin: Tensor | None = None
+    margin_gradient: Tensor | None = None
 
     @property
     def num_classes(self) -> int:

@@ -30,6 +30,7 @@ def fisher_spectrum(
     method: Method = "auto",
     *,
     return_vectors: bool = False,
+    return_margin: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     class_chunk: int | None = None,
     tol: float = 1e-6,
@@ -47,6 +48,8 @@ def fisher_spectrum(
     probability, at most `max_classes`), "power" / "power-alias" (the paper's Algorithm 1, top-1 only), or
     "auto". `memory_budget` bounds the Jacobian block held at once (bytes); `class_chunk` > 1 vmaps that
     many backward passes together (default: one after another, which measured fastest on CPU).
+    `return_margin` (Gram routes only) also returns the gap between the top two logits and its gradient, from
+    the same forward pass: one more backward product (the detector's margin features use them).
     """
     k = check_k(k)
     if method not in METHODS:
@@ -57,6 +60,8 @@ def fisher_spectrum(
     num_classes = num_classes_of(model, x)
     if method == "auto":
         method = choose_method(num_classes)
+    if return_margin and method not in ("exact", "truncated"):
+        raise ValueError(f"return_margin: only the Gram routes (exact, truncated) return it, not {method!r}")
     generator = torch.Generator().manual_seed(seed)
     if method in ("power", "power-alias"):
         if k != 1:
@@ -74,7 +79,8 @@ def fisher_spectrum(
         if method == "lanczos":
             parts.append(_lanczos(model, xc, k, return_vectors, tol, max_iter, generator))
         else:
-            parts.append(_gram(model, xc, k, return_vectors, method, mass, max_classes, class_chunk, num_classes))
+            parts.append(_gram(model, xc, k, return_vectors, method, mass, max_classes, class_chunk, num_classes,
+                               return_margin))
     return _concat(parts, method, x.shape[1:])
 
 
@@ -85,16 +91,17 @@ def _pad(evals: Tensor, k: int) -> Tensor:
     return torch.cat([evals, evals.new_zeros(evals.shape[0], k - evals.shape[1])], 1)
 
 
-def _gram(model, x, k, return_vectors, method, mass, max_classes, class_chunk, num_classes) -> dict:
+def _gram(model, x, k, return_vectors, method, mass, max_classes, class_chunk, num_classes, margin) -> dict:
     if method == "exact":
         mass, max_classes = 1.0, None
-    rows, probs, discarded = factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk,
-                                         num_classes=num_classes)
+    rows, probs, discarded, gap = factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk,
+                                              num_classes=num_classes, margin=margin)
     # all K classes give K-1 rows: G_x has rank <= K - 1, the eigenvalues from K-1 on are exact zeros (padded)
     evals, vectors, bound = gram_eigenpairs(rows, min(k, rows.shape[1]), return_vectors)
     return dict(
         evals=_pad(evals, k), vectors=vectors, probs=probs, bound=bound, discarded=discarded,
         iters=torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
+        margin=None if gap is None else gap[0], margin_gradient=None if gap is None else gap[1],
     )
 
 
@@ -149,6 +156,7 @@ def _concat(parts: list[dict], method: str, image_shape: torch.Size) -> FisherSp
         vectors = torch.cat([p["vectors"][:, :width] for p in parts])
         vectors = vectors.reshape(vectors.shape[0], width, *image_shape)
     probs = cat("probs")
+    margin = parts[0].get("margin") is not None
     notes = ["eigenvalues beyond index K-2 are exact zeros: G_x has rank at most K-1"]
     if method == "exact":
         notes.append("error_bound: float rounding bound of the Gram route")
@@ -160,5 +168,6 @@ def _concat(parts: list[dict], method: str, image_shape: torch.Size) -> FisherSp
     return FisherSpectrum(
         eigenvalues=cat("evals"), eigenvectors=vectors, probabilities=probs, predictions=probs.argmax(-1),
         method=method, error_bound=cat("bound"), discarded_mass=cat("discarded"), iterations=cat("iters"),
-        notes=notes,
+        notes=notes, margin=cat("margin") if margin else None,
+        margin_gradient=cat("margin_gradient") if margin else None,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -59,8 +61,16 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+_num_classes: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
 def num_classes_of(model: nn.Module, images: Tensor) -> int:
-    """K, from one forward pass on the first image; an image shape the model cannot take is a clear error."""
+    """K, from one forward pass on the first image; an image shape the model cannot take is a clear error.
+    Remembered per model, image shape, dtype and parameter shapes, so a batch costs no extra pass."""
+    key = (tuple(images.shape[1:]), images.dtype, images.device, tuple(p.shape for p in model.parameters()))
+    known = _num_classes.get(model, {}).get(key)
+    if known is not None:
+        return known
     try:
         with torch.no_grad():
             logits = model(images[:1])
@@ -69,6 +79,10 @@ def num_classes_of(model: nn.Module, images: Tensor) -> int:
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"images: the model must map (N, ...) images to (N, K) logits; got {shape} for one image")
+    try:
+        _num_classes.setdefault(model, {})[key] = int(logits.shape[1])
+    except TypeError:  # a model that cannot be weakly referenced is simply not remembered
+        pass
     return int(logits.shape[1])
 
 
