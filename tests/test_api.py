@@ -613,6 +613,43 @@ def test_micro_batcher_waits_only_for_arriving_requests():
     assert sizes == [1, 2]
 
 
+def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch():
+    """Under steady load the clients of the last batch send again: the batcher waits (up to max wait) until it
+    holds as many requests as that batch did, instead of running the first few alone. When the load drops, one
+    batch waits the whole max wait, and the next lone request runs at once."""
+    sizes: list[int] = []
+
+    def work(batch: torch.Tensor) -> list[float]:
+        sizes.append(int(batch.shape[0]))
+        return batch.flatten(1).sum(1).tolist()
+
+    async def scenario() -> tuple[float, float, float]:
+        worker = ModelWorker("m", capacity=100, max_batch=8, max_wait_ms=300)
+        one = lambda: worker.submit(("k",), work, torch.ones(1, 2))  # noqa: E731
+
+        async def late() -> list[list[float]]:
+            await asyncio.sleep(0.05)
+            return await asyncio.gather(one(), one(), one())
+
+        try:
+            await asyncio.gather(*(one() for _ in range(4)))
+            start = time.perf_counter()
+            await asyncio.gather(one(), late())
+            steady = time.perf_counter() - start
+            start = time.perf_counter()
+            await one()
+            dropped = time.perf_counter() - start
+            start = time.perf_counter()
+            await one()
+            return steady, dropped, time.perf_counter() - start
+        finally:
+            await worker.close()
+
+    steady, dropped, lone = asyncio.run(scenario())
+    assert sizes == [4, 4, 1, 1]
+    assert 0.04 < steady < 0.28 and dropped >= 0.25 and lone < 0.2
+
+
 def test_micro_batcher_capacity():
     async def scenario() -> None:
         worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0)

@@ -24,14 +24,17 @@ from service.detect.detector import (
 )
 from service.detect.features import (
     EIGENVALUE_FLOOR,
+    FINE_STEPS,
+    KL_STEPS,
     MARGIN_STEPS,
     NOISE_DRAWS,
     NOISE_NORMS,
     feature_names,
+    fine_direction,
     fisher_features,
     noise_directions,
 )
-from service.fisher import fisher_spectrum
+from service.fisher import dense_fisher, fisher_spectrum
 from service.zoo.registry import load_model
 
 ATTACKS = ("fgm", "ossa")  # the fast ones; the builder treats all five alike
@@ -84,7 +87,7 @@ def test_richer_sets_extend_plain(lenet, val_slice):
     np.testing.assert_allclose(probs.matrix[:, :20], plain, atol=1e-9)
     p = probs.spectrum.probabilities.numpy()
     np.testing.assert_allclose(probs.matrix[:, 21], p.max(1), atol=1e-12)
-    for name in ("spectral", "spectral+noise"):
+    for name in ("spectral", "spectral+noise", "spectral+noise+ratios", "spectral+noise+fine"):
         feats = fisher_features(lenet.module, x, name)
         assert feats.matrix.shape == (4, len(feature_names(name))) and np.isfinite(feats.matrix).all()
         np.testing.assert_allclose(feats.matrix[:, :22], probs.matrix, atol=1e-9)
@@ -135,6 +138,62 @@ def test_margin_features_follow_their_definition(lenet, val_slice):
                 q = torch.softmax(lenet.module((xi - c * distance * grad / norm).clamp(0, 1)).double(), -1)[0]
                 np.testing.assert_allclose(feats[i, _column(f"margin{c}d_log10_kl")], _log10_kl(p, q), atol=1e-3)
                 assert feats[i, _column(f"margin{c}d_flips")] == float(q.argmax() != p.argmax())
+
+
+def test_ratio_features_follow_their_definition(lenet, val_slice):
+    x = val_slice[0][:4]
+    noise = fisher_features(lenet.module, x, "spectral+noise").matrix
+    feats = fisher_features(lenet.module, x, "spectral+noise+ratios")
+    names = feats.names
+    np.testing.assert_allclose(feats.matrix[:, :noise.shape[1]], noise, rtol=1e-6, atol=1e-9)
+    col = lambda name: feats.matrix[:, names.index(name)]  # noqa: E731
+    lam = feats.spectrum.eigenvalues.numpy()
+    trace = lam.sum(1)
+    share = lam / trace[:, None]
+    np.testing.assert_allclose(col("log10_lambda1_over_lambda2"), np.log10(lam[:, 0] / lam[:, 1]), rtol=1e-6)
+    np.testing.assert_allclose(col("log10_lambda2_over_lambda3"), np.log10(lam[:, 1] / lam[:, 2]), rtol=1e-6)
+    np.testing.assert_allclose(col("log10_trace"), np.log10(trace), rtol=1e-9)
+    entropy = -np.sum(np.where(share > 0, share * np.log(np.where(share > 0, share, 1.0)), 0.0), 1)
+    np.testing.assert_allclose(col("effective_rank"), np.exp(entropy), rtol=1e-9)
+    assert ((col("effective_rank") >= 1) & (col("effective_rank") <= 9)).all()  # rank <= K - 1
+    for t in KL_STEPS:
+        np.testing.assert_allclose(col(f"step{t}_log10_kl_over_quadratic"),
+                                   col(f"step{t}_max_log10_kl") - np.log10(t * t * lam[:, 0] / 2), rtol=1e-9)
+    for r in NOISE_NORMS:
+        np.testing.assert_allclose(col(f"noise{r}_log10_kl_over_quadratic"),
+                                   col(f"noise{r}_mean_log10_kl") - np.log10(r * r * trace / (2 * 784)), rtol=1e-9)
+    np.testing.assert_allclose(col("margin_log10_lambda1_d2"),
+                               np.log10(lam[:, 0]) + 2 * col("margin_log10_distance"), rtol=1e-6, atol=1e-9)
+
+
+def test_fine_features_follow_their_definition(lenet, val_slice):
+    x = val_slice[0][:3]
+    feats = fisher_features(lenet.module, x, "spectral+noise+fine")
+    col = lambda name: feats.matrix[:, feats.names.index(name)]  # noqa: E731
+    ratios = fisher_features(lenet.module, x, "spectral+noise+ratios").matrix
+    np.testing.assert_allclose(feats.matrix[:, :ratios.shape[1]], ratios, rtol=1e-6, atol=1e-9)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    u = torch.nn.functional.conv2d(padded, torch.ones(1, 1, 3, 3) / 9) - x  # 3x3 box mean minus the image
+    u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(fine_direction(x), u, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        fine_direction(x.flatten(1))
+    for i in range(3):
+        g = dense_fisher(lenet.module, x[i])[0]  # float64 G_x from the full Jacobian
+        ui = u[i].flatten().double()
+        np.testing.assert_allclose(col("fine_log10_rayleigh")[i], np.log10(float(ui @ g @ ui)), atol=2e-3)
+        v = feats.spectrum.eigenvectors[i, :3].flatten(1).double()
+        np.testing.assert_allclose(col("fine_top3_share")[i], float(((v @ ui) ** 2).sum()), atol=1e-4)
+        with torch.no_grad():
+            p = torch.softmax(lenet.module(x[i:i + 1]).double(), -1)[0]
+            for t in FINE_STEPS:
+                q = torch.softmax(lenet.module((x[i] + t * u[i]).clamp(0, 1)[None]).double(), -1)[0]
+                # the features' probes run on the frozen twin: float32 rounding moves a small KL's log a little
+                np.testing.assert_allclose(col(f"fine{t}_log10_kl")[i], _log10_kl(p, q), atol=0.01)
+                quadratic = np.log10(t * t * float(ui @ g @ ui) / 2)
+                np.testing.assert_allclose(col(f"fine{t}_log10_kl_over_quadratic")[i], _log10_kl(p, q) - quadratic,
+                                           atol=0.02)
+                assert col(f"fine{t}_flips")[i] == float(q.argmax() != p.argmax())
 
 
 def test_features_of_an_image_do_not_depend_on_its_batch(lenet, val_slice):

@@ -9,7 +9,10 @@ batch in the worker thread, and hands each request its rows. While a batch runs,
 form the next batch, so batches grow with the load; `max_batch = 1` turns batching off.
 
 The wait for more requests is only spent while other requests for the model are still arriving (received by
-the HTTP layer, being decoded: `Arrival`); a lone request runs at once, so batching costs no latency at low load.
+the HTTP layer, being decoded: `Arrival`), or while the batch holds fewer requests than the last one did (under
+steady load the clients answered by the last batch send again; without this wait, the few requests that came in
+while a large batch ran would run as a small batch of their own); a lone request runs at once, so batching costs
+no latency at low load.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class MicroBatcher:
         self._items: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._expected = 1  # requests in the last batch: under steady load, about as many come again
 
     async def submit(self, images: Tensor) -> list[Any]:
         """The per-image results for `images`, computed in a batch with whatever else is waiting."""
@@ -128,12 +132,13 @@ class MicroBatcher:
                 size += item.size
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0 or self.worker.arriving <= 0:
-                break  # nobody else is on the way: run now
+            if remaining <= 0 or (self.worker.arriving <= 0 and len(items) >= self._expected):
+                break  # nobody else is on the way, and as many requests as in the last batch: run now
             item = await self._next(remaining)
             if item is None:
                 break
             self._items.appendleft(item)  # size checked at the top of the loop
+        self._expected = len(items)
         kept = [it for it in items if not it.future.done()]  # drop requests that timed out meanwhile
         self.worker.release(size - sum(it.size for it in kept))
         return kept

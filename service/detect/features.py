@@ -18,7 +18,7 @@ from service.zoo.frozen import frozen_twin
 
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
 DEFAULT_K = 20
-SHIPPED_FEATURE_SET = "spectral+noise"  # the shipped detectors' set, chosen on validation (reports/mnist)
+SHIPPED_FEATURE_SET = "spectral+noise+fine"  # the shipped detectors' set, chosen on validation (reports/mnist)
 KL_FLOOR = 1e-12
 KL_STEPS = (0.25, 1.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
 DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
@@ -27,6 +27,7 @@ NOISE_NORMS = (1.0, 2.0, 4.0)  # L2 norms of the isotropic probes of the "spectr
 NOISE_DRAWS = 4  # probe directions per norm: fixed (seeded), the same for every image, so screening is deterministic
 NOISE_SEED = 0
 MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of the linearised distance
+FINE_STEPS = (1.0, 2.0)  # L2 steps along the image's own fine-scale direction (the "spectral+noise+fine" set)
 PROBE_CHUNK = 256  # probe images per forward pass
 
 FEATURE_SETS: dict[str, str] = {
@@ -44,7 +45,23 @@ FEATURE_SETS: dict[str, str] = {
                       f"distance d = gap / norm, and log10 KL and whether the prediction changes after steps of "
                       f"{MARGIN_STEPS} x d toward that class; one spectrum call (one more backward product for the "
                       "margin) plus forward passes",
+    "spectral+noise+ratios": "spectral+noise, plus ratios that a depth-5 tree cannot form itself (no extra pass): "
+                             "log10 lambda_1 / lambda_2 and lambda_2 / lambda_3, log10 tr(G_x) (the sum of the top-k "
+                             "eigenvalues), the effective rank exp(H(lambda / sum lambda)), how far each measured KL "
+                             "departs from its Fisher quadratic form (log10 KL - log10(t^2 lambda_1 / 2) for the steps "
+                             "t along v_1, log10 mean KL - log10(r^2 tr(G_x) / 2D) for the isotropic probes of norm r),"
+                             " and log10(lambda_1 d^2) for the margin's linearised distance d",
+    "spectral+noise+fine": "spectral+noise+ratios, plus the Fisher geometry of the image's own fine-scale direction "
+                           "u = (blur(x) - x) / ||blur(x) - x|| (blur: 3x3 box mean): the Rayleigh quotient "
+                           "log10 u^T G_x u, the share of u in the top-3 eigenvectors, and, after steps of "
+                           f"t in {FINE_STEPS} along u, log10 KL, its departure from the quadratic form "
+                           "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
+                           "length is left out, so the features do not tell noisy images by their noise energy",
 }
+
+VECTOR_SETS = ("spectral", "spectral+noise", "spectral+noise+ratios", "spectral+noise+fine")  # eigenvectors, probes
+NOISE_SETS = ("spectral+noise", "spectral+noise+ratios", "spectral+noise+fine")  # isotropic probes and the margin
+RATIO_SETS = ("spectral+noise+ratios", "spectral+noise+fine")
 
 
 @dataclass
@@ -80,14 +97,22 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
     names = [f"log10_lambda_{i + 1}" for i in range(k)]
     if feature_set != "plain":
         names += ["entropy", "max_prob"]
-    if feature_set in ("spectral", "spectral+noise"):
+    if feature_set in VECTOR_SETS:
         names += [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
         names += [f"step{t}_max_log10_kl" for t in KL_STEPS]
-    if feature_set == "spectral+noise":
+    if feature_set in NOISE_SETS:
         names += [f"noise{r}_{what}" for r in NOISE_NORMS for what in ("mean_log10_kl", "max_log10_kl",
                                                                          "min_log10_kl", "flip_share")]
         names += ["margin_logit_gap", "margin_log10_grad_norm", "margin_log10_distance"]
         names += [f"margin{c}d_{what}" for c in MARGIN_STEPS for what in ("log10_kl", "flips")]
+    if feature_set in RATIO_SETS:
+        names += ["log10_lambda1_over_lambda2", "log10_lambda2_over_lambda3", "log10_trace", "effective_rank"]
+        names += [f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS]
+        names += [f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS]
+        names += ["margin_log10_lambda1_d2"]
+    if feature_set == "spectral+noise+fine":
+        names += ["fine_log10_rayleigh", "fine_top3_share"]
+        names += [f"fine{t}_{what}" for t in FINE_STEPS for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
     return names
 
 
@@ -181,12 +206,65 @@ def _margin_features(p: Tensor, q: Tensor, gap: Tensor, norm: Tensor, distance: 
     return torch.cat([head, torch.stack([kl, flips], -1).flatten(1)], 1).cpu().numpy()
 
 
+def _ratio_features(eigenvalues: Tensor, step_kl: np.ndarray, noise: np.ndarray, distance: Tensor,
+                    dim: int) -> np.ndarray:
+    """Ratios of quantities the other features hold (see FEATURE_SETS["spectral+noise+ratios"]): the Fisher
+    quadratic form is the local KL, so log10 KL minus its log10 measures how non-quadratic the output is there."""
+    lam = eigenvalues.detach().double().cpu().clamp(min=0).numpy()
+    if lam.shape[1] < 3:
+        lam = np.pad(lam, ((0, 0), (0, 3 - lam.shape[1])))
+    log_lam = np.log10(np.maximum(lam, EIGENVALUE_FLOOR))
+    trace = np.maximum(lam.sum(1), EIGENVALUE_FLOOR)
+    share = lam / trace[:, None]
+    effective_rank = np.exp(-(share * np.log(np.maximum(share, 1e-300))).sum(1))
+    steps = np.asarray(KL_STEPS) ** 2 / 2
+    norms = np.asarray(NOISE_NORMS) ** 2 / (2 * dim)
+    mean_noise_kl = noise.reshape(len(noise), len(NOISE_NORMS), -1)[:, :, 0]  # (mean, max, min, flips) per norm
+    d = distance.detach().double().cpu().clamp(min=1e-30).numpy()
+    return np.concatenate([
+        np.stack([log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], np.log10(trace), effective_rank], 1),
+        step_kl - np.log10(np.maximum(steps[None] * lam[:, :1], EIGENVALUE_FLOOR)),
+        mean_noise_kl - np.log10(np.maximum(norms[None] * trace[:, None], EIGENVALUE_FLOOR)),
+        np.log10(np.maximum(lam[:, 0] * d * d, EIGENVALUE_FLOOR))[:, None],
+    ], 1)
+
+
+def fine_direction(images: Tensor) -> Tensor:
+    """The unit direction from each (N, C, H, W) image to its 3x3 box-mean blur (zeros for a flat image)."""
+    if images.ndim != 4:
+        raise ValueError(f"images: the fine-scale features need (N, C, H, W) images, got shape {tuple(images.shape)}")
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    u = blurred - images
+    return u / u.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+
+
+def _fine_probes(images: Tensor, direction: Tensor) -> Tensor:
+    """(N, len(FINE_STEPS), ...): x + t u for each step t along the fine-scale direction u, clipped to [0, 1]."""
+    steps = torch.tensor(FINE_STEPS, dtype=images.dtype, device=images.device).view(1, -1, 1, 1, 1)
+    return (images.unsqueeze(1) + steps * direction.unsqueeze(1)).clamp(0, 1)
+
+
+def _fine_features(p: Tensor, q: Tensor, direction: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
+    """Rayleigh quotient u^T G_x u from the eigenpairs, the share of u in the top-3 eigenvectors, then per step
+    log10 KL, its departure from the quadratic form t^2 u^T G_x u / 2 and the prediction change."""
+    v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
+    projections = (v * direction.flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
+    rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
+    kl = _kl(p[:, None], q)
+    steps = torch.tensor(FINE_STEPS, dtype=torch.float64, device=kl.device)
+    quadratic = steps ** 2 / 2 * rayleigh[:, None].to(kl.device)
+    flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
+    head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
+    per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), flips], -1).flatten(1)
+    return torch.cat([head, per_step], 1).cpu().numpy()
+
+
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
-    """Features of one batch: ONE exact spectrum call (for `spectral+noise` with the margin's gradient from the
-    same forward pass), then one round of forward-only probe passes."""
+    """Features of one batch: ONE exact spectrum call (for the `spectral+noise` sets with the margin's gradient from
+    the same forward pass), then one round of forward-only probe passes."""
     check_feature_set(feature_set)
-    vectors = feature_set in ("spectral", "spectral+noise")
-    noise = feature_set == "spectral+noise"
+    vectors = feature_set in VECTOR_SETS
+    noise = feature_set in NOISE_SETS
     spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=vectors, return_margin=noise)
     base = log_eigenvalues(spectrum.eigenvalues)
     parts = [base]
@@ -200,11 +278,21 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
         if noise:
             margin_probes, norm, distance = _margin_probes(images, spectrum)
             probes += [_noise_probes(images), margin_probes]
+        fine = feature_set == "spectral+noise+fine"
+        if fine:
+            direction = fine_direction(images)
+            probes.append(_fine_probes(images, direction))
         q = _probe_probabilities(model, torch.cat(probes, 1)).split([probe.shape[1] for probe in probes], 1)
         p = q[0][:, 0]
-        parts += [_eigenvector_shape(images, spectrum), _eigenvector_kl(p, q[1])]
+        step_kl = _eigenvector_kl(p, q[1])
+        parts += [_eigenvector_shape(images, spectrum), step_kl]
         if noise:
-            parts += [_noise_statistics(p, q[2]), _margin_features(p, q[3], spectrum.margin, norm, distance)]
+            noise_stats = _noise_statistics(p, q[2])
+            parts += [noise_stats, _margin_features(p, q[3], spectrum.margin, norm, distance)]
+        if feature_set in RATIO_SETS:
+            parts.append(_ratio_features(spectrum.eigenvalues, step_kl, noise_stats, distance, images[0].numel()))
+        if fine:
+            parts.append(_fine_features(p, q[4], direction, spectrum))
     return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
 
 

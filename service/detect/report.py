@@ -75,7 +75,7 @@ def figures(out: Path, results: dict, roc: dict, log_top: np.ndarray, least: np.
     attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in roc]
     fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(3 * max(len(attacks), 1), 3.2), squeeze=False)
     for ax, attack in zip(axes[0], attacks, strict=False):
-        for name in ("RF plain", "RF plain+probs", "RF spectral", "RF spectral+noise", "KD+BU"):
+        for name in ("RF plain", "RF spectral", "RF spectral+noise", "RF spectral+noise+ratios", "KD+BU"):
             if name in roc[attack]:
                 y, s = roc[attack][name]
                 fpr, tpr, _ = roc_curve(y, s)
@@ -129,11 +129,14 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         "from the same call, the shape of the top-3 eigenvectors (|cos| with the image, share of energy on dark "
         f"pixels, L1 norm) and log10 KL(p(x) || p(x +/- t v1)) for steps t in {list(KL_STEPS)} along the top "
         "eigenvector (forward passes only; the paper's Fig 4b idea of moving along the eigenvector); "
-        f"`spectral+noise` (the shipped set) adds the output's KL under isotropic probes of L2 norm "
+        f"`spectral+noise` adds the output's KL under isotropic probes of L2 norm "
         f"{list(NOISE_NORMS)} ({NOISE_DRAWS} fixed directions each; locally the probe's KL is its Fisher "
         "quadratic form, on average r^2 tr(G_x)/2D) "
         "and the margin to the runner-up class (logit gap, its gradient norm, the linearised distance d, KL after "
-        f"steps of {list(MARGIN_STEPS)} x d). "
+        f"steps of {list(MARGIN_STEPS)} x d); `spectral+noise+ratios` (the shipped set) adds, with no further pass, "
+        "ratios a depth-5 tree cannot form itself: lambda_1/lambda_2, lambda_2/lambda_3, tr(G_x), the effective rank, "
+        "each measured KL over its Fisher quadratic form (t^2 lambda_1/2 along v1, r^2 tr(G_x)/2D for the probes) and "
+        "lambda_1 d^2. "
         f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "
         "GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
         f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "
