@@ -182,9 +182,8 @@ def test_screen_tensor_equals_engine(client, engine, digits, reference):
         np.testing.assert_allclose(item["eigenvalues"], expected.eigenvalues[i], rtol=1e-4, atol=1e-9)
 
 
-def test_screen_single_image_forms_agree(client, engine, digits, reference):
+def test_screen_single_image_forms_agree(client, digits, reference):
     """One digit as [H, W], [C, H, W], base64 PNG, base64 JPEG-free .npy, multipart PNG and multipart .npy."""
-    module, detector, _ = engine
     image = digits[0][:1]
     expected = float(reference(image).scores[0])
     png = png_bytes(image[0])
@@ -204,8 +203,7 @@ def test_screen_single_image_forms_agree(client, engine, digits, reference):
         assert response.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_screen_batches(client, engine, digits, reference):
-    module, detector, _ = engine
+def test_screen_batches(client, digits, reference):
     images, _ = digits
     expected = reference(images).scores
     files = [("files", (f"d{i}.png", png_bytes(images[i]), "image/png")) for i in range(len(images))]
@@ -535,8 +533,7 @@ def test_v2_metadata_and_infer(client, engine, digits, reference):
 
 # ---- micro-batching, overload, timeouts ----
 
-def test_concurrent_requests_are_batched_and_correct(client, app, engine, digits, reference):
-    module, detector, _ = engine
+def test_concurrent_requests_are_batched_and_correct(client, app, digits, reference):
     images = digits[0]
     expected = reference(images).scores
     results: dict[int, float] = {}
