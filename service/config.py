@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="Port `fisher-guard serve` listens on.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every model once).")
+    metrics_multiproc_dir: str | None = Field(None, description="With workers > 1: the directory where the worker "
+                                              "processes share their Prometheus metrics, so that /metrics sums "
+                                              "them (its *.db files are removed at start-up); unset: "
+                                              "PROMETHEUS_MULTIPROC_DIR when set, else a fresh temporary directory "
+                                              "removed at exit.")
     api_torch_threads: int = Field(1, ge=1, description="torch CPU threads of each API process (set at start-up). "
                                    "Each model's work runs in one thread; on a busy 2-core machine 2 torch threads "
                                    "spin and made a 1-image screen 20x slower.")

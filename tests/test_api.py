@@ -648,19 +648,25 @@ def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch():
 
 
 def test_micro_batcher_capacity():
+    """Work beyond the capacity is refused while the model is busy; the count of images in flight, as reported to
+    `on_pending` (the metrics gauge), rises on admission and falls when the work ends, refused work not counted."""
+    reported: list[int] = []
+
     async def scenario() -> None:
-        worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0)
+        worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0, on_pending=reported.append)
         try:
             slow = asyncio.ensure_future(worker.run(time.sleep, 0.3, images=2))
             await asyncio.sleep(0.05)
             with pytest.raises(QueueFullError):
                 await worker.submit(("k",), lambda b: b.tolist(), torch.zeros(1, 1))
             await slow
+            await asyncio.sleep(0.05)  # the release comes back to the loop from the worker thread
             assert await worker.submit(("k",), lambda b: b.tolist(), torch.zeros(1, 1)) == [[0.0]]
         finally:
             await worker.close()
 
     asyncio.run(scenario())
+    assert reported == [2, 0, 1, 0]
 
 
 def test_overload_and_timeout_over_http(api_models_dir, digits):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,17 +40,18 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(api_models_dir, tmp_path_factory):
-    """The service in its own process; yields (base URL, process). Stopped with SIGTERM at the end."""
+def start_server(models_dir: Path, log: Path, *args: str, **env: str) -> tuple[str, subprocess.Popen]:
+    """`fisher-guard serve` on a free port (extra CLI args and FISHER_GUARD_* variables), once /health/ready
+    answers 200; returns (base URL, process)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("e2e") / "server.log"
-    env = {**os.environ, "FISHER_GUARD_MODELS_DIR": str(api_models_dir), "FISHER_GUARD_SERVE_MODELS": MODEL,
-           "FISHER_GUARD_DEVICE": "cpu", "FISHER_GUARD_MAX_ATTACK_STEPS": "5000", "FISHER_GUARD_LOG_LEVEL": "info"}
+    env = {**os.environ, "FISHER_GUARD_MODELS_DIR": str(models_dir), "FISHER_GUARD_SERVE_MODELS": MODEL,
+           "FISHER_GUARD_DEVICE": "cpu", "FISHER_GUARD_MAX_ATTACK_STEPS": "5000", "FISHER_GUARD_LOG_LEVEL": "info",
+           **env}
     env.pop("FISHER_GUARD_API_KEYS", None)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                                    "--threads", "1"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    "--threads", "1", *args], cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -57,20 +59,31 @@ def server(api_models_dir, tmp_path_factory):
             raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                break
+                return base, process
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"the server did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield base, process, log
+
+
+def stop_server(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(api_models_dir, tmp_path_factory):
+    """The service in its own process; yields (base URL, process, log). Stopped with SIGTERM at the end."""
+    log = tmp_path_factory.mktemp("e2e") / "server.log"
+    base, process = start_server(api_models_dir, log)
+    yield base, process, log
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +168,46 @@ def test_graceful_shutdown_finishes_the_request_in_flight(server, digits):
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     text = log.read_text()
     assert "Application shutdown complete" in text and "Finished server process" in text
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head, value = line.rsplit(" ", 1)
+            found = dict(re.findall(r'(\w+)="([^"]*)"', head))
+            if head.split("{")[0] == name and all(found.get(k) == v for k, v in labels.items()):
+                return float(value)
+    return 0.0
+
+
+def test_metrics_add_up_over_worker_processes(api_models_dir, digits, tmp_path):
+    """`--workers 2`: each scrape of /metrics, whichever process takes it, counts the requests of both processes;
+    the processes, readiness and images in flight combine as their gauges say; the shared directory is given
+    back at exit."""
+    shared = tmp_path / "metrics"
+    base, process = start_server(api_models_dir, tmp_path / "server.log", "--workers", "2",
+                                 FISHER_GUARD_METRICS_MULTIPROC_DIR=str(shared))
+    try:
+        deadline = time.monotonic() + 120  # /health/ready answered by one process: wait for both
+        while metric_value(httpx.get(f"{base}/metrics").text, "fisher_guard_ready") < 1:
+            assert time.monotonic() < deadline, "both worker processes did not become ready"
+            time.sleep(0.5)
+        images = digits[0]
+        sent = 24
+        for i in range(sent):  # a new connection each: the processes share the listening socket
+            response = httpx.post(f"{base}/v1/models/{MODEL}/screen", json={"tensor": images[i % 16].tolist()},
+                                  timeout=30, headers={"Connection": "close"})
+            assert response.status_code == 200, response.text
+        assert len({path.name.split("_")[-1] for path in shared.glob("counter_*.db")}) == 2
+        for _ in range(6):
+            text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}).text
+            assert metric_value(text, "fisher_guard_images_screened_total", model=MODEL) == sent
+            assert metric_value(text, "fisher_guard_requests_total", endpoint="/v1/models/{model}/screen",
+                                status="200") == sent
+            assert metric_value(text, "fisher_guard_processes") == 2
+            assert metric_value(text, "fisher_guard_ready") == 1
+            assert metric_value(text, "fisher_guard_images_in_flight", model=MODEL) == 0
+    finally:
+        stop_server(process)
+    assert not list(shared.glob("gauge_live*.db"))  # each process dropped its live gauges at shutdown

@@ -62,11 +62,12 @@ async def load_models(app: FastAPI) -> None:
             worker = ModelWorker(card.name, settings.queue_capacity, settings.batch_max_size,
                                  settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
                                  metrics.observe_batch(name, kind, size), threads=settings.api_torch_threads,
+                                 on_pending=metrics.in_flight.labels(card.name).set,
                                  large_batch_threads=settings.api_torch_threads_large_batch,
                                  large_batch=settings.api_large_batch,
                                  small_batch_onednn=settings.api_small_batch_onednn)
             app.state.workers.append(worker)
-            metrics.in_flight.labels(card.name).set_function(lambda w=worker: w.pending)
+            metrics.in_flight.labels(card.name).set(0)
             served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
             app.state.models[served.name] = served
             app.state.known_models.add(served.name)
@@ -86,6 +87,8 @@ async def load_models(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     modules: list[ModuleType] = app.state.router_modules
+    app.state.metrics.processes.set(1)
+    app.state.metrics.ready.set(0)
     loader = asyncio.create_task(load_models(app), name="load-models")
     for module in modules:
         if hasattr(module, "on_startup"):
@@ -104,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await module.on_shutdown(app)
         for worker in app.state.workers:
             await worker.close()
+        app.state.metrics.process_exit()
 
 
 def problem_openapi(app: FastAPI) -> dict[str, Any]:

@@ -186,6 +186,7 @@ class ModelWorker:
 
     def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
                  on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
+                 on_pending: Callable[[int], None] | None = None,
                  large_batch_threads: int | None = None, large_batch: int = 48,
                  small_batch_onednn: bool = True) -> None:
         self.name = name
@@ -201,6 +202,7 @@ class ModelWorker:
         self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
         self.closed = False
         self._on_batch = on_batch
+        self._on_pending = on_pending  # told the count of images in flight each time it changes (a metrics gauge)
         self._batchers: dict[Hashable, MicroBatcher] = {}
 
     def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
@@ -223,10 +225,16 @@ class ModelWorker:
         if self.pending + images > self.capacity and self.pending > 0:
             raise QueueFullError(self.name, self.capacity)
         self.pending += images
+        if self._on_pending is not None:
+            self._on_pending(self.pending)
 
     def release(self, images: int) -> None:
         """Images whose work is finished (or dropped) leave the count; only called on the event loop."""
+        if images == 0:
+            return
         self.pending -= images
+        if self._on_pending is not None:
+            self._on_pending(self.pending)
 
     def batcher(self, key: Hashable, fn: BatchFn) -> MicroBatcher:
         """The batcher for one kind of work (`key`), made on first use."""

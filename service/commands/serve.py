@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable (see service.api.metrics)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +26,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=serve)
 
 
+@contextlib.contextmanager
+def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]:
+    """With several worker processes, a directory for prometheus_client's multi-process mode, exported as
+    PROMETHEUS_MULTIPROC_DIR before uvicorn starts the workers (they inherit it and import prometheus_client
+    after it is set). Stale values of an earlier run are removed; a temporary directory is removed at exit."""
+    if workers <= 1:
+        yield None
+        return
+    chosen = configured or os.environ.get(MULTIPROCESS_ENV)
+    temporary = chosen is None
+    path = Path(tempfile.mkdtemp(prefix="fisher-guard-metrics-") if temporary else chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_ENV] = str(path)
+    try:
+        yield str(path)
+    finally:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -30,15 +59,17 @@ def serve(args: argparse.Namespace) -> int:
         get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        "service.api.app:serve_app",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_config=None,  # keep our JSON logging
-        log_level=settings.log_level.lower(),
-        access_log=False,  # the API logs one line per request itself, with its request id
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
-    )
+    workers = args.workers or settings.workers
+    with shared_metrics(workers, settings.metrics_multiproc_dir):
+        uvicorn.run(
+            "service.api.app:serve_app",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=workers,
+            log_config=None,  # keep our JSON logging
+            log_level=settings.log_level.lower(),
+            access_log=False,  # the API logs one line per request itself, with its request id
+            timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+        )
     return 0
