@@ -3,6 +3,7 @@ entry point and environment variable they use is real."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -106,3 +107,26 @@ def test_readme_settings_table_is_generated_from_the_class() -> None:
     block = re.search(r"<!-- settings:begin -->\n(.*?)<!-- settings:end -->", readme, re.S)
     assert block, "README.md needs the generated settings table between settings:begin/end markers"
     assert block.group(1) == settings_markdown(), "README's settings table is stale: run `fisher-guard settings`"
+
+
+def test_serve_shares_metrics_between_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --workers N` exports PROMETHEUS_MULTIPROC_DIR for the worker processes: none with one worker; a
+    fresh temporary directory removed at exit by default; a configured directory kept, its stale values wiped."""
+    from service.commands.serve import MULTIPROCESS_ENV, shared_metrics
+
+    monkeypatch.setenv(MULTIPROCESS_ENV, "unset below, restored after the test")
+    monkeypatch.delenv(MULTIPROCESS_ENV)
+    with shared_metrics(1, None) as path:
+        assert path is None and MULTIPROCESS_ENV not in os.environ
+    with shared_metrics(2, None) as path:
+        assert path is not None and Path(path).is_dir()
+        assert os.environ[MULTIPROCESS_ENV] == path
+        (Path(path) / "counter_1.db").write_bytes(b"x")
+    assert not Path(path).exists() and MULTIPROCESS_ENV not in os.environ
+    configured = tmp_path / "metrics"
+    configured.mkdir()
+    (configured / "counter_99.db").write_bytes(b"stale")
+    (configured / "keep.txt").write_text("not a metrics file")
+    with shared_metrics(2, str(configured)) as path:
+        assert path == str(configured) and not list(configured.glob("*.db"))
+    assert (configured / "keep.txt").exists()

@@ -30,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]:
     """With several worker processes, a directory for prometheus_client's multi-process mode, exported as
     PROMETHEUS_MULTIPROC_DIR before uvicorn starts the workers (they inherit it and import prometheus_client
-    after it is set). Stale values of an earlier run are removed; a temporary directory is removed at exit."""
+    after it is set). Stale values of an earlier run are removed; at exit the variable is restored and a
+    temporary directory removed."""
     if workers <= 1:
         yield None
         return
-    chosen = configured or os.environ.get(MULTIPROCESS_ENV)
+    previous = os.environ.get(MULTIPROCESS_ENV)
+    chosen = configured or previous
     temporary = chosen is None
     path = Path(tempfile.mkdtemp(prefix="fisher-guard-metrics-") if temporary else chosen)
     path.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,10 @@ def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]
     try:
         yield str(path)
     finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
 
