@@ -183,8 +183,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_add_up_over_worker_processes(api_models_dir, digits, tmp_path):
     """`--workers 2`: each scrape of /metrics, whichever process takes it, counts the requests of both processes;
-    the processes, readiness and images in flight combine as their gauges say; the shared directory is given
-    back at exit."""
+    the processes, readiness and images in flight combine as their gauges say; the live gauges are dropped at
+    exit. Without Redis the job endpoints refuse (503) rather than keep a job in one process."""
     shared = tmp_path / "metrics"
     base, process = start_server(api_models_dir, tmp_path / "server.log", "--workers", "2",
                                  FISHER_GUARD_METRICS_MULTIPROC_DIR=str(shared))
@@ -208,6 +208,8 @@ def test_metrics_add_up_over_worker_processes(api_models_dir, digits, tmp_path):
             assert metric_value(text, "fisher_guard_processes") == 2
             assert metric_value(text, "fisher_guard_ready") == 1
             assert metric_value(text, "fisher_guard_images_in_flight", model=MODEL) == 0
+        jobs = httpx.get(f"{base}/v1/jobs")  # no Redis: the in-process job backend would split jobs over processes
+        assert jobs.status_code == 503 and "FISHER_GUARD_REDIS_URL" in jobs.json()["detail"]
     finally:
         stop_server(process)
     assert not list(shared.glob("gauge_live*.db"))  # each process dropped its live gauges at shutdown

@@ -593,6 +593,20 @@ def http_wait(client, url: str, timeout: float = 60) -> dict:
         time.sleep(0.05)
 
 
+def test_http_jobs_need_redis_with_several_api_processes(models_dir):
+    """With workers > 1 and no Redis, a job taken by one process would be unknown to the others (404 on its
+    status): the job endpoints refuse with 503 and say what to set, and nothing is accepted."""
+    with api_client(queue_settings(models_dir=models_dir, workers=2)) as client:
+        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
+                                                 "limit": 4})
+        assert response.status_code == 503 and response.headers["retry-after"]
+        body = response.json()
+        assert body["code"] == "queue_unavailable" and "FISHER_GUARD_REDIS_URL" in body["detail"]
+        assert client.get("/v1/jobs").status_code == 503
+        assert client.get(f"/v1/jobs/{uuid.uuid4().hex}").json()["code"] == "queue_unavailable"
+        assert client.get("/health/live").status_code == 200
+
+
 def test_http_jobs_in_process(models_dir):
     with api_client(queue_settings(models_dir=models_dir)) as client:
         response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",

@@ -60,12 +60,15 @@ def serve(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.observability import configure_logging
 
-    if args.threads:  # read by every worker process's app at start-up
+    # read by every worker process's app at start-up
+    if args.threads:
         os.environ["FISHER_GUARD_API_TORCH_THREADS"] = str(args.threads)
-        get_settings.cache_clear()
+    if args.workers:  # the apps need the count too: the in-process job backend serves one process only
+        os.environ["FISHER_GUARD_WORKERS"] = str(args.workers)
+    get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    workers = args.workers or settings.workers
+    workers = settings.workers
     with shared_metrics(workers, settings.metrics_multiproc_dir):
         uvicorn.run(
             "service.api.app:serve_app",

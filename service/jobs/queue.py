@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from service.config import Settings, get_settings
-from service.jobs.types import Artifact, JobInfo, JobRequest, JobStatus
+from service.jobs.types import Artifact, JobInfo, JobRequest, JobStatus, QueueUnavailable
 
 
 @runtime_checkable
@@ -56,3 +56,21 @@ def get_job_queue(settings: Settings | None = None) -> JobQueue:
     from service.jobs.local_backend import InProcessJobQueue
 
     return InProcessJobQueue(settings)
+
+
+class UnavailableJobQueue:
+    """A JobQueue that answers every call with QueueUnavailable(reason): for a configuration that cannot run
+    jobs correctly (the API's job endpoints then answer 503 with the reason; nothing is accepted to be lost)."""
+
+    backend = "unavailable"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self, *_: object, **__: object) -> Any:
+        raise QueueUnavailable(self.reason)
+
+    submit = status = result = artifact = cancel = list = ping = _refuse
+
+    def close(self) -> None:
+        return None

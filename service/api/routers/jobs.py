@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -16,8 +17,11 @@ from starlette.datastructures import UploadFile
 
 from service.api.errors import ProblemError, problem_responses
 from service.api.security import require_api_key
+from service.config import Settings
 from service.jobs import JOB_TYPES, JobError, JobInfo, JobQueue, JobRequest, JobStatus, get_job_queue
+from service.jobs.queue import UnavailableJobQueue
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 SUBMIT_DESCRIPTION = f"""Submit a long job. Types: {"; ".join(f"`{k}`: {v}" for k, v in JOB_TYPES.items())}
@@ -52,10 +56,21 @@ def view(info: JobInfo) -> JobView:
                    artifact_url=f"{base}/artifact" if info.has_artifact else None)
 
 
+def api_job_queue(settings: Settings) -> JobQueue:
+    """The settings' queue; with several API processes and no Redis, none: the in-process backend keeps a job in
+    the process that took it, so another process would answer its status with 404 (the job would look lost)."""
+    if not settings.redis_url and settings.workers > 1:
+        reason = (f"jobs need Redis when the API runs {settings.workers} worker processes (the in-process backend "
+                  "keeps a job in one process): set FISHER_GUARD_REDIS_URL, or serve with one worker")
+        log.warning("job endpoints unavailable: %s", reason)
+        return UnavailableJobQueue(reason)
+    return get_job_queue(settings)
+
+
 def job_queue(request: Request) -> JobQueue:
     queue = getattr(request.app.state, "job_queue", None)
     if queue is None:
-        queue = request.app.state.job_queue = get_job_queue(request.app.state.settings)
+        queue = request.app.state.job_queue = api_job_queue(request.app.state.settings)
     return queue
 
 
@@ -63,7 +78,7 @@ QueueDep = Annotated[JobQueue, Depends(job_queue)]
 
 
 async def on_startup(app: Any) -> None:
-    app.state.job_queue = get_job_queue(app.state.settings)
+    app.state.job_queue = api_job_queue(app.state.settings)
 
 
 async def on_shutdown(app: Any) -> None:
