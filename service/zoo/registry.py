@@ -204,7 +204,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     dev = resolve_device(device)
     module = _build(card, path, dev).to(dev).eval().requires_grad_(False)
     _check_output(module, card, path, dev)
-    folded = fold_batchnorm(module)  # served models stay in eval mode: BatchNorm is a fixed affine map there
+    example = torch.rand(2, *card.input_shape, generator=torch.Generator().manual_seed(0)).to(dev)
+    folded = fold_batchnorm(module, example)  # served models stay in eval mode: BatchNorm is a fixed affine map
     if folded:
         log.debug("model %s: folded %d BatchNorm layers into their convolutions", card.name, folded)
     return LoadedModel(name=card.name, card=card, module=module, device=dev, sha256=digest, card_path=card_path)
