@@ -130,3 +130,22 @@ def test_serve_shares_metrics_between_worker_processes(tmp_path: Path, monkeypat
     with shared_metrics(2, str(configured)) as path:
         assert path == str(configured) and not list(configured.glob("*.db"))
     assert (configured / "keep.txt").exists()
+
+
+def test_metrics_drop_the_live_gauges_of_dead_processes(tmp_path: Path) -> None:
+    """A killed API process leaves its live gauges behind (no shutdown ran): they are dropped at the next scrape;
+    those of running processes and every counter stay."""
+    import subprocess
+    import sys
+
+    from service.api.metrics import drop_dead_processes
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead, alive = int(finished.stdout), os.getpid()
+    names = [f"gauge_livesum_{dead}.db", f"gauge_livemin_{dead}.db", f"gauge_livesum_{alive}.db",
+             f"counter_{dead}.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert drop_dead_processes(str(tmp_path)) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"gauge_livesum_{alive}.db", f"counter_{dead}.db"])

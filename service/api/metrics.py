@@ -10,6 +10,7 @@ the live processes, readiness is the minimum (1 only when every live process is 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -22,6 +23,29 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def multiprocess_dir() -> str | None:
     """The directory the processes share their metrics in, or None in single-process mode."""
     return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def drop_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of processes that died without shutting down (a killed worker, which uvicorn
+    replaces): they would count as live forever. Returns their pids."""
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            dead.add(int(pid))
+    for pid in dead:
+        mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class Metrics:
@@ -53,8 +77,10 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this app's registry, or the sum over every process in multi-process mode."""
-        if multiprocess_dir() is None:
+        directory = multiprocess_dir()
+        if directory is None:
             return generate_latest(self.registry)
+        drop_dead_processes(directory)
         combined = CollectorRegistry()
         MultiProcessCollector(combined)
         return generate_latest(combined)
