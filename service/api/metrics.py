@@ -28,11 +28,8 @@ def multiprocess_dir() -> str | None:
 def drop_dead_processes(directory: str) -> list[int]:
     """Drop the live gauges of processes that died without shutting down (a killed worker, which uvicorn
     replaces): they would count as live forever. Returns their pids."""
-    dead = set()
-    for path in Path(directory).glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            dead.add(int(pid))
+    pids = {path.stem.rsplit("_", 1)[-1] for path in Path(directory).glob("gauge_live*_*.db")}
+    dead = {int(pid) for pid in pids if pid.isdigit() and not _alive(int(pid))}
     for pid in dead:
         mark_process_dead(pid, directory)
     return sorted(dead)
@@ -43,8 +40,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
 
 
