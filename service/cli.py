@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Iterations an idle OpenMP worker thread spins before it sleeps (libgomp's default: 300000, milliseconds of a core
+# after every parallel region). The API's model thread runs batches on 2 torch threads; the spinning worker took
+# ~75% of a core from the event loop on a 2-core machine, and 10000 raised micro-batched throughput at concurrency
+# 32 by ~10% (bench/bench_api.py; 1000 and 100000 were slower).
+OPENMP_SPIN_COUNT = "10000"
+
+
+def configure_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set GOMP_SPINCOUNT unless the user chose OpenMP's waiting already; libgomp reads it once, when torch
+    loads, so this runs before any command imports torch (child processes inherit it)."""
+    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_openmp()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from service.cli import build_parser
+from service.cli import OPENMP_SPIN_COUNT, build_parser, configure_openmp
 from service.config import Settings, env_var, settings_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +151,27 @@ def test_metrics_drop_the_live_gauges_of_dead_processes(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     assert drop_dead_processes(str(tmp_path)) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"gauge_livesum_{alive}.db", f"counter_{dead}.db"])
+
+
+def test_cli_sets_openmp_spin_count_before_torch_loads() -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads: the CLI must set it before any command imports torch."""
+    probe = ("import os, sys\n"
+             "import service.cli as cli\n"
+             "build = cli.build_parser\n"
+             "def recording():\n"
+             "    print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))\n"
+             "    return build()\n"
+             "cli.build_parser = recording\n"
+             "cli.main(['settings'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0] == f"False {OPENMP_SPIN_COUNT}"
+
+
+@pytest.mark.parametrize("chosen", [{"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
+def test_cli_keeps_the_users_openmp_choice(chosen: dict[str, str]) -> None:
+    environ = dict(chosen)
+    configure_openmp(environ)
+    assert environ == chosen
+    configure_openmp(empty := {})
+    assert empty == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
