@@ -1,0 +1,95 @@
+"""Candidate detector features on one attack's validation rows: out-of-fold AUC of the shipped feature set alone
+and with each candidate added. The evidence behind README's note on OTCM, the one attack short of the paper.
+
+The detection set is built on the validation split for this attack alone (`build_detection_set`, seed 0), so its
+rows differ slightly from `evaluate`'s (there each attack's seeds depend on its place in the attack list).
+Scores: 5-fold out-of-fold RF scores grouped by source image, as `evaluate` chooses feature sets. Candidates:
+
+- `blur-kl`: log10 KL(p(x) || p(blur(x))) and whether the prediction changes, blur the 3x3 box mean of
+  `fine_direction` (the shipped set steps 1 and 2 along that direction; this goes the whole way);
+- `blur-spectrum`: log10 of the eigenvalues of G at blur(x), and their top one minus x's;
+- `binarize-kl`: the same as blur-kl for x > 0.5, Xu et al.'s bit-depth squeezing: not Fisher geometry, a
+  different detector, measured for scale.
+
+    .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~3 minutes on 2 cores
+    .venv/bin/python bench/detector_candidates.py --attack fgm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.data.mnist import load_mnist  # noqa: E402
+from service.detect.dataset import DEFAULT_ATTACKS, build_detection_set  # noqa: E402
+from service.detect.detector import auc_score, out_of_fold_scores  # noqa: E402
+from service.detect.features import EIGENVALUE_FLOOR, SHIPPED_FEATURE_SET, batched_features  # noqa: E402
+from service.fisher import fisher_spectrum  # noqa: E402
+from service.zoo.registry import load_model  # noqa: E402
+
+CHUNK = 256
+
+
+def probabilities(model: nn.Module, images: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.softmax(torch.cat([model(c) for c in images.split(CHUNK)]).double(), -1)
+
+
+def blurred(images: Tensor) -> Tensor:
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.avg_pool2d(padded, 3, 1)
+
+
+def output_change(model: nn.Module, images: Tensor, squeezed: Tensor) -> np.ndarray:
+    """(N, 2): log10 KL(p(x) || p(squeezed x)) and whether the prediction changes."""
+    p, q = probabilities(model, images), probabilities(model, squeezed)
+    kl = (p * (p.clamp(min=1e-300).log() - q.clamp(min=1e-300).log())).sum(-1).clamp(min=1e-12).log10()
+    return torch.stack([kl, (p.argmax(-1) != q.argmax(-1)).double()], 1).numpy()
+
+
+def log_spectrum(model: nn.Module, images: Tensor) -> np.ndarray:
+    parts = [fisher_spectrum(model, c, k=20, method="exact").eigenvalues.double() for c in images.split(CHUNK)]
+    return np.log10(np.maximum(torch.cat(parts).numpy(), EIGENVALUE_FLOOR))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attack", default="otcm", choices=DEFAULT_ATTACKS)
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = load_model(ROOT / "models" / f"{args.model}.json", device="cpu").module
+    images, labels = load_mnist("val")
+    data = build_detection_set(model, images, labels, (args.attack,), seed=0)
+    x, y, groups = data.images, data.is_adversarial, data.source
+    shipped = batched_features(model, x, SHIPPED_FEATURE_SET)
+    blur_spectrum = log_spectrum(model, blurred(x))
+    candidates = {
+        "blur-kl": output_change(model, x, blurred(x)),
+        "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - shipped[:, :1]]),
+        "binarize-kl (feature squeezing, not Fisher)": output_change(model, x, (x > 0.5).to(x.dtype)),
+    }
+    rows = [f"shipped `{SHIPPED_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]
+    matrices = [shipped] + [np.hstack([shipped, extra]) for extra in candidates.values()]
+    counts = data.counts()[args.attack]
+    print(f"# Candidate features, {args.attack}, {args.model}, validation rows: {counts}\n")
+    print("| features | out-of-fold AUC % |\n|---|---|")
+    for name, features in zip(rows, matrices, strict=True):
+        print(f"| {name} | {100 * auc_score(y, out_of_fold_scores(features, y, groups)):.2f} |")
+    print(f"\n{time.perf_counter() - start:.0f} s; command: python bench/detector_candidates.py "
+          + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
