@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,28 @@ def test_cli_keeps_the_users_openmp_choice(chosen: dict[str, str]) -> None:
     assert environ == chosen
     configure_openmp(empty := {})
     assert empty == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+
+
+def lock_pins(name: str) -> dict[str, str]:
+    """`package==version` lines of a lock file, by normalised package name."""
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            package, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", package).lower()] = version
+    return pins
+
+
+def test_image_lock_pins_the_runtime_and_no_development_tools() -> None:
+    """The image installs requirements.lock: every dependency of the package pinned, the test tools (pinned in
+    requirements-dev.lock for `make install`) left out."""
+    runtime, dev = lock_pins("requirements.lock"), lock_pins("requirements-dev.lock")
+    assert not runtime.keys() & dev.keys()
+    assert {"ruff", "schemathesis", "hypothesis"} <= dev.keys()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {re.sub(r"[-_.]+", "-", re.split(r"[\[=<>~ ]", d)[0]).lower() for d in project["dependencies"]}
+    assert required <= runtime.keys(), f"not pinned: {sorted(required - runtime.keys())}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "requirements.lock" in dockerfile and "requirements-dev.lock" not in dockerfile
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r requirements.lock -r requirements-dev.lock" in makefile
