@@ -147,10 +147,10 @@ def run_case(case: Case, device: torch.device, repeats: int, full: bool, log: Ca
     """
     torch.manual_seed(0)
     model = case.build().to(device).eval().requires_grad_(False)
-    if fold:  # as the registry serves models: eval-mode BatchNorm folded into the convolutions
-        fold_batchnorm(model)
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(case.batch, *case.shape, generator=gen).to(device)
+    if fold:  # as the registry serves models: eval-mode BatchNorm folded into the convolutions
+        fold_batchnorm(model, images[:2])
     one = images[:1]
     err_images = images[: case.error_images]
     log(f"{case.title}: reference ...")

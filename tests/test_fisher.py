@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from service.fisher import dense_fisher, dense_spectrum, fisher_by_class_sum, fisher_spectrum
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def dense_reference(model, images) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -337,23 +331,6 @@ def test_bad_images(lenet_case):
         fisher_spectrum(model, [[0.0]], k=1)
     with pytest.raises(ValueError, match=r"^images:"):
         fisher_spectrum(model, torch.rand(5), k=1)
-
-
-# --- the benchmark stays runnable -------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_bench_quick_lenet(tmp_path):
-    """bench/bench_spectrum.py --quick on case (a) end to end: prints and saves a table."""
-    out = tmp_path / "table.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_spectrum.py"), "--quick", "--cases", "a", "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = out.read_text()
-    for method in ("power", "power-alias", "lanczos", "truncated", "exact"):
-        assert f"| {method} " in table
-    assert "LeNet-5" in proc.stdout
 
 
 def test_fisher_factors():
