@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable: each starts (its imports still exist), and the spectrum benchmark runs its
-quick case end to end (a few seconds). The full benchmarks are run on purpose, not in the suite."""
+quick case end to end (a few seconds), and the API benchmark runs with 0.3 s per row. Their figures come from
+full runs made on purpose, never from the suite."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_bench_spectrum_quick_lenet(tmp_path: Path) -> None:
     for method in ("power", "power-alias", "lanczos", "truncated", "exact"):
         assert f"| {method} " in table
     assert "LeNet-5" in proc.stdout
+
+
+def test_bench_api_short_run(tmp_path: Path) -> None:
+    """bench/bench_api.py with 0.3 s per row: both servers start, every row is served without an error, and the
+    report names the three targets (their verdicts are the benchmark's business, not the suite's)."""
+    out = tmp_path / "api.md"
+    command = [sys.executable, str(ROOT / "bench" / "bench_api.py"), "--duration", "0.3", "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith(("| single", "| batch"))]
+    assert len(rows) == 7
+    assert all(int(row[-1]) == 0 and int(row[4]) > 0 for row in rows)  # no errors, some requests answered
+    for target in ("- batches:", "- single image, concurrency 1:", "- micro-batching at concurrency 32:"):
+        assert target in report
