@@ -32,7 +32,13 @@ sys.path.insert(0, str(ROOT))
 from service.data.mnist import load_mnist  # noqa: E402
 from service.detect.dataset import DEFAULT_ATTACKS, build_detection_set  # noqa: E402
 from service.detect.detector import auc_score, out_of_fold_scores  # noqa: E402
-from service.detect.features import EIGENVALUE_FLOOR, SHIPPED_FEATURE_SET, batched_features  # noqa: E402
+from service.detect.features import (  # noqa: E402
+    EIGENVALUE_FLOOR,
+    SHIPPED_FEATURE_SET,
+    batched_features,
+    box_blur,
+    log10_kl,
+)
 from service.fisher import fisher_spectrum  # noqa: E402
 from service.zoo.registry import load_model  # noqa: E402
 
@@ -44,16 +50,10 @@ def probabilities(model: nn.Module, images: Tensor) -> Tensor:
         return torch.softmax(torch.cat([model(c) for c in images.split(CHUNK)]).double(), -1)
 
 
-def blurred(images: Tensor) -> Tensor:
-    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
-    return torch.nn.functional.avg_pool2d(padded, 3, 1)
-
-
 def output_change(model: nn.Module, images: Tensor, squeezed: Tensor) -> np.ndarray:
     """(N, 2): log10 KL(p(x) || p(squeezed x)) and whether the prediction changes."""
     p, q = probabilities(model, images), probabilities(model, squeezed)
-    kl = (p * (p.clamp(min=1e-300).log() - q.clamp(min=1e-300).log())).sum(-1).clamp(min=1e-12).log10()
-    return torch.stack([kl, (p.argmax(-1) != q.argmax(-1)).double()], 1).numpy()
+    return torch.stack([log10_kl(p, q), (p.argmax(-1) != q.argmax(-1)).double()], 1).numpy()
 
 
 def log_spectrum(model: nn.Module, images: Tensor) -> np.ndarray:
@@ -74,9 +74,9 @@ def main() -> None:
     data = build_detection_set(model, images, labels, (args.attack,), seed=0)
     x, y, groups = data.images, data.is_adversarial, data.source
     shipped = batched_features(model, x, SHIPPED_FEATURE_SET)
-    blur_spectrum = log_spectrum(model, blurred(x))
+    blur_spectrum = log_spectrum(model, box_blur(x))
     candidates = {
-        "blur-kl": output_change(model, x, blurred(x)),
+        "blur-kl": output_change(model, x, box_blur(x)),
         "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - shipped[:, :1]]),
         "binarize-kl (feature squeezing, not Fisher)": output_change(model, x, (x > 0.5).to(x.dtype)),
     }

@@ -116,7 +116,7 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
     return names
 
 
-def _kl(p: Tensor, q: Tensor) -> Tensor:
+def log10_kl(p: Tensor, q: Tensor) -> Tensor:
     """log10 KL(p || q) over the last axis (broadcasting), floored."""
     p, q = p.double().clamp(min=1e-300), q.double().clamp(min=1e-300)
     return (p * (p.log() - q.log())).sum(-1).clamp(min=KL_FLOOR).log10()
@@ -157,7 +157,7 @@ def _eigenvector_probes(images: Tensor, spectrum: FisherSpectrum) -> Tensor:
 def _eigenvector_kl(p: Tensor, q: Tensor) -> np.ndarray:
     """log10 KL(p(x) || p(x +/- t v_1)), the larger side, per step: (N, len(KL_STEPS))."""
     q = q.view(q.shape[0], len(KL_STEPS), 2, -1)
-    return torch.maximum(_kl(p[:, None], q[:, :, 0]), _kl(p[:, None], q[:, :, 1])).cpu().numpy()
+    return torch.maximum(log10_kl(p[:, None], q[:, :, 0]), log10_kl(p[:, None], q[:, :, 1])).cpu().numpy()
 
 
 def noise_directions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -179,7 +179,7 @@ def _noise_statistics(p: Tensor, q: Tensor) -> np.ndarray:
     """Per probe norm: mean, max and min of log10 KL over the directions, and the share that change the
     prediction: (N, 4 * len(NOISE_NORMS))."""
     q = q.view(q.shape[0], len(NOISE_NORMS), NOISE_DRAWS, -1)
-    kl = _kl(p[:, None, None], q)
+    kl = log10_kl(p[:, None, None], q)
     flips = (q.argmax(-1) != p.argmax(-1)[:, None, None]).double().mean(-1)
     return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1).cpu().numpy()
 
@@ -200,7 +200,7 @@ def _margin_probes(images: Tensor, spectrum: FisherSpectrum) -> tuple[Tensor, Te
 def _margin_features(p: Tensor, q: Tensor, gap: Tensor, norm: Tensor, distance: Tensor) -> np.ndarray:
     """The margin to the runner-up class: logit gap z_1 - z_2, log10 ||grad_x (z_1 - z_2)||, log10 of the
     linearised distance d, then log10 KL and prediction change after each step toward it (q: (N, steps, K))."""
-    kl = _kl(p[:, None], q)
+    kl = log10_kl(p[:, None], q)
     flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
     head = torch.stack([gap.double(), norm.log10(), distance.clamp(min=1e-30).log10()], 1)
     return torch.cat([head, torch.stack([kl, flips], -1).flatten(1)], 1).cpu().numpy()
@@ -229,12 +229,16 @@ def _ratio_features(eigenvalues: Tensor, step_kl: np.ndarray, noise: np.ndarray,
     ], 1)
 
 
+def box_blur(images: Tensor) -> Tensor:
+    """The 3x3 box mean of each (N, C, H, W) image (edges replicated)."""
+    return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
+
+
 def fine_direction(images: Tensor) -> Tensor:
     """The unit direction from each (N, C, H, W) image to its 3x3 box-mean blur (zeros for a flat image)."""
     if images.ndim != 4:
         raise ValueError(f"images: the fine-scale features need (N, C, H, W) images, got shape {tuple(images.shape)}")
-    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    u = blurred - images
+    u = box_blur(images) - images
     return u / u.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
 
 
@@ -250,7 +254,7 @@ def _fine_features(p: Tensor, q: Tensor, direction: Tensor, spectrum: FisherSpec
     v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
     projections = (v * direction.flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
     rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
-    kl = _kl(p[:, None], q)
+    kl = log10_kl(p[:, None], q)
     steps = torch.tensor(FINE_STEPS, dtype=torch.float64, device=kl.device)
     quadratic = steps ** 2 / 2 * rayleigh[:, None].to(kl.device)
     flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
