@@ -1,12 +1,13 @@
-"""Load test of the screen endpoint: `fisher-guard serve` (uvicorn) on loopback, LeNet-5 on MNIST, CPU.
+"""Load test of the screen endpoint: `fisher-guard serve` (uvicorn) on loopback, LeNet-5 on MNIST, CPU or GPU.
 
 Starts the server twice (micro-batching on, and off: FISHER_GUARD_BATCH_MAX_SIZE=1), drives it with an asyncio
 load generator (raw keep-alive HTTP/1.1), and reports throughput and p50/p95/p99 latency for single-image
 requests at concurrency 1, 8 and 32, for 64-image batches, and micro-batching on vs off at concurrency 32. Prints
-a Markdown table and writes it to bench/results/api-cpu.md.
+a Markdown table and writes it to bench/results/api-<device>.md (api-cpu.md, api-cuda.md).
 
     .venv/bin/python bench/bench_api.py                  # models/ must hold lenet5 and its detector
     .venv/bin/python bench/bench_api.py --duration 5 --models-dir /path/to/models
+    .venv/bin/python bench/bench_api.py --device cuda    # the model on the GPU
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from service.data.mnist import load_mnist  # noqa: E402
 
-RESULTS = REPO / "bench" / "results" / "api-cpu.md"
+RESULTS = REPO / "bench" / "results"
 
 
 @dataclass
@@ -75,7 +76,7 @@ def png_b64(image: np.ndarray) -> str:
 
 
 def start_server(port: int, batching: bool, args: argparse.Namespace) -> subprocess.Popen:
-    env = {**os.environ, "FISHER_GUARD_SERVE_MODELS": args.model, "FISHER_GUARD_DEVICE": "cpu",
+    env = {**os.environ, "FISHER_GUARD_SERVE_MODELS": args.model, "FISHER_GUARD_DEVICE": args.device,
            "FISHER_GUARD_LOG_LEVEL": "warning", "FISHER_GUARD_BATCH_MAX_SIZE": str(args.max_batch if batching else 1),
            "FISHER_GUARD_BATCH_MAX_WAIT_MS": str(args.max_wait_ms), "FISHER_GUARD_QUEUE_CAPACITY": "4096"}
     env.pop("FISHER_GUARD_API_KEYS", None)
@@ -206,7 +207,7 @@ def engine_ms(args: argparse.Namespace, images: np.ndarray) -> dict[int, float]:
     torch.set_num_threads(args.threads)
     settings = Settings(models_dir=args.models_dir) if args.models_dir else Settings()
     card_path = next(path for card, path in discover_cards(settings) if card.name == args.model)
-    loaded = load_model(card_path, device="cpu")
+    loaded = load_model(card_path, device=args.device)
     detector = load_detector(detector_path(card_path.parent, args.model), loaded.sha256)
     out = {}
     for n in (1, 64):
@@ -217,6 +218,14 @@ def engine_ms(args: argparse.Namespace, images: np.ndarray) -> dict[int, float]:
             detector.score(loaded.module, x)
         out[n] = (time.perf_counter() - start) / 5 * 1000.0
     return out
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return "CPU"
+    import torch
+
+    return f"GPU ({torch.cuda.get_device_name(torch.device(device))})"
 
 
 def load_average() -> str:
@@ -231,7 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--max-batch", type=int, default=64, help="FISHER_GUARD_BATCH_MAX_SIZE when batching")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="FISHER_GUARD_BATCH_MAX_WAIT_MS")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="the server's FISHER_GUARD_DEVICE: cpu (default) or cuda")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/api-<device>.md")
     args = parser.parse_args()
 
     images = load_mnist("test")[0].numpy()
@@ -263,7 +273,7 @@ def main() -> None:
     load_after = load_average()
     command = "python bench/bench_api.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        "# HTTP API benchmark: screen endpoint, LeNet-5 on MNIST, CPU", "",
+        f"# HTTP API benchmark: screen endpoint, LeNet-5 on MNIST, {device_name(args.device)}", "",
         f"Command: `{command.strip()}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
         f"(1/5/15 min) {load_before} before, {load_after} after (the load generator shares the cores).  ",
@@ -279,8 +289,9 @@ def main() -> None:
         "Targets:", *targets(outcomes), "",
     ])
     print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    out = args.out or RESULTS / f"api-{args.device.split(':')[0]}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from service.fisher import dense_fisher, fisher_spectrum  # noqa: E402
 from service.zoo.architectures import LeNet5  # noqa: E402
 from service.zoo.fold import fold_batchnorm  # noqa: E402
+from service.zoo.registry import use_full_float32  # noqa: E402
 
 METHODS = ("power", "power-alias", "lanczos", "truncated", "exact")
 
@@ -254,11 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="also run Algorithm 1 on K=1000 (hours on a CPU); by default it is estimated")
     parser.add_argument("--output", type=Path, default=None, help="where to save the table (Markdown)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: keep cuDNN's TF32 convolutions (the service "
+                        "turns them off when it loads a model on a GPU: registry.use_full_float32)")
     parser.add_argument("--no-fold", action="store_true", help="keep BatchNorm layers as they are (by default "
                         "they are folded into the convolutions, as `load_model` serves models)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not args.tf32:
+        use_full_float32()
     repeats = 1 if args.quick else args.repeats
     unknown = set(args.cases) - set(CASES)
     if unknown:
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases.values():
         rows += run_case(case, device, repeats, args.full, log, fold=not args.no_fold)
         folding = "kept as built" if args.no_fold else "folded into the convolutions, as `load_model` serves models"
-        text = (f"{table(rows, cases)}\n\nBatchNorm: {folding}. Machine: {machine(device)}. Total time "
+        precision = " cuDNN TF32 convolutions on." if device.type == "cuda" and args.tf32 else ""
+        text = (f"{table(rows, cases)}\n\nBatchNorm: {folding}.{precision} Machine: {machine(device)}. Total time "
                 f"{time.perf_counter() - started:.0f} s. Command: `{command}`\n")
         output.write_text(text)  # saved after each case, so a long run keeps what it measured
     print(text)

@@ -3,6 +3,7 @@ jobs make: the same functions the API calls, so a job and a request give the sam
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ import torch
 
 from service.config import get_settings
 from service.zoo.registry import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _models: dict[str, LoadedModel] = {}
@@ -21,7 +24,8 @@ def get_model(name: str) -> LoadedModel:
     """The model by registry name, loaded on first use and then kept for the life of the process."""
     with _lock:
         if name not in _models:
-            _models[name] = load_model(name)
+            model = _models[name] = load_model(name)
+            log.info("model %s loaded on %s (sha256 %s)", name, model.device, model.sha256[:12])
         return _models[name]
 
 

@@ -57,11 +57,32 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None -> the settings' device; 'auto' -> CUDA when available, else CPU."""
+    """None -> the settings' device; 'auto' -> CUDA when available, else CPU. A CUDA device gets its index
+    ('cuda' -> 'cuda:0'), so that responses name the GPU that answered; one that is not there is refused."""
     device = get_settings().device if device is None else device
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {str(device)!r}: use 'auto', 'cpu' or 'cuda[:i]'") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ModelLoadError(f"device {str(device)!r} is not supported: use 'auto', 'cpu' or 'cuda[:i]'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.cuda.current_device() if dev.index is None and count else dev.index
+    if count == 0 or not 0 <= (index or 0) < count:
+        raise ModelLoadError(f"device {str(device)!r} is not available: torch sees {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def use_full_float32() -> None:
+    """Float32 convolutions in float32 on CUDA, not TF32 (cuDNN's default): TF32 keeps 10 mantissa bits, which
+    put ~1e-3 relative errors into spectra that the CPU computes to ~1e-7, and shift the detector's features off
+    the ones it was trained on. Process-wide, like the flag itself; set by every CUDA model load."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def sha256_file(path: str | Path) -> str:
@@ -202,6 +223,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
         raise ModelLoadError(f"weights file {path} has sha256 {digest}, but model card {card_path} "
                              f"expects {card.sha256}: the file changed or is the wrong one")
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        use_full_float32()
     module = _build(card, path, dev).to(dev).eval().requires_grad_(False)
     _check_output(module, card, path, dev)
     example = torch.rand(2, *card.input_shape, generator=torch.Generator().manual_seed(0)).to(dev)
