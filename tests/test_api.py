@@ -687,6 +687,21 @@ def test_overload_and_timeout_over_http(api_models_dir, digits):
         assert busy.headers["retry-after"] == "1"
 
 
+def test_a_device_that_is_not_there_keeps_the_service_unready_and_says_why(api_models_dir):
+    from fastapi.testclient import TestClient
+
+    bad = Settings(models_dir=api_models_dir, user_models_dir=None, device=f"cuda:{torch.cuda.device_count()}",
+                   serve_models=[MODEL])
+    with TestClient(create_app(bad), raise_server_exceptions=False) as bad_client:
+        deadline = time.monotonic() + 60
+        while "failed" not in (response := bad_client.get("/health/ready")).text:
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.05)
+        assert_problem(response, 503, "not_ready")
+        assert "is not available: torch sees" in response.json()["detail"]
+        assert bad_client.get("/health/live").status_code == 200
+
+
 def test_no_server_errors_logged(client):
     text = client.get("/metrics").text
     assert 'status="500"' not in text

@@ -83,6 +83,16 @@ def test_cuda_model_loads_turn_tf32_off():
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
+def test_dense_reference_of_a_gpu_model_on_the_cpu(lenet_case):
+    """dense_fisher computes where the image is: a CPU image of a GPU model gives the CPU reference."""
+    model, _ = on_cuda(lenet_case)
+    image = lenet_case.images[0]
+    g, _, _ = dense_fisher(model, image)
+    assert g.device.type == "cpu" and next(model.parameters()).device.type == "cuda"
+    torch.testing.assert_close(g, dense_fisher(lenet_case.model, image)[0])
+    assert dense_fisher(model, image.to(CUDA))[0].device.type == "cuda"
+
+
 def test_float64_routes_on_cuda_match_dense(case64):
     model, x = on_cuda(case64)
     k = min(case64.num_classes - 1, 4)

@@ -76,6 +76,15 @@ def test_load_by_card_path_and_auto_device() -> None:
     assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "unknown device 'gpu'"), ("mps", "device 'mps' is not supported"),
+    (f"cuda:{torch.cuda.device_count()}", "is not available: torch sees"),  # one past the last GPU, or none
+])
+def test_bad_device_is_refused_with_the_reason(device: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model("lenet5", device=device)
+
+
 def test_unknown_name_is_not_found() -> None:
     with pytest.raises(ModelNotFoundError, match="no model named 'nope'"):
         load_model("nope")

@@ -10,8 +10,11 @@ from torch.func import jacrev
 
 
 def dense_fisher(model: nn.Module, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """G_x = J^T (diag(p) - p p^T) J in float64 for one image (*S). Returns (G (D, D), J (K, D), p (K,))."""
-    model64 = copy.deepcopy(model).double().eval()
+    """G_x = J^T (diag(p) - p p^T) J in float64 for one image (*S). Returns (G (D, D), J (K, D), p (K,)).
+
+    Computed on the image's device, with a float64 copy of the model moved there (a CPU image of a GPU model
+    gives a CPU reference)."""
+    model64 = copy.deepcopy(model).to(device=image.device, dtype=torch.float64).eval()
     x = image.detach().double().unsqueeze(0)
     jac = jacrev(lambda t: model64(t)[0])(x).reshape(-1, x[0].numel())
     with torch.no_grad():

@@ -78,9 +78,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def use_full_float32() -> None:
-    """Float32 convolutions in float32 on CUDA, not TF32 (cuDNN's default): TF32 keeps 10 mantissa bits, which
-    put ~1e-3 relative errors into spectra that the CPU computes to ~1e-7, and shift the detector's features off
-    the ones it was trained on. Process-wide, like the flag itself; set by every CUDA model load."""
+    """Float32 convolutions in float32 on CUDA, not TF32 (cuDNN's default, 10 mantissa bits): with TF32,
+    ResNet-18's exact top eigenvalue was 1.2e-3 off the dense reference instead of 5e-7, and no faster (H200,
+    bench/results/spectrum-cuda-tf32.md); the detector's features would drift off those it was trained on.
+    Process-wide, like the flags themselves; set by every CUDA model load."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
