@@ -438,15 +438,20 @@ def test_payload_limit(client):
 
 # ---- auth ----
 
-def test_api_keys(client, app, settings, caplog):
+def test_api_keys(settings, caplog):
+    """Keys are read at start-up: every endpoint but health needs one, and the schema says so."""
+    from fastapi.testclient import TestClient
+
     caplog.set_level(logging.DEBUG)
-    app.state.settings = settings.model_copy(update={"api_keys": [KEY, "other-key"]})
-    try:
+    keyed = settings.model_copy(update={"api_keys": [KEY, "other-key"], "serve_models": [MODEL]})
+    with TestClient(create_app(keyed), raise_server_exceptions=False) as client:
+        wait_ready(client)
         body = {"tensor": np.zeros((28, 28)).tolist()}
         assert_problem(client.get("/v1/models"), 401, "unauthorized")
         assert_problem(client.post(f"/v1/models/{MODEL}/screen", json=body), 401, "unauthorized")
         assert_problem(client.get("/metrics"), 401, "unauthorized")
         assert_problem(client.get(f"/v2/models/{MODEL}"), 401, "unauthorized")
+        assert_problem(client.get("/v1/jobs"), 401, "unauthorized")
         wrong = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
         assert_problem(wrong, 401, "unauthorized")
         assert wrong.headers["www-authenticate"] == "Bearer"
@@ -455,10 +460,19 @@ def test_api_keys(client, app, settings, caplog):
         assert client.post(f"/v1/models/{MODEL}/screen", json=body, headers={"X-API-Key": KEY}).status_code == 200
         assert client.get("/health/live").status_code == 200 and client.get("/health/ready").status_code == 200
         assert client.get("/v2/health/ready").status_code == 200
-    finally:
-        app.state.settings = settings
-    assert client.get("/v1/models").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+        paths = schema["paths"]
+        assert paths["/v1/models/{model}/screen"]["post"]["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+        assert all("security" not in paths[p]["get"] for p in ("/health/live", "/health/ready", "/v2/health/live"))
     assert KEY not in caplog.text
+
+
+def test_without_keys_nothing_is_checked_and_the_schema_shows_no_security(client):
+    assert client.get("/v1/models").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert not [path for path, ops in schema["paths"].items() for op in ops.values() if "security" in op]
 
 
 # ---- metrics, request ids, OpenAPI ----

@@ -82,10 +82,10 @@ def _pixels(img: Image.Image, channels: int) -> np.ndarray:
         gray = np.asarray(img, dtype=np.float32) / 65535.0
         gray = gray[..., None]
         return np.repeat(gray, channels, axis=2) if channels != 1 else gray
-    if channels == 1:
-        return np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
-    if channels == 3:
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    if channels in (1, 3):
+        mode = "L" if channels == 1 else "RGB"
+        array = np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.float32) / 255.0
+        return array[..., None] if channels == 1 else array
     raise ImageInputError("wrong_channels", f"image files can feed only 1- or 3-channel models, not {channels}")
 
 

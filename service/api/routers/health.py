@@ -8,15 +8,15 @@ from service.api.dependencies import check_ready
 from service.api.errors import problem_responses
 from service.api.schemas import Liveness, Readiness
 
-router = APIRouter(prefix="/health", tags=["health"])
+public_router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=Liveness, summary="Liveness: the process answers.")
+@public_router.get("/live", response_model=Liveness, summary="Liveness: the process answers.")
 async def live() -> Liveness:
     return Liveness()
 
 
-@router.get("/ready", response_model=Readiness, responses=problem_responses(503),
+@public_router.get("/ready", response_model=Readiness, responses=problem_responses(503),
             summary="Readiness: every model (and detector) is loaded and warmed up.")
 async def ready(request: Request) -> Readiness:
     check_ready(request)

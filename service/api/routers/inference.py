@@ -25,11 +25,10 @@ from service.api.schemas import (
     SpectrumResponse,
     VectorFormat,
 )
-from service.api.security import require_api_key
 from service.config import Settings
 from service.data.images import DecodedBatch
 
-router = APIRouter(prefix="/v1/models/{model}", tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/models/{model}", tags=["inference"])
 
 ERRORS = problem_responses(400, 401, 404, 413, 415, 422, 503)
 FILES_DESCRIPTION = "PNG or JPEG files (one image each) or .npy files (one image or a batch)."

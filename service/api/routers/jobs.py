@@ -16,13 +16,12 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.errors import ProblemError, problem_responses
-from service.api.security import require_api_key
 from service.config import Settings
 from service.jobs import JOB_TYPES, JobError, JobInfo, JobQueue, JobRequest, JobStatus, get_job_queue
 from service.jobs.queue import UnavailableJobQueue
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SUBMIT_DESCRIPTION = f"""Submit a long job. Types: {"; ".join(f"`{k}`: {v}" for k, v in JOB_TYPES.items())}
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.errors import problem_responses
-from service.api.security import require_api_key
 
-router = APIRouter(tags=["health"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=problem_responses(401),

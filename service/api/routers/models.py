@@ -10,9 +10,8 @@ from service.api.dependencies import require_ready, served_model
 from service.api.errors import problem_responses
 from service.api.runtime import ServedModel
 from service.api.schemas import DetectorInfo, ModelInfo, ModelList
-from service.api.security import require_api_key
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def model_info(model: ServedModel) -> ModelInfo:

@@ -26,11 +26,10 @@ from service.api.schemas import (
     TensorMetadata,
     V2Health,
 )
-from service.api.security import require_api_key
 from service.data.images import tensor_batch
 
-health_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
-models_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], dependencies=[Depends(require_api_key)])
+public_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # health: never needs a key
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 DATATYPES: dict[str, Any] = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "UINT16": np.uint16,
@@ -52,25 +51,25 @@ def output_names(model: ServedModel) -> list[str]:
     return list(OUTPUTS) if model.detector is not None else list(OUTPUTS[:3])
 
 
-@health_router.get("/health/live", response_model=V2Health, summary="OIP v2 server liveness.")
+@public_router.get("/health/live", response_model=V2Health, summary="OIP v2 server liveness.")
 async def v2_live() -> V2Health:
     return V2Health(live=True)
 
 
-@health_router.get("/health/ready", response_model=V2Health, responses=problem_responses(503),
+@public_router.get("/health/ready", response_model=V2Health, responses=problem_responses(503),
                    summary="OIP v2 server readiness.")
 async def v2_ready(request: Request) -> V2Health:
     check_ready(request)
     return V2Health(ready=True)
 
 
-@models_router.get("", response_model=ServerMetadata, responses=problem_responses(401),
+@router.get("", response_model=ServerMetadata, responses=problem_responses(401),
                    summary="OIP v2 server metadata.")
 async def v2_server(request: Request) -> ServerMetadata:
     return ServerMetadata(name="fisher-guard", version=request.app.version, extensions=[])
 
 
-@models_router.get("/models/{model_name}", response_model=ModelMetadata, responses=problem_responses(401, 404, 503),
+@router.get("/models/{model_name}", response_model=ModelMetadata, responses=problem_responses(401, 404, 503),
                    summary="OIP v2 model metadata: input and output tensors.")
 async def v2_model_metadata(model: V2Model) -> ModelMetadata:
     c, h, w = model.shape
@@ -85,7 +84,7 @@ async def v2_model_metadata(model: V2Model) -> ModelMetadata:
                          inputs=[TensorMetadata(name="input", datatype="FP32", shape=[-1, c, h, w])], outputs=outputs)
 
 
-@models_router.get("/models/{model_name}/ready", response_model=V2Health, responses=problem_responses(401, 404, 503),
+@router.get("/models/{model_name}/ready", response_model=V2Health, responses=problem_responses(401, 404, 503),
                    summary="OIP v2 model readiness.")
 async def v2_model_ready(model: V2Model) -> V2Health:
     return V2Health(ready=True)
@@ -111,7 +110,7 @@ def input_array(tensor: InferTensor) -> np.ndarray:
     return flat.reshape(tensor.shape)
 
 
-@models_router.post("/models/{model_name}/infer", response_model=InferResponse, dependencies=[Depends(require_json)],
+@router.post("/models/{model_name}/infer", response_model=InferResponse, dependencies=[Depends(require_json)],
                     responses=problem_responses(400, 401, 404, 413, 415, 422, 503),
                     summary="OIP v2 inference: logits, probabilities, predictions and the adversarial score.")
 async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> InferResponse:
@@ -147,6 +146,3 @@ async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> Infe
                          outputs=outputs)
 
 
-router = APIRouter()
-router.include_router(health_router)
-router.include_router(models_router)
