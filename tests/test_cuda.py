@@ -196,19 +196,22 @@ def test_api_serves_from_cuda(shipped):
             assert item["perturbation_norm"] <= 3.0 + 1e-4
 
 
-def test_screen_job_on_a_cuda_worker(shipped, tmp_path):
-    """A real redis-server and a real `fisher-guard worker` on the GPU: the job's scores are the engine's."""
+def test_jobs_on_a_cuda_worker(shipped, tmp_path):
+    """A real redis-server and a real `fisher-guard worker` on the GPU: screening (the engine's scores),
+    least-norm, attack and detector-training jobs all succeed there."""
     from service.jobs.redis_backend import RedisJobQueue
     from service.jobs.types import JobRequest, JobStatus
 
     server = shutil.which("redis-server")
     assert server, "redis-server is needed"
+    models = tmp_path / "models"  # a copy: the training job writes its candidate next to the cards
+    shutil.copytree(REPO / "models", models)
     port = 20000 + os.getpid() % 20000
     redis_proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, queue_name = f"redis://127.0.0.1:{port}/0", f"fg-cuda-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "FISHER_GUARD_REDIS_URL": url, "FISHER_GUARD_JOBS_QUEUE": queue_name,
-           "FISHER_GUARD_DEVICE": "cuda"}
+           "FISHER_GUARD_DEVICE": "cuda", "FISHER_GUARD_MODELS_DIR": str(models)}
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--preload", "lenet5"],
@@ -216,16 +219,33 @@ def test_screen_job_on_a_cuda_worker(shipped, tmp_path):
     queue = None
     try:
         time.sleep(0.5)
-        queue = RedisJobQueue(url, Settings(redis_url=url, jobs_queue=queue_name))
-        info = queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=64))
-        deadline = time.monotonic() + 180
-        while not (info := queue.status(info.id)).status.finished:
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        assert info.status == JobStatus.succeeded, f"{info.error}\n{log.read_text()[-3000:]}"
-        rows = queue.artifact(info.id).data.decode().splitlines()[1:]
-        assert len(rows) == 64
-        assert "cuda" in log.read_text(), "the worker logs the device it loaded the model on"
+        queue = RedisJobQueue(url, Settings(redis_url=url, jobs_queue=queue_name, models_dir=models))
+        requests = {
+            "screen": JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=64),
+            "least-norm": JobRequest(type="least-norm", model="lenet5", dataset="mnist:test", limit=8,
+                                     params={"attack": "fgm", "tol": 0.01}),
+            "attack": JobRequest(type="attack", model="lenet5", dataset="mnist:test", limit=8,
+                                 params={"attack": "bim", "epsilon": 2.0, "options": {"steps": 5}}),
+            "train-detector": JobRequest(type="train-detector", model="lenet5", params={
+                "fit_limit": 60, "test_dataset": None, "attacks": ["fgm", "ossa"], "classifier": "gnb",
+                "feature_set": "plain"}),
+        }
+        jobs = {name: queue.submit(request).id for name, request in requests.items()}
+        deadline = time.monotonic() + 240
+        for name, job_id in jobs.items():
+            while not (info := queue.status(job_id)).status.finished:
+                assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            assert info.status == JobStatus.succeeded, f"{name}: {info.error}\n{log.read_text()[-3000:]}"
+        rows = queue.artifact(jobs["screen"]).data.decode().splitlines()
+        header, rows = rows[0].split(","), [row.split(",") for row in rows[1:]]
+        scores = np.array([float(row[header.index("score")]) for row in rows])
+        expected = shipped["detector"].score(shipped["gpu"].module, load_mnist("test")[0][:64].to(CUDA)).scores
+        assert len(scores) == 64 and np.abs(scores - expected).max() <= 0.05
+        assert queue.result(jobs["least-norm"])["searched"] == 8
+        assert queue.result(jobs["attack"])["attacked"] == 8
+        assert Path(queue.result(jobs["train-detector"])["detector_path"]).is_file()
+        assert "loaded on cuda:0" in log.read_text(), "the worker logs the device it loaded the model on"
     finally:
         if queue is not None:
             queue.close()

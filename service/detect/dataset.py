@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks import AttackResult, bim, cw_l2, fgm, ossa, otcm
+from service.fisher.validation import model_device_dtype
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgm", "otcm", "opt", "bim", "ossa")
 
@@ -102,9 +103,12 @@ def build_detection_set(model: nn.Module, images: Tensor, labels: Tensor, attack
     from tqdm.auto import tqdm
 
     eps = {**DEFAULT_EPSILONS, **(epsilons or {})}
+    device, _ = model_device_dtype(model)
+    images, labels = images.cpu(), labels.cpu()  # the set is kept on the CPU; each attack moves its batch over
     with torch.no_grad():
-        preds = torch.cat([model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
-    correct = torch.nonzero(preds.cpu() == labels.cpu()).flatten()
+        preds = torch.cat([model(images[i:i + batch_size].to(device)).argmax(-1).cpu()
+                           for i in range(0, len(images), batch_size)])
+    correct = torch.nonzero(preds == labels).flatten()
     parts: dict[str, list] = {k: [] for k in ("images", "is_adversarial", "kind", "attack", "source", "label", "norm")}
     attempted: dict[str, int] = {}
     for a_index, name in enumerate(tqdm(attacks, desc="attacks", disable=not progress, leave=False)):
