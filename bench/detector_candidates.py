@@ -8,16 +8,20 @@ Scores: 5-fold out-of-fold RF scores grouped by source image, as `evaluate` choo
 - `blur-kl`: log10 KL(p(x) || p(blur(x))) and whether the prediction changes, blur the 3x3 box mean of
   `fine_direction` (the shipped set steps 1 and 2 along that direction; this goes the whole way);
 - `blur-spectrum`: log10 of the eigenvalues of G at blur(x), and their top one minus x's;
+- `tempered`: log10 of the eigenvalues of the Fisher information of the tempered model softmax(z / T) at T = 3
+  and 10, G_T = J^T (diag(p_T) - p_T p_T^T) J / T^2 (the paper's G_x is T = 1, whose eigenvalues vanish on
+  confident images), and of J J^T itself; all from the Gram matrix J J^T of the logits' Jacobian;
 - `binarize-kl`: the same as blur-kl for x > 0.5, Xu et al.'s bit-depth squeezing: not Fisher geometry, a
   different detector, measured for scale.
 
-    .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~3 minutes on 2 cores
+    .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~8 minutes on 2 cores
     .venv/bin/python bench/detector_candidates.py --attack fgm
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -61,6 +65,28 @@ def log_spectrum(model: nn.Module, images: Tensor) -> np.ndarray:
     return np.log10(np.maximum(torch.cat(parts).numpy(), EIGENVALUE_FLOOR))
 
 
+def tempered_spectra(model: nn.Module, images: Tensor, temperatures: tuple[float, ...] = (3.0, 10.0)) -> np.ndarray:
+    """(N, 9 per temperature + K): log10 eigenvalues of G_T for each T, then of J J^T (float64 Jacobians)."""
+    from torch.func import jacrev, vmap
+
+    model64 = copy.deepcopy(model).double()
+    grams, logits = [], []
+    for chunk in images.double().split(CHUNK):
+        jac = vmap(jacrev(lambda image: model64(image[None])[0]))(chunk).flatten(2)  # (B, K, D)
+        grams.append(jac @ jac.transpose(1, 2))
+        with torch.no_grad():
+            logits.append(model64(chunk))
+    gram, z = torch.cat(grams), torch.cat(logits)
+    parts = []
+    for t in temperatures:  # eigenvalues of A^1/2 (J J^T) A^1/2 / T^2 are G_T's non-zero ones
+        p = torch.softmax(z / t, -1)
+        values, vectors = torch.linalg.eigh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+        root = vectors @ torch.diag_embed(values.clamp(min=0).sqrt()) @ vectors.transpose(1, 2)
+        parts.append(torch.linalg.eigvalsh(root @ gram @ root / t**2).flip(-1)[:, : z.shape[1] - 1])
+    parts.append(torch.linalg.eigvalsh(gram).flip(-1))
+    return np.log10(np.maximum(torch.cat(parts, 1).numpy(), EIGENVALUE_FLOOR))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attack", default="otcm", choices=DEFAULT_ATTACKS)
@@ -78,6 +104,7 @@ def main() -> None:
     candidates = {
         "blur-kl": output_change(model, x, box_blur(x)),
         "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - shipped[:, :1]]),
+        "tempered (T = 3, 10) and J J^T spectra": tempered_spectra(model, x),
         "binarize-kl (feature squeezing, not Fisher)": output_change(model, x, (x > 0.5).to(x.dtype)),
     }
     rows = [f"shipped `{SHIPPED_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]

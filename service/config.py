@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     max_epsilon: float = Field(50.0, gt=0, description="Largest L2 epsilon (pixel space [0, 1]) an attack request "
                                "may ask for.")
     max_attack_batch: int = Field(16, ge=1, description="Most images in one request to the iterative attacks "
-                                  "(iterative OSSA, BIM, Opt, least-norm search); larger work goes to /v1/jobs.")
+                                  "(iterative OSSA, BIM, Opt, least-norm search) and to the spectrum with the "
+                                  "paper's Algorithm 1 (method power, power-alias); larger work goes to /v1/jobs.")
     max_attack_steps: int = Field(200, ge=1, description="Most iterations an iterative attack request may ask for.")
     batch_max_size: int = Field(64, ge=1, description="Micro-batching: most images grouped into one forward/Jacobian "
                                 "batch (1 turns micro-batching off).")
@@ -101,6 +102,9 @@ class Settings(BaseSettings):
     jobs_lease_s: int = Field(30, ge=2, description="A running job whose worker has sent no heartbeat for this "
                               "long is taken as abandoned and re-queued (the crash-recovery delay).")
     jobs_max_upload_mb: float = Field(64.0, gt=0, description="Largest job upload (all files together), MiB.")
+    jobs_max_attack_steps: int = Field(10000, ge=1, description="Most iterations (`steps`) an attack job may ask "
+                                       "for: a job's batch cannot be interrupted, so this bounds how long a "
+                                       "cancellation or a shutdown waits.")
     jobs_max_items: int = Field(10000, ge=1, description="Most images in one job (archive members or files).")
     jobs_batch_size: int = Field(256, ge=1, description="Images per engine call inside a job (progress steps).")
     jobs_local_threads: int = Field(1, ge=1, description="Threads of the in-process job backend.")

@@ -232,6 +232,35 @@ def test_screen_threshold_override_and_scaling(client, digits):
     assert form["threshold"] == 1.0 and form["threshold_source"] == "request"
 
 
+def test_each_image_is_scaled_on_its_own_and_a_nudged_pixel_is_refused(client, digits, reference):
+    """0-255 is decided per image: an 8-bit image in a batch does not rescale the others; a [0, 1] image with a
+    pixel pushed past 1 (a way to have an adversarial image screened 255 times darker) is refused."""
+    images = digits[0][:3]
+    mixed = images.clone()
+    mixed[1] = (mixed[1] * 255).round()
+    body = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": mixed.tolist()}).json()
+    assert body["notes"] == ["8-bit images (whole numbers 0-255) were divided by 255: image 1"]
+    expected = reference(images)
+    np.testing.assert_allclose([r["score"] for r in body["results"]], expected.scores, atol=1e-5)
+    assert [r["prediction"] for r in body["results"]] == expected.predictions.tolist()
+    nudged = images.clone()
+    nudged[2, 0, 5, 5] = 1.0001
+    response = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": nudged.tolist()})
+    assert_problem(response, 422, "out_of_range")
+    assert "image 2" in response.json()["detail"]
+
+
+def test_base64_with_line_breaks_and_the_url_safe_alphabet(client, digits, reference):
+    data = png_bytes(digits[0][0])
+    expected = float(reference(digits[0][:1]).scores[0])
+    wrapped = "\n".join(b64(data)[i:i + 76] for i in range(0, len(b64(data)), 76))  # as `base64` prints it
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    for text in (wrapped, urlsafe):
+        response = client.post(f"/v1/models/{MODEL}/screen", json={"images": [text]})
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["score"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_screen_resize_only_when_asked(client, digits):
     big = torch.nn.functional.interpolate(digits[0][:1], size=(40, 40), mode="bilinear")[0]
     data = png_bytes(big)
@@ -347,7 +376,10 @@ def test_attack_upload_and_limits(client, digits):
     assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:2], "labels": [1]}), 422,
                    "invalid_labels")
     assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "labels": [10]}), 422,
-                   "invalid_argument")
+                   "invalid_labels")
+    for label in (-1, 2**70):  # a huge JSON integer used to surface numpy's "Overflow when unpacking long long"
+        assert_problem(client.post(f"/v1/models/{MODEL}/attack", json={"tensor": many[:1], "labels": [label]}), 422,
+                       "validation_error")
 
 
 # ---- bad inputs: 4xx problem documents, never a 500 ----
@@ -367,6 +399,8 @@ def test_bad_image_files(client, digits):
         (b"\x93NUMPY garbage", 422, "corrupt_npy"),
         (npy_bytes(np.array([{"a": 1}], dtype=object)), 422, "corrupt_npy"),
         (npy_bytes(np.zeros((2, 3, 28, 28), dtype=np.float32)), 422, "wrong_channels"),
+        (b"\x93NUMPY\x01\x00\x14\x00{'descr': __import__", 422, "corrupt_npy"),  # numpy's tokenizer raises
+        (npy_bytes(np.zeros((1, 1, 0, 28), dtype=np.float32)), 422, "wrong_shape"),
     ]
     for data, status, code in cases:
         assert_problem(client.post(f"/v1/models/{MODEL}/screen/upload", files={"files": ("x.png", data)}), status, code)
@@ -390,10 +424,15 @@ def test_bad_tensors(client):
         ({"tensor": [["a"] * 28] * 28}, 422, "invalid_tensor"),
         ({"tensor": (np.ones((28, 28)) * -0.5).tolist()}, 422, "out_of_range"),
         ({"tensor": (np.ones((28, 28)) * 300).tolist()}, 422, "out_of_range"),
+        ({"tensor": (np.ones((28, 28)) * 1.5).tolist()}, 422, "out_of_range"),  # above 1 but not whole numbers
+        ({"tensor": [[]]}, 422, "wrong_shape"),
+        ({"tensor": [[[]]]}, 422, "wrong_shape"),
+        ({"tensor": [[[[]]]]}, 422, "wrong_shape"),
         ({"images": ["not base64!"]}, 400, "invalid_base64"),
         ({"images": ["AAAA"], "tensor": [[0]]}, 422, "validation_error"),
         ({}, 422, "validation_error"),
         ({"tensor": [[0]], "threshold": 2}, 422, "validation_error"),
+        ({"tensor": [[0]], "threshold": float("nan")}, 422, "validation_error"),
         ({"tensor": [[0]], "surprise": 1}, 422, "validation_error"),
     ]
     for body, status, code in cases:  # json.dumps writes NaN as the literal NaN, as some clients do
@@ -417,6 +456,9 @@ def test_bad_requests(client, digits):
                    "validation_error")
     assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "k": 2, "method": "power"}),
                    422, "invalid_argument")
+    five = digits[0][:5].tolist()  # the paper's Algorithm 1 is limited like the iterative attacks (max_attack_batch=4)
+    assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": five, "k": 1, "method": "power"}),
+                   422, "too_heavy")
     assert_problem(client.post(f"/v1/models/{MODEL}/spectrum", json={"tensor": image, "method": "magic"}), 422,
                    "validation_error")
 
@@ -541,6 +583,19 @@ def test_v2_metadata_and_infer(client, engine, digits, reference):
     assert_problem(client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0],
                                                                                   datatype="STRING")]}),
                    422, "unsupported_datatype")
+    def infer(**changes):
+        return client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0], **changes)]})
+
+    assert_problem(infer(shape=[2**60 + 2, 1, 28, 28]), 422, "wrong_shape")  # element count past int64
+    assert_problem(infer(shape=[2**32, 2**32, 1, 1], data=[]), 422, "wrong_shape")
+    assert_problem(infer(shape=[1, 1, 0, 28], data=[]), 422, "wrong_shape")
+    assert_problem(infer(datatype="fp32"), 422, "unsupported_datatype")  # OIP datatypes are upper case
+    assert_problem(infer(datatype="UINT8"), 422, "invalid_tensor")  # the digits' values are not whole numbers
+    assert_problem(infer(datatype="BOOL", data=[2] * 784 * 3), 422, "invalid_tensor")
+    assert_problem(infer(data=["0.5"] * 784 * 3), 422, "invalid_tensor")
+    dark = infer(datatype="UINT8", shape=[1, 1, 28, 28], data=[1] * 784).json()  # 1/255, not 1.0
+    bright = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": np.full((28, 28), 1 / 255).tolist()}).json()
+    assert {o["name"]: o for o in dark["outputs"]}["predictions"]["data"] == [bright["results"][0]["prediction"]]
     bare = client.post(f"/v2/models/{BARE}/infer", json=request).json()
     assert "adversarial_score" not in {o["name"] for o in bare["outputs"]}
 

@@ -336,22 +336,34 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
     ({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"options": {"nope": 1}}}, [], 422,
      "invalid_params"),
     ({"type": "train-detector", "model": "lenet5", "params": {"feature_set": "geometry"}}, [], 422, "invalid_params"),
+    ({"type": "least-norm", "model": "lenet5", "dataset": "mnist:test", "params": {"low": 5, "high": 1}}, [], 422,
+     "invalid_params"),
+    *[({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"attack": "bim", "options": o}}, [],
+       422, "invalid_params")
+      for o in ({"steps": 10**9}, {"steps": -3}, {"steps": "abc"}, {"step_size": -3}, {"step_size": float("nan")})],
+    ({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"attack": "opt",
+                                                                              "options": {"c": float("nan")}}},
+     [], 422, "invalid_params"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", b"PK\x03\x04 this is not a zip")], 400, "corrupt_archive"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", "escape")], 400, "unsafe_archive"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", "absolute")], 400, "unsafe_archive"),
     ({"type": "screen", "model": "lenet5"}, [("x.zip", "many")], 413, "too_many_items"),
     ({"type": "screen", "model": "lenet5"}, [("a.png", b"garbage"), ("b.png", b"")], 422, "invalid_images"),
     ({"type": "screen", "model": "lenet5"}, [("x.npz", "wrong-shape")], 422, "wrong_shape"),
+    ({"type": "screen", "model": "lenet5"}, [("x.npz", "no-pixels")], 422, "wrong_shape"),
+    ({"type": "screen", "model": "lenet5"}, [("x.npz", "hostile-header")], 400, "corrupt_archive"),
 ])
 def test_bad_input_is_refused_at_submission(queue, request_, files, status, code):
     image = png(test_images()[0][0])
     special = {"escape": zip_of({"ok.png": image, "../../evil.png": image}),
                "absolute": zip_of({"/etc/evil.png": image}),
                "many": zip_of({f"{i}.png": image for i in range(65)})}  # over jobs_max_items = 64
-    if files and files[0][1] == "wrong-shape":
+    shapes = {"wrong-shape": (2, 1, 32, 32), "no-pixels": (2, 1, 0, 28)}
+    if files and files[0][1] in shapes:
         buffer = io.BytesIO()
-        np.savez(buffer, images=np.zeros((2, 1, 32, 32), np.float32))
+        np.savez(buffer, images=np.zeros(shapes[files[0][1]], np.float32))
         files = [("x.npz", buffer.getvalue())]
+    special["hostile-header"] = zip_of({"images.npy": b"\x93NUMPY\x01\x00\x14\x00{'descr': __import__"})
     files = [(name, special.get(data, data) if isinstance(data, str) else data) for name, data in files]
     before = {j.id for j in queue.list(500)}
     with pytest.raises(JobInputError) as caught:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,9 @@ EXAMPLE_PNG = (
     "cuXL+nD3qZlM4nmKaBAD5bWOBte3OBNykVH/eTTk3LaFPFENuOyRFFacOsT5PdkueLT2P+IHPZtYSObfLhkAAAAASUVORK5CYII="
 )
 CHEAP_ATTACKS = ("ossa", "fgm", "otcm")  # one step: any batch up to max_batch_size
+
+
+MAX_CLASS = 2**31 - 1  # a class index; the model's own count is checked by the engine
 
 
 class ImagesInput(BaseModel):
@@ -44,8 +47,9 @@ class ImagesInput(BaseModel):
 class ScreenRequest(ImagesInput):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [EXAMPLE_PNG]}]})
 
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Verdict threshold on the score; default: "
-                                    "the detector's own (chosen at its target false-positive rate).")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                    description="Verdict threshold on the score; default: the detector's own "
+                                    "(chosen at its target false-positive rate).")
 
 
 class SpectrumRequest(ImagesInput):
@@ -65,13 +69,15 @@ class AttackRequest(ImagesInput):
 
     attack: AttackName = Field("ossa", description="ossa and iterative-ossa (the paper's attack), fgm, otcm, bim, "
                                "opt (C&W-style L2), least-norm (binary search of the smallest fooling epsilon).")
-    epsilon: float = Field(1.0, ge=0.0, description="L2 budget in [0, 1] pixel space (at most the setting "
-                           "max_epsilon); for least-norm the upper end of the search.")
-    labels: list[int] | None = Field(None, description="True class per image; default: the model's prediction.")
+    epsilon: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                           description="L2 budget in [0, 1] pixel space (at most the setting max_epsilon); for "
+                           "least-norm the upper end of the search.")
+    labels: list[Annotated[int, Field(ge=0, le=MAX_CLASS)]] | None = Field(
+        None, description="True class per image; default: the model's prediction.")
     steps: int | None = Field(None, ge=1, description="Iterations of iterative-ossa, bim and opt (at most the "
                               "setting max_attack_steps).")
-    step_size: float | None = Field(None, gt=0.0, description="L2 step of iterative-ossa and bim.")
-    c: float | None = Field(None, ge=0.0, description="Trade-off constant of opt.")
+    step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="L2 step of iterative-ossa and bim.")
+    c: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="Trade-off constant of opt.")
     base_attack: Literal["ossa", "fgm"] = Field("ossa", description="Direction searched by least-norm.")
     output: ImageFormat = Field("png", description="Adversarial images as base64 PNG, tensor, or both.")
 

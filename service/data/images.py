@@ -21,7 +21,8 @@ from torch import Tensor
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 NPY_MAGIC = b"\x93NUMPY"
-SCALED_NOTE = "pixel values above 1 were read as 0-255 and divided by 255"
+URLSAFE = str.maketrans("-_", "+/")
+SCALED_NOTE = "8-bit images (whole numbers 0-255) were divided by 255"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
@@ -126,9 +127,12 @@ def decode_image(data: bytes, shape: tuple[int, int, int], limits: InputLimits, 
 
 
 def decode_base64(text: str, what: str = "image") -> bytes:
-    """Standard base64 (a data: URL prefix is allowed) -> bytes."""
+    """Standard or URL-safe base64, line breaks allowed (and a data: URL prefix) -> bytes."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
+    text = "".join(text.split())  # line breaks of MIME base64 (`base64` wraps at 76 columns)
+    if "-" in text or "_" in text:
+        text = text.translate(URLSAFE)  # the URL-safe alphabet
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -173,6 +177,32 @@ def _as_batch(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     )
 
 
+def _unit_range(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(N, C, H, W) pixels in [0, 1]. Each image is judged alone: one with values above 1 must be an 8-bit image
+    (whole numbers 0-255), and only it is divided by 255. So one image cannot rescale its batch-mates, and an
+    adversarial [0, 1] image with a pixel nudged past 1 is refused rather than screened darkened 255 times."""
+    flat = values.reshape(values.shape[0], -1)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    if (low < 0).any():
+        i = int(np.argmax(low < 0))
+        raise ImageInputError("out_of_range", f"pixel values must lie in [0, 1] (or be whole numbers 0-255); image "
+                              f"{i} has {float(low[i]):g}")
+    eight_bit = high > 1.0
+    if not eight_bit.any():
+        return values, []
+    whole = (flat == np.round(flat)).all(axis=1)
+    bad = eight_bit & ((high > 255.0) | ~whole)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ImageInputError("out_of_range", f"pixel values must lie in [0, 1] or be whole numbers 0-255; image {i} "
+                              f"has values above 1 (largest {float(high[i]):g}) that are not an 8-bit image")
+    values = values.copy()
+    values[eight_bit] /= 255.0
+    which = np.flatnonzero(eight_bit).tolist()
+    listed = ", ".join(map(str, which[:10])) + (", ..." if len(which) > 10 else "")
+    return values, [f"{SCALED_NOTE}: image{'s' if len(which) > 1 else ''} {listed}"]
+
+
 def tensor_batch(array: np.ndarray, shape: tuple[int, int, int], limits: InputLimits,
                  resize: bool = False) -> DecodedBatch:
     """A numeric array of one image or a batch -> validated (N, C, H, W) float32 in [0, 1]."""
@@ -184,6 +214,8 @@ def tensor_batch(array: np.ndarray, shape: tuple[int, int, int], limits: InputLi
     channels, height, width = shape
     if batch.shape[0] == 0:
         raise ImageInputError("empty_batch", "the batch is empty: send at least one image")
+    if batch.size == 0:
+        raise ImageInputError("wrong_shape", f"the images of shape {list(batch.shape[1:])} hold no pixels")
     if batch.shape[0] > limits.max_batch:
         raise ImageInputError("batch_too_large", f"the batch has {batch.shape[0]} images, over the limit of "
                               f"{limits.max_batch}")
@@ -195,16 +227,7 @@ def tensor_batch(array: np.ndarray, shape: tuple[int, int, int], limits: InputLi
     values = batch.astype(np.float32, copy=False)
     if not np.isfinite(values).all():
         raise ImageInputError("non_finite", "the tensor contains NaN or infinite values")
-    notes = []
-    low, high = float(values.min()), float(values.max())
-    if low < 0:
-        raise ImageInputError("out_of_range", f"pixel values must lie in [0, 1] (or 0-255); the smallest is {low:g}")
-    if high > 1.0:
-        if high > 255.0:
-            raise ImageInputError("out_of_range", "pixel values must lie in [0, 1] (or 0-255); the largest is "
-                                  f"{high:g}")
-        values = values / 255.0
-        notes.append(SCALED_NOTE)
+    values, notes = _unit_range(values)
     images = torch.from_numpy(np.ascontiguousarray(values))
     if tuple(images.shape[2:]) != (height, width):
         if not resize:
@@ -236,7 +259,8 @@ def decode_npy(data: bytes, shape: tuple[int, int, int], limits: InputLimits, re
         version = np.lib.format.read_magic(buffer)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         declared, _, dtype = read_header(buffer)  # the header only, no data yet
-    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy parses the header as a Python literal; it raises many types
+        # (ValueError, SyntaxError, tokenize.TokenError, RecursionError, ...) on a hostile one
         raise ImageInputError("corrupt_npy", f"the .npy file has an unreadable header: {exc}") from exc
     count = int(np.prod(declared)) if declared else 1
     budget = limits.max_batch * limits.max_pixels * max(shape[0], 1)

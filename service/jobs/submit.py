@@ -3,9 +3,12 @@ JobInputError (4xx); what passes becomes a JobSpec plus the staged upload (compr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from service.config import Settings
+from service.fisher import METHODS
 from service.jobs import inputs
 from service.jobs.types import (
     DEBUG_JOB_TYPES,
@@ -41,6 +44,7 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
 
         try:
             attack_options(params["attack"], params.get("epsilon"), params.get("options", {}))
+            check_option_values(params.get("options", {}), settings)
         except ValueError as exc:
             raise JobInputError(str(exc), code="invalid_params") from exc
     if request.type == "train-detector":
@@ -65,6 +69,29 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     spec.item_names = staged.names
     spec.item_errors = staged.errors
     return spec, inputs.pack(staged.images, staged.labels)
+
+
+POSITIVE = ("epsilon", "step_size", "lr", "max_norm")  # attack options that must be finite numbers > 0
+NON_NEGATIVE = ("c", "confidence")
+
+
+def check_option_values(options: dict[str, Any], settings: Settings) -> None:
+    """An attack job's option values, checked at submission (their names: `attack_options`): a bad one would
+    otherwise fail the job later, and `steps` bounds how long one batch, which nothing interrupts, can run."""
+    for key, value in options.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key == "steps" and not (isinstance(value, int) and not isinstance(value, bool)
+                                   and 1 <= value <= settings.jobs_max_attack_steps):
+            raise ValueError(f"options.steps must be a whole number in [1, {settings.jobs_max_attack_steps}] "
+                             f"(setting jobs_max_attack_steps), got {value!r}")
+        if key in POSITIVE and not (number and math.isfinite(value) and value > 0):
+            raise ValueError(f"options.{key} must be a finite number above 0, got {value!r}")
+        if key in NON_NEGATIVE and not (number and math.isfinite(value) and value >= 0):
+            raise ValueError(f"options.{key} must be a finite number of at least 0, got {value!r}")
+        if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"options.seed must be a whole number, got {value!r}")
+        if key == "method" and value not in METHODS:
+            raise ValueError(f"options.method must be one of {', '.join(METHODS)}, got {value!r}")
 
 
 def _card(model: str | None) -> tuple[ModelCard, Path]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # job types users may submit (debug-crash only with settings.jobs_debug)
 JOB_TYPES: dict[str, str] = {
@@ -100,10 +100,16 @@ class ScreenParams(BaseModel):
 class LeastNormParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     attack: Literal["ossa", "fgm"] = "ossa"
-    low: float = Field(0.0, ge=0)
-    high: float = Field(6.0, gt=0, le=100)
-    tol: float = Field(1e-3, gt=0)
+    low: float = Field(0.0, ge=0, allow_inf_nan=False)
+    high: float = Field(6.0, gt=0, le=100, allow_inf_nan=False)
+    tol: float = Field(1e-3, gt=0, allow_inf_nan=False)
     use_labels: bool = Field(True, description="Use the dataset's labels (else the model's predictions).")
+
+    @model_validator(mode="after")
+    def _bracket(self) -> LeastNormParams:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        return self
 
 
 def one_of(value: str, known: Iterable[str], what: str) -> str:
@@ -117,7 +123,8 @@ def one_of(value: str, known: Iterable[str], what: str) -> str:
 class AttackParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     attack: str = "ossa"
-    epsilon: float | None = Field(1.0, gt=0, le=100, description="L2 budget (attacks that take one).")
+    epsilon: float | None = Field(1.0, gt=0, le=100, allow_inf_nan=False,
+                                  description="L2 budget (attacks that take one).")
     options: dict[str, int | float | str | bool] = Field(default_factory=dict,
                                                          description="Extra keyword arguments of the attack.")
     use_labels: bool = True

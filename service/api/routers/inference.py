@@ -14,6 +14,7 @@ from service.api.errors import ProblemError, problem_responses
 from service.api.runtime import ServedModel
 from service.api.schemas import (
     CHEAP_ATTACKS,
+    MAX_CLASS,
     AttackName,
     AttackRequest,
     AttackResponse,
@@ -31,6 +32,7 @@ from service.data.images import DecodedBatch
 router = APIRouter(prefix="/v1/models/{model}", tags=["inference"])
 
 ERRORS = problem_responses(400, 401, 404, 413, 415, 422, 503)
+SLOW_METHODS = ("power", "power-alias")  # not micro-batched, and limited like the iterative attacks
 FILES_DESCRIPTION = "PNG or JPEG files (one image each) or .npy files (one image or a batch)."
 Files = Annotated[list[UploadFile], File(description=FILES_DESCRIPTION)]
 ModelDep = Annotated[ServedModel, Depends(served_model)]
@@ -103,7 +105,7 @@ async def screen(body: ScreenRequest, request: Request, model: ModelDep) -> Scre
 @router.post("/screen/upload", response_model=ScreenResponse, responses=ERRORS,
              dependencies=[Depends(require_multipart)], summary="Screen uploaded image files (multipart).")
 async def screen_upload(request: Request, files: Files, model: ModelDep,
-                        threshold: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+                        threshold: Annotated[float | None, Form(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
                         resize: Annotated[bool, Form()] = False) -> ScreenResponse:
     batch = await decode_upload(files, model, settings_of(request), resize)
     return await screen_batch(request, model, batch, threshold)
@@ -113,11 +115,18 @@ async def screen_upload(request: Request, files: Files, model: ModelDep,
 
 async def spectrum_batch(request: Request, model: ServedModel, batch: DecodedBatch, k: int, method: str,
                          vectors: str) -> SpectrumResponse:
-    max_k = settings_of(request).max_k
-    if not 1 <= k <= max_k:
-        raise ProblemError(422, "k_out_of_range", f"k must lie in [1, {max_k}], got {k}")
-    results = await run_batched(model, ("spectrum", k, method, vectors),
-                                lambda x: model.spectrum_batch(x, k, method, vectors), batch.images)
+    settings = settings_of(request)
+    if not 1 <= k <= settings.max_k:
+        raise ProblemError(422, "k_out_of_range", f"k must lie in [1, {settings.max_k}], got {k}")
+    n = int(batch.images.shape[0])
+    if method in SLOW_METHODS:  # the paper's Algorithm 1: one image at a time, K gradients per step
+        if n > settings.max_attack_batch:
+            raise ProblemError(422, "too_heavy", f"method {method} on {n} images is too heavy for a request (at "
+                               f"most {settings.max_attack_batch}); use method exact, or lanczos for many classes")
+        results = await run_unbatched(model, model.spectrum_batch, batch.images, k, method, vectors, images=n)
+    else:
+        results = await run_batched(model, ("spectrum", k, method, vectors),
+                                    lambda x: model.spectrum_batch(x, k, method, vectors), batch.images)
     names = model.card.class_names
     notes = list(batch.notes) + [n for n in (results[0]["notes"] if results else []) if n not in batch.notes]
     items = [{**{key: value for key, value in r.items() if key not in ("method", "notes")},
@@ -169,6 +178,9 @@ async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch
                            f"got {body.epsilon:g}")
     if body.labels is not None and len(body.labels) != n:
         raise ProblemError(422, "invalid_labels", f"labels has {len(body.labels)} entries for {n} images")
+    if body.labels is not None and max(body.labels) >= model.card.num_classes:
+        raise ProblemError(422, "invalid_labels", f"labels must be class indices below {model.card.num_classes}, "
+                           f"got {max(body.labels)}")
     if body.attack not in CHEAP_ATTACKS:
         if n > settings.max_attack_batch:
             raise ProblemError(422, "too_heavy", f"{body.attack} on {n} images is too heavy for a request (at most "
@@ -194,11 +206,12 @@ async def attack(body: AttackRequest, request: Request, model: ModelDep) -> Atta
              dependencies=[Depends(require_multipart)], summary="Attack uploaded image files (multipart).")
 async def attack_upload(request: Request, files: Files, model: ModelDep,
                         attack: Annotated[AttackName, Form()] = "ossa",
-                        epsilon: Annotated[float, Form(ge=0.0)] = 1.0,
-                        label: Annotated[int | None, Form(description="True class of the image(s); default: the "
+                        epsilon: Annotated[float, Form(ge=0.0, allow_inf_nan=False)] = 1.0,
+                        label: Annotated[int | None, Form(ge=0, le=MAX_CLASS,
+                                                          description="True class of the image(s); default: the "
                                                           "model's prediction.")] = None,
                         steps: Annotated[int | None, Form(ge=1)] = None,
-                        step_size: Annotated[float | None, Form(gt=0.0)] = None,
+                        step_size: Annotated[float | None, Form(gt=0.0, allow_inf_nan=False)] = None,
                         output: Annotated[ImageFormat, Form()] = "png",
                         resize: Annotated[bool, Form()] = False) -> AttackResponse:
     batch = await decode_upload(files, model, settings_of(request), resize)

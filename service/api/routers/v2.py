@@ -8,6 +8,7 @@ protocol's `error` field.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -92,21 +93,29 @@ async def v2_model_ready(model: V2Model) -> V2Health:
 
 def input_array(tensor: InferTensor) -> np.ndarray:
     """The request tensor as an array of its declared shape and datatype."""
-    dtype = DATATYPES.get(tensor.datatype.upper())
+    dtype = DATATYPES.get(tensor.datatype)
     if dtype is None:
         raise ProblemError(422, "unsupported_datatype", f"datatype {tensor.datatype!r} is not supported (use one of "
                            f"{', '.join(DATATYPES)})")
     if any(d < 0 for d in tensor.shape) or len(tensor.shape) > 8:
         raise ProblemError(422, "wrong_shape", f"shape {tensor.shape} is not a valid tensor shape")
     try:
-        flat = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+        raw = np.asarray(tensor.data)
     except (ValueError, TypeError) as exc:
         raise ProblemError(422, "invalid_tensor", "data must be numbers, flat or nested, in row-major order") from exc
-    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if raw.dtype.kind not in "biuf":
+        raise ProblemError(422, "invalid_tensor", f"data must be JSON numbers (or booleans for BOOL), not {raw.dtype}")
+    flat = raw.astype(np.float64).reshape(-1)
+    expected = math.prod(tensor.shape)  # a Python int: no overflow on absurd shapes
     if flat.size != expected:
         raise ProblemError(422, "wrong_shape", f"data has {flat.size} values but shape {tensor.shape} needs {expected}")
-    if tensor.datatype.upper() == "UINT8":
-        flat = flat.astype(np.float32)  # 0-255, scaled by tensor_batch
+    if np.dtype(dtype).kind in "biu":  # integer and boolean types: whole numbers in the type's range
+        info = (0, 1) if dtype is np.bool_ else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if not ((flat == np.round(flat)) & (flat >= info[0]) & (flat <= info[1])).all():
+            raise ProblemError(422, "invalid_tensor", f"data holds values that are not {tensor.datatype} "
+                               f"(whole numbers {info[0]}..{info[1]})")
+    if tensor.datatype == "UINT8":
+        flat = flat / 255.0  # the datatype says 0-255, even for an image whose values are all 0 or 1
     return flat.reshape(tensor.shape)
 
 
