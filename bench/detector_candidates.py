@@ -14,7 +14,7 @@ Scores: 5-fold out-of-fold RF scores grouped by source image, as `evaluate` choo
 - `binarize-kl`: the same as blur-kl for x > 0.5, Xu et al.'s bit-depth squeezing: not Fisher geometry, a
   different detector, measured for scale.
 
-    .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~8 minutes on 2 cores
+    .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~5 minutes on 2 cores
     .venv/bin/python bench/detector_candidates.py --attack fgm
 """
 

@@ -5,6 +5,7 @@ graceful shutdown that finishes the request in flight."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -147,6 +148,45 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
     assert "passed" in run.stdout
+
+
+def test_requests_whose_clients_left_are_not_computed(server, digits):
+    """While an attack holds the model, 4 clients send a screen request and hang up: they are logged as 499 and
+    never reach the model (no screen batch runs for them), the queue count falls back to 0, and the server goes
+    on answering."""
+    base, _, _ = server
+    metrics = lambda: httpx.get(f"{base}/metrics").text  # noqa: E731
+    screen = "/v1/models/{model}/screen"
+    before = metrics()
+    busy = threading.Thread(target=lambda: httpx.post(f"{base}/v1/models/{MODEL}/attack", timeout=60, json={
+        "tensor": digits[0][:1].tolist(), "attack": "iterative-ossa", "steps": 1000, "step_size": 0.001}))
+    busy.start()
+    deadline = time.monotonic() + 10
+    while metric_value(metrics(), "fisher_guard_images_in_flight", model=MODEL) < 1:  # the attack holds the model
+        assert time.monotonic() < deadline, "the attack did not start"
+        time.sleep(0.02)
+    body = json.dumps({"tensor": digits[0][:1].tolist()}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    request = (f"POST /v1/models/{MODEL}/screen HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    clients = [socket.create_connection((host, int(port))) for _ in range(4)]
+    for client in clients:
+        client.sendall(request)
+    time.sleep(0.3)
+    for client in clients:
+        client.close()
+    busy.join(60)
+    deadline = time.monotonic() + 10
+    while metric_value(metrics(), "fisher_guard_requests_total", endpoint=screen, status="499") - \
+            metric_value(before, "fisher_guard_requests_total", endpoint=screen, status="499") < 4:
+        assert time.monotonic() < deadline, "the 4 abandoned requests were not recorded as 499"
+        time.sleep(0.1)
+    after = metrics()
+    batches = "fisher_guard_batch_size_images_count"
+    assert metric_value(after, batches, model=MODEL, kind="screen") == metric_value(before, batches, model=MODEL,
+                                                                                     kind="screen")
+    assert metric_value(after, "fisher_guard_images_in_flight", model=MODEL) == 0
+    assert httpx.post(f"{base}/v1/models/{MODEL}/screen", json={"tensor": digits[0][:1].tolist()}).status_code == 200
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(server, digits):

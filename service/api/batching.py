@@ -139,28 +139,33 @@ class MicroBatcher:
                 break
             self._items.appendleft(item)  # size checked at the top of the loop
         self._expected = len(items)
-        kept = [it for it in items if not it.future.done()]  # drop requests that timed out meanwhile
-        self.worker.release(size - sum(it.size for it in kept))
-        return kept
+        return items
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             items = await self._collect()
-            if not items:
+            try:
+                await self.worker.model_free.acquire()  # released when the batch is done (`_submit`)
+            except asyncio.CancelledError:  # closing: what was collected gets the same answer as what waits
+                self._refuse(items)
+                raise
+            # the last moment before the model starts: requests that timed out or whose client left are dropped
+            kept = [it for it in items if not it.future.done()]
+            self.worker.release(sum(it.size for it in items) - sum(it.size for it in kept))
+            if not kept:
+                self.worker.model_free.release()
                 continue
+            items = kept
             batch = items[0].images if len(items) == 1 else torch.cat([it.images for it in items])
             if self.on_batch is not None:
                 self.on_batch(int(batch.shape[0]))
             try:
-                results = await loop.run_in_executor(self.worker.executor, self.worker.with_threads, self.fn, batch)
+                results = await self.worker._submit(int(batch.shape[0]), self.worker.with_threads, self.fn, batch)
             except Exception as exc:  # every waiting request gets the error (e.g. a ValueError from the engine)
                 for it in items:
                     if not it.future.done():
                         it.future.set_exception(exc)
                 continue
-            finally:
-                self.worker.release(int(batch.shape[0]))
             start = 0
             for it in items:
                 if not it.future.done():
@@ -174,8 +179,11 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        while self._items:
-            item = self._items.popleft()
+        self._refuse(list(self._items))
+        self._items.clear()
+
+    def _refuse(self, items: list[_Item]) -> None:
+        for item in items:
             self.worker.release(item.size)
             if not item.future.done():
                 item.future.set_exception(WorkerClosedError("the service is shutting down"))
@@ -198,6 +206,9 @@ class ModelWorker:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        # Held from the moment work is handed to the thread until it is done there: so nothing waits in the
+        # executor's own queue, where it could no longer be dropped when its request is abandoned.
+        self.model_free = asyncio.Lock()
         self.pending = 0
         self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
         self.closed = False
@@ -250,18 +261,32 @@ class ModelWorker:
         return await self.batcher(key, fn).submit(images)
 
     async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
-        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work."""
+        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work. A
+        request abandoned while it waits for the thread (timeout, client gone) never runs."""
         self._admit(images)
+        try:
+            await self.model_free.acquire()
+        except BaseException:
+            self.release(images)
+            raise
+        return await self._submit(images, fn, *args)
+
+    async def _submit(self, images: int, fn: Callable[..., T], *args: Any) -> T:
+        """Hand work to the model's thread (`model_free` held); when it is really over there (a request that
+        times out leaves it running), the images leave the count and the thread is free again."""
         loop = asyncio.get_running_loop()
-        # released when the work is really over: a request that times out leaves its work running in the thread
         work = self.executor.submit(fn, *args)
 
         def done(_: object) -> None:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self.release, images)
+                loop.call_soon_threadsafe(self._work_done, images)
 
         work.add_done_callback(done)
         return await asyncio.wrap_future(work)
+
+    def _work_done(self, images: int) -> None:
+        self.release(images)
+        self.model_free.release()
 
     async def close(self) -> None:
         """Refuse new work, fail what still waits, and let the running batch finish."""

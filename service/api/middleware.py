@@ -36,9 +36,16 @@ def announce(scope: Scope) -> Arrival | None:
     return Arrival(served.worker) if served is not None else None
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer (metrics, log)
+
+
 class RequestContextMiddleware:
     """X-Request-ID (taken from the client when well-formed, else made), request body limit (413), request
-    timeout (504 when no answer has started), request count and latency by route and model, one log line."""
+    timeout (504 when no answer has started), request count and latency by route and model, one log line.
+
+    A request whose client disconnects before its answer starts is cancelled (status 499 in metrics and log):
+    its images leave the model's queue instead of being computed for nobody, which under overload is what
+    clients that time out and retry would otherwise cause. Job submissions are left to finish."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, timeout: float, metrics: Metrics,
                  known_models: set[str], max_job_body: int | None = None) -> None:
@@ -58,7 +65,7 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID_OK.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "gone": False}
         path = scope.get("path", "")
         max_body = self.max_job_body if path.startswith("/v1/jobs") else self.max_body
         arrival = announce(scope)
@@ -72,6 +79,7 @@ class RequestContextMiddleware:
             await send(message)
 
         received = 0
+        body_read = asyncio.Event()
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -81,7 +89,31 @@ class RequestContextMiddleware:
                 if received > max_body:
                     raise ProblemError(413, "payload_too_large", f"the request body is over the limit of "
                                        f"{max_body} bytes")
+                if not message.get("more_body", False):
+                    body_read.set()
             return message
+
+        async def run_app() -> None:
+            """The app; for a POST outside /v1/jobs, cancelled when the client disconnects before the answer."""
+            if scope.get("method") != "POST" or path.startswith("/v1/jobs"):
+                await self.app(scope, limited_receive, send_with_id)
+                return
+            app = asyncio.ensure_future(self.app(scope, limited_receive, send_with_id))
+
+            async def watch() -> None:
+                await body_read.wait()  # the app has the whole body: what comes next can only be the end
+                if (await receive())["type"] == "http.disconnect" and not status["started"]:
+                    status["gone"] = True
+                    app.cancel()
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await app
+            except asyncio.CancelledError:
+                if not status["gone"]:
+                    raise
+            finally:
+                watcher.cancel()
 
         try:
             length = headers.get(b"content-length")
@@ -92,7 +124,9 @@ class RequestContextMiddleware:
             else:
                 try:
                     async with asyncio.timeout(self.timeout):
-                        await self.app(scope, limited_receive, send_with_id)
+                        await run_app()
+                    if status["gone"]:
+                        status["code"] = CLIENT_CLOSED
                 except TimeoutError:
                     if status["started"]:
                         raise
