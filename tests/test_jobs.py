@@ -372,7 +372,7 @@ def test_bad_input_is_refused_at_submission(queue, request_, files, status, code
     assert {j.id for j in queue.list(500)} == before  # nothing was queued
 
 
-def test_cancel_queued_and_running(queue):
+def test_cancel_queued_and_running(queue, request):
     # two long jobs occupy the two workers (threads); the third waits in the queue
     jobs = [queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=1000))
             for _ in range(3)]
@@ -390,6 +390,10 @@ def test_cancel_queued_and_running(queue):
         assert caught.value.code == "job_cancelled"
     # cancelling a finished job changes nothing
     assert queue.cancel(jobs[0].id).status == JobStatus.cancelled
+    if queue.backend == "redis":  # what the user asked for is logged as such, without rq's error traceback
+        workers = request.getfixturevalue("pool").behaviour
+        logs = workers.log("w1") + workers.log("w2")
+        assert "cancelled on request" in logs and "JobCancelled" not in logs
 
 
 def test_list_recent_jobs(queue):

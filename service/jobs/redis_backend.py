@@ -425,6 +425,13 @@ class FisherWorker(SimpleWorker):
             JOBS.labels(kind, "succeeded" if ok else "failed").inc()
             job_id.reset(token)
 
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A cancelled job is what its user asked for: one info line, not rq's error with a traceback."""
+        if exc_info and isinstance(exc_info[0], type) and issubclass(exc_info[0], JobCancelled):
+            self.log.info("job %s cancelled on request", job.id)
+            return
+        super().handle_exception(job, *exc_info)
+
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
                            execution: Any = None) -> None:
         if not exc_string.startswith("Job was stuck in intermediate queue"):  # a worker died there: retry
