@@ -352,6 +352,7 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
     ({"type": "screen", "model": "lenet5"}, [("x.npz", "wrong-shape")], 422, "wrong_shape"),
     ({"type": "screen", "model": "lenet5"}, [("x.npz", "no-pixels")], 422, "wrong_shape"),
     ({"type": "screen", "model": "lenet5"}, [("x.npz", "hostile-header")], 400, "corrupt_archive"),
+    ({"type": "attack", "model": "lenet5"}, [("x.npz", "label-99")], 422, "invalid_labels"),
 ])
 def test_bad_input_is_refused_at_submission(queue, request_, files, status, code):
     image = png(test_images()[0][0])
@@ -363,6 +364,9 @@ def test_bad_input_is_refused_at_submission(queue, request_, files, status, code
         buffer = io.BytesIO()
         np.savez(buffer, images=np.zeros(shapes[files[0][1]], np.float32))
         files = [("x.npz", buffer.getvalue())]
+    labelled = io.BytesIO()
+    np.savez(labelled, images=np.zeros((2, 1, 28, 28), np.float32), labels=np.array([0, 99]))
+    special["label-99"] = labelled.getvalue()
     special["hostile-header"] = zip_of({"images.npy": b"\x93NUMPY\x01\x00\x14\x00{'descr': __import__"})
     files = [(name, special.get(data, data) if isinstance(data, str) else data) for name, data in files]
     before = {j.id for j in queue.list(500)}

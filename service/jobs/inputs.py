@@ -56,8 +56,9 @@ def check_dataset_shape(name: str, shape: tuple[int, int, int]) -> None:
 
 
 def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], settings: Settings,
-                 limit: int | None = None) -> StagedImages:
-    """Decode and validate uploaded files; refuse (JobInputError) what is wrong as a whole."""
+                 limit: int | None = None, num_classes: int | None = None) -> StagedImages:
+    """Decode and validate uploaded files (labels: class indices below `num_classes`); refuse (JobInputError)
+    what is wrong as a whole."""
     if not files:
         raise JobInputError("no images: upload files (.npz, .npy, .zip, PNG/JPEG) or name a dataset",
                             code="no_input", status=400)
@@ -85,6 +86,11 @@ def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], se
         staged = _first(staged, limit)
     if not staged.names:
         raise JobInputError("the upload holds no image", code="no_input", status=400)
+    if num_classes is not None and staged.labels is not None and len(staged.labels):
+        low, high = int(staged.labels.min()), int(staged.labels.max())
+        if low < 0 or high >= num_classes:
+            raise JobInputError(f"labels must be class indices 0..{num_classes - 1}, got {low if low < 0 else high}",
+                                code="invalid_labels")
     if staged.images.shape[0] == 0:
         reasons = "; ".join(f"{e.name}: {e.reason}" for e in staged.errors[:5])
         raise JobInputError(f"no valid image in the upload ({reasons})", code="invalid_images",

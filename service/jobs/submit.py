@@ -63,7 +63,7 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
         inputs.check_dataset_shape(request.dataset, tuple(card.input_shape))
         spec.items = len(images)
         return spec, None
-    staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit)
+    staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit, card.num_classes)
     spec.has_upload = True
     spec.items = len(staged.names)
     spec.item_names = staged.names
