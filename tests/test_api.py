@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from service.api import create_app
-from service.api.batching import Arrival, ModelWorker, QueueFullError, current_arrival
+from service.api.batching import Arrival, ModelWorker, QueueFullError, WorkerClosedError, current_arrival
 from service.attacks import ossa
 from service.config import Settings
 from service.data.mnist import load_mnist
@@ -736,6 +736,52 @@ def test_micro_batcher_capacity():
 
     asyncio.run(scenario())
     assert reported == [2, 0, 1, 0]
+
+
+def test_abandoned_work_failures_and_closing_never_jam_the_model():
+    """The model's thread is handed work only when free (`model_free`): requests abandoned while they wait leave
+    the count at once and never run; an error before the model starts fails its batch only; closing answers
+    everything still waiting. Afterwards nothing is counted and the thread is free."""
+    ran: list[int] = []
+    hiccups = [RuntimeError("metrics backend hiccup")]
+
+    def on_batch(kind: str, size: int) -> None:
+        if hiccups:
+            raise hiccups.pop()
+
+    def record(batch: torch.Tensor) -> list[int]:
+        ran.append(int(batch.shape[0]))
+        return [0] * int(batch.shape[0])
+
+    async def scenario() -> None:
+        worker = ModelWorker("m", capacity=8, max_batch=8, max_wait_ms=0, on_batch=on_batch)
+        with pytest.raises(RuntimeError, match="hiccup"):  # fails its own batch ...
+            await worker.submit(("k",), record, torch.zeros(1, 1))
+        assert await worker.submit(("k",), record, torch.zeros(1, 1)) == [0]  # ... and only that one
+        attack = asyncio.ensure_future(worker.run(time.sleep, 0.3, images=1))
+        await asyncio.sleep(0.05)
+        abandoned = [asyncio.ensure_future(worker.submit(("k",), record, torch.zeros(1, 1))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        for task in abandoned:
+            task.cancel()
+        await asyncio.sleep(0)
+        assert worker.pending == 1  # only the attack: the abandoned images left the count at once
+        await attack
+        await asyncio.sleep(0.05)
+        assert ran == [1] and worker.pending == 0 and not worker.model_free.locked()  # they never ran
+        busy = asyncio.ensure_future(worker.run(time.sleep, 0.2, images=1))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(worker.run(time.sleep, 0, images=1)),
+                   asyncio.ensure_future(worker.submit(("k",), record, torch.zeros(1, 1)))]
+        await asyncio.sleep(0.05)
+        await worker.close()
+        await busy  # the work in the thread finishes
+        for task in waiting:
+            with pytest.raises(WorkerClosedError):
+                await task
+        assert worker.pending == 0 and not worker.model_free.locked()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
 def test_overload_and_timeout_over_http(api_models_dir, digits):

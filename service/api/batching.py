@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import functools
 import logging
 from collections.abc import Callable, Hashable
@@ -69,6 +70,7 @@ current_arrival: ContextVar[Arrival | None] = ContextVar("current_arrival", defa
 class _Item:
     images: Tensor
     future: asyncio.Future
+    counted: bool = True  # its images are in the worker's count and not yet handed to the model
 
     @property
     def size(self) -> int:
@@ -88,12 +90,16 @@ class MicroBatcher:
         self._items: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._held: list[_Item] = []  # taken from the queue for the next batch, not yet handed to the model
         self._expected = 1  # requests in the last batch: under steady load, about as many come again
 
     async def submit(self, images: Tensor) -> list[Any]:
         """The per-image results for `images`, computed in a batch with whatever else is waiting."""
         future = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(images, future))
+        item = _Item(images, future)
+        # a request abandoned (timeout, client gone) before its batch starts frees its place in the queue at once
+        future.add_done_callback(lambda done: self._drop(item) if done.cancelled() else None)
+        self._items.append(item)
         arrival = current_arrival.get()
         if arrival is not None and arrival.worker is self.worker:
             arrival.close()
@@ -117,10 +123,18 @@ class MicroBatcher:
                 return None
         return self._items.popleft()
 
-    async def _collect(self) -> list[_Item]:
+    def _drop(self, item: _Item) -> None:
+        """An item that will not run: its images leave the worker's count (once)."""
+        if item.counted:
+            item.counted = False
+            self.worker.release(item.size)
+
+    async def _collect(self) -> None:
+        """Fill `_held` with the next batch's items."""
         first = await self._next(None)
         assert first is not None
-        items, size = [first], first.size
+        items, size = self._held, first.size
+        items.append(first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
@@ -139,32 +153,36 @@ class MicroBatcher:
                 break
             self._items.appendleft(item)  # size checked at the top of the loop
         self._expected = len(items)
-        return items
 
     async def _run(self) -> None:
         while True:
-            items = await self._collect()
-            try:
-                await self.worker.model_free.acquire()  # released when the batch is done (`_submit`)
-            except asyncio.CancelledError:  # closing: what was collected gets the same answer as what waits
-                self._refuse(items)
-                raise
+            await self._collect()
+            await self.worker.model_free.acquire()  # released when the batch is done (`ModelWorker._start`)
             # the last moment before the model starts: requests that timed out or whose client left are dropped
-            kept = [it for it in items if not it.future.done()]
-            self.worker.release(sum(it.size for it in items) - sum(it.size for it in kept))
-            if not kept:
-                self.worker.model_free.release()
-                continue
-            items = kept
-            batch = items[0].images if len(items) == 1 else torch.cat([it.images for it in items])
-            if self.on_batch is not None:
-                self.on_batch(int(batch.shape[0]))
+            items, self._held = [it for it in self._held if not it.future.done()], []
             try:
-                results = await self.worker._submit(int(batch.shape[0]), self.worker.with_threads, self.fn, batch)
+                if self.worker.closed:
+                    raise WorkerClosedError("the service is shutting down")
+                if not items:
+                    self.worker.model_free.release()
+                    continue
+                batch = items[0].images if len(items) == 1 else torch.cat([it.images for it in items])
+                if self.on_batch is not None:
+                    self.on_batch(int(batch.shape[0]))
+                work = self.worker._start(int(batch.shape[0]), self.worker.with_threads, self.fn, batch)
+            except Exception as exc:  # nothing reached the model: the thread is free, the items get the error
+                self.worker.model_free.release()
+                self._fail(items, exc)
+                continue
+            for it in items:
+                it.counted = False  # the images leave the count when the batch is done (`ModelWorker._start`)
+            try:
+                results = await asyncio.wrap_future(work)
+            except asyncio.CancelledError:  # closing while the batch runs: it finishes, nobody waits for it
+                self._fail(items, WorkerClosedError("the service is shutting down"))
+                raise
             except Exception as exc:  # every waiting request gets the error (e.g. a ValueError from the engine)
-                for it in items:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
+                self._fail(items, exc)
                 continue
             start = 0
             for it in items:
@@ -179,14 +197,15 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._refuse(list(self._items))
+        self._fail([*self._held, *self._items], WorkerClosedError("the service is shutting down"))
+        self._held = []
         self._items.clear()
 
-    def _refuse(self, items: list[_Item]) -> None:
+    def _fail(self, items: list[_Item], exc: BaseException) -> None:
         for item in items:
-            self.worker.release(item.size)
+            self._drop(item)
             if not item.future.done():
-                item.future.set_exception(WorkerClosedError("the service is shutting down"))
+                item.future.set_exception(exc)
 
 
 class ModelWorker:
@@ -269,11 +288,19 @@ class ModelWorker:
         except BaseException:
             self.release(images)
             raise
-        return await self._submit(images, fn, *args)
+        try:
+            if self.closed:
+                raise WorkerClosedError("the service is shutting down")
+            work = self._start(images, fn, *args)
+        except BaseException:
+            self.model_free.release()
+            self.release(images)
+            raise
+        return await asyncio.wrap_future(work)
 
-    async def _submit(self, images: int, fn: Callable[..., T], *args: Any) -> T:
-        """Hand work to the model's thread (`model_free` held); when it is really over there (a request that
-        times out leaves it running), the images leave the count and the thread is free again."""
+    def _start(self, images: int, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Hand work to the model's thread (`model_free` held). When it is really over there (a request that
+        times out leaves it running), its images leave the count and the thread is free again."""
         loop = asyncio.get_running_loop()
         work = self.executor.submit(fn, *args)
 
@@ -282,7 +309,7 @@ class ModelWorker:
                 loop.call_soon_threadsafe(self._work_done, images)
 
         work.add_done_callback(done)
-        return await asyncio.wrap_future(work)
+        return work
 
     def _work_done(self, images: int) -> None:
         self.release(images)
