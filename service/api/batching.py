@@ -112,6 +112,7 @@ class MicroBatcher:
         """The next waiting item, or None when `timeout` (seconds) passes first."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        self._skip_abandoned()
         while not self._items:
             self._wakeup.clear()
             remaining = None if deadline is None else deadline - loop.time()
@@ -122,6 +123,11 @@ class MicroBatcher:
             except TimeoutError:
                 return None
         return self._items.popleft()
+
+    def _skip_abandoned(self) -> None:
+        """Requests abandoned while they waited (already dropped from the count) leave the queue's head."""
+        while self._items and self._items[0].future.done():
+            self._items.popleft()
 
     def _drop(self, item: _Item) -> None:
         """An item that will not run: its images leave the worker's count (once)."""
@@ -138,6 +144,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
+            self._skip_abandoned()
             if self._items:
                 item = self._items[0]
                 if size + item.size > self.max_batch:
