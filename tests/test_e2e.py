@@ -151,9 +151,9 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
 
 
 def test_requests_whose_clients_left_are_not_computed(server, digits):
-    """While an attack holds the model, 4 clients send a screen request and hang up: they are logged as 499 and
-    never reach the model (no screen batch runs for them), the queue count falls back to 0, and the server goes
-    on answering."""
+    """While an attack holds the model, 4 clients send a screen request and hang up, a fifth hangs up mid-body:
+    all are logged as 499, none reaches the model (no screen batch runs for them), the queue count falls back to
+    0, and the server goes on answering."""
     base, _, _ = server
     metrics = lambda: httpx.get(f"{base}/metrics").text  # noqa: E731
     screen = "/v1/models/{model}/screen"
@@ -169,17 +169,18 @@ def test_requests_whose_clients_left_are_not_computed(server, digits):
     host, port = base.removeprefix("http://").split(":")
     request = (f"POST /v1/models/{MODEL}/screen HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    clients = [socket.create_connection((host, int(port))) for _ in range(4)]
-    for client in clients:
+    clients = [socket.create_connection((host, int(port))) for _ in range(5)]
+    for client in clients[:4]:
         client.sendall(request)
+    clients[4].sendall(request[:-10])  # the fifth leaves before its body is complete
     time.sleep(0.3)
     for client in clients:
         client.close()
     busy.join(60)
     deadline = time.monotonic() + 10
     while metric_value(metrics(), "fisher_guard_requests_total", endpoint=screen, status="499") - \
-            metric_value(before, "fisher_guard_requests_total", endpoint=screen, status="499") < 4:
-        assert time.monotonic() < deadline, "the 4 abandoned requests were not recorded as 499"
+            metric_value(before, "fisher_guard_requests_total", endpoint=screen, status="499") < 5:
+        assert time.monotonic() < deadline, "the 5 abandoned requests were not recorded as 499"
         time.sleep(0.1)
     after = metrics()
     batches = "fisher_guard_batch_size_images_count"

@@ -91,6 +91,8 @@ class RequestContextMiddleware:
                                        f"{max_body} bytes")
                 if not message.get("more_body", False):
                     body_read.set()
+            elif message["type"] == "http.disconnect" and not body_read.is_set():
+                status["gone"] = True  # the client left mid-body: whatever the app answers, nobody reads it
             return message
 
         async def run_app() -> None:
