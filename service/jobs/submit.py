@@ -79,16 +79,16 @@ def check_option_values(options: dict[str, Any], settings: Settings) -> None:
     """An attack job's option values, checked at submission (their names: `attack_options`): a bad one would
     otherwise fail the job later, and `steps` bounds how long one batch, which nothing interrupts, can run."""
     for key, value in options.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if key == "steps" and not (isinstance(value, int) and not isinstance(value, bool)
-                                   and 1 <= value <= settings.jobs_max_attack_steps):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        number = whole or isinstance(value, float)
+        if key == "steps" and not (whole and 1 <= value <= settings.jobs_max_attack_steps):
             raise ValueError(f"options.steps must be a whole number in [1, {settings.jobs_max_attack_steps}] "
                              f"(setting jobs_max_attack_steps), got {value!r}")
         if key in POSITIVE and not (number and math.isfinite(value) and value > 0):
             raise ValueError(f"options.{key} must be a finite number above 0, got {value!r}")
         if key in NON_NEGATIVE and not (number and math.isfinite(value) and value >= 0):
             raise ValueError(f"options.{key} must be a finite number of at least 0, got {value!r}")
-        if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool)):
+        if key == "seed" and not whole:
             raise ValueError(f"options.seed must be a whole number, got {value!r}")
         if key == "method" and value not in METHODS:
             raise ValueError(f"options.method must be one of {', '.join(METHODS)}, got {value!r}")
