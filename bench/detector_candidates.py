@@ -1,5 +1,6 @@
-"""Candidate detector features on one attack's validation rows: out-of-fold AUC of the shipped feature set alone
-and with each candidate added. The evidence behind README's note on OTCM, the one attack short of the paper.
+"""Candidate detector features on one attack's validation rows: out-of-fold AUC of `spectral+noise+fine` alone
+and with each candidate added, and of the shipped `spectral+noise+fine+squeeze` set. The evidence behind the
+choice of the squeezing direction (README's note on OTCM, the attack where the earlier sets fell short).
 
 The detection set is built on the validation split for this attack alone (`build_detection_set`, seed 0), so its
 rows differ slightly from `evaluate`'s (there each attack's seeds depend on its place in the attack list).
@@ -11,8 +12,10 @@ Scores: 5-fold out-of-fold RF scores grouped by source image, as `evaluate` choo
 - `tempered`: log10 of the eigenvalues of the Fisher information of the tempered model softmax(z / T) at T = 3
   and 10, G_T = J^T (diag(p_T) - p_T p_T^T) J / T^2 (the paper's G_x is T = 1, whose eigenvalues vanish on
   confident images), and of J J^T itself; all from the Gram matrix J J^T of the logits' Jacobian;
-- `binarize-kl`: the same as blur-kl for x > 0.5, Xu et al.'s bit-depth squeezing: not Fisher geometry, a
-  different detector, measured for scale.
+- `binarize-kl`: the same as blur-kl for x >= 0.5, Xu et al.'s bit-depth squeezing: the output's change, a
+  different detector, measured for scale;
+- the shipped set: the Fisher geometry along the unit direction to that squeezing (Rayleigh quotient, share in the
+  top eigenvectors, KL at fixed steps), the fine set's features for a second direction.
 
     .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~5 minutes on 2 cores
     .venv/bin/python bench/detector_candidates.py --attack fgm
@@ -39,6 +42,7 @@ from service.detect.detector import auc_score, out_of_fold_scores  # noqa: E402
 from service.detect.features import (  # noqa: E402
     EIGENVALUE_FLOOR,
     SHIPPED_FEATURE_SET,
+    SQUEEZE_LEVEL,
     batched_features,
     box_blur,
     log10_kl,
@@ -47,6 +51,7 @@ from service.fisher import fisher_spectrum  # noqa: E402
 from service.zoo.registry import load_model  # noqa: E402
 
 CHUNK = 256
+BASE_FEATURE_SET = "spectral+noise+fine"  # the shipped set before the squeezing direction
 
 
 def probabilities(model: nn.Module, images: Tensor) -> Tensor:
@@ -99,16 +104,18 @@ def main() -> None:
     images, labels = load_mnist("val")
     data = build_detection_set(model, images, labels, (args.attack,), seed=0)
     x, y, groups = data.images, data.is_adversarial, data.source
-    shipped = batched_features(model, x, SHIPPED_FEATURE_SET)
+    base = batched_features(model, x, BASE_FEATURE_SET)
     blur_spectrum = log_spectrum(model, box_blur(x))
     candidates = {
         "blur-kl": output_change(model, x, box_blur(x)),
-        "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - shipped[:, :1]]),
+        "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - base[:, :1]]),
         "tempered (T = 3, 10) and J J^T spectra": tempered_spectra(model, x),
-        "binarize-kl (feature squeezing, not Fisher)": output_change(model, x, (x > 0.5).to(x.dtype)),
+        "binarize-kl (feature squeezing's output change)": output_change(model, x, (x >= SQUEEZE_LEVEL).to(x.dtype)),
     }
-    rows = [f"shipped `{SHIPPED_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]
-    matrices = [shipped] + [np.hstack([shipped, extra]) for extra in candidates.values()]
+    rows = [f"`{BASE_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]
+    rows.append(f"`{SHIPPED_FEATURE_SET}` (shipped: + Fisher geometry along the squeezing direction)")
+    matrices = [base] + [np.hstack([base, extra]) for extra in candidates.values()]
+    matrices.append(batched_features(model, x, SHIPPED_FEATURE_SET))
     counts = data.counts()[args.attack]
     print(f"# Candidate features, {args.attack}, {args.model}, validation rows: {counts}\n")
     print("| features | out-of-fold AUC % |\n|---|---|")

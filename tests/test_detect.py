@@ -29,10 +29,12 @@ from service.detect.features import (
     MARGIN_STEPS,
     NOISE_DRAWS,
     NOISE_NORMS,
+    SQUEEZE_STEPS,
     feature_names,
     fine_direction,
     fisher_features,
     noise_directions,
+    squeeze_direction,
 )
 from service.fisher import dense_fisher, fisher_spectrum
 from service.zoo.registry import load_model
@@ -87,7 +89,8 @@ def test_richer_sets_extend_plain(lenet, val_slice):
     np.testing.assert_allclose(probs.matrix[:, :20], plain, atol=1e-9)
     p = probs.spectrum.probabilities.numpy()
     np.testing.assert_allclose(probs.matrix[:, 21], p.max(1), atol=1e-12)
-    for name in ("spectral", "spectral+noise", "spectral+noise+ratios", "spectral+noise+fine"):
+    for name in ("spectral", "spectral+noise", "spectral+noise+ratios", "spectral+noise+fine",
+                 "spectral+noise+fine+squeeze"):
         feats = fisher_features(lenet.module, x, name)
         assert feats.matrix.shape == (4, len(feature_names(name))) and np.isfinite(feats.matrix).all()
         np.testing.assert_allclose(feats.matrix[:, :22], probs.matrix, atol=1e-9)
@@ -168,34 +171,44 @@ def test_ratio_features_follow_their_definition(lenet, val_slice):
                                np.log10(lam[:, 0]) + 2 * col("margin_log10_distance"), rtol=1e-6, atol=1e-9)
 
 
-def test_fine_features_follow_their_definition(lenet, val_slice):
+def test_fine_and_squeeze_directions_follow_their_definition(val_slice):
     x = val_slice[0][:3]
-    feats = fisher_features(lenet.module, x, "spectral+noise+fine")
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    u = torch.nn.functional.conv2d(padded, torch.ones(1, 1, 3, 3) / 9) - x  # 3x3 box mean minus the image
+    torch.testing.assert_close(fine_direction(x), u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        fine_direction(x.flatten(1))
+    w = torch.where(x >= 0.5, 1.0, 0.0) - x  # 1-bit squeezing minus the image
+    torch.testing.assert_close(squeeze_direction(x), w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    binary = (x > 0.5).float()  # already squeezed: no direction, no NaN
+    assert torch.equal(squeeze_direction(binary), torch.zeros_like(binary))
+
+
+@pytest.mark.parametrize(("prefix", "direction", "steps"), [("fine", fine_direction, FINE_STEPS),
+                                                             ("squeeze", squeeze_direction, SQUEEZE_STEPS)])
+def test_direction_features_follow_their_definition(lenet, val_slice, prefix, direction, steps):
+    x = val_slice[0][:3]
+    feats = fisher_features(lenet.module, x, "spectral+noise+fine+squeeze")
     col = lambda name: feats.matrix[:, feats.names.index(name)]  # noqa: E731
     ratios = fisher_features(lenet.module, x, "spectral+noise+ratios").matrix
     np.testing.assert_allclose(feats.matrix[:, :ratios.shape[1]], ratios, rtol=1e-6, atol=1e-9)
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    u = torch.nn.functional.conv2d(padded, torch.ones(1, 1, 3, 3) / 9) - x  # 3x3 box mean minus the image
-    u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    torch.testing.assert_close(fine_direction(x), u, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="N, C, H, W"):
-        fine_direction(x.flatten(1))
+    u = direction(x)
     for i in range(3):
         g = dense_fisher(lenet.module, x[i])[0]  # float64 G_x from the full Jacobian
         ui = u[i].flatten().double()
-        np.testing.assert_allclose(col("fine_log10_rayleigh")[i], np.log10(float(ui @ g @ ui)), atol=2e-3)
+        np.testing.assert_allclose(col(f"{prefix}_log10_rayleigh")[i], np.log10(float(ui @ g @ ui)), atol=2e-3)
         v = feats.spectrum.eigenvectors[i, :3].flatten(1).double()
-        np.testing.assert_allclose(col("fine_top3_share")[i], float(((v @ ui) ** 2).sum()), atol=1e-4)
+        np.testing.assert_allclose(col(f"{prefix}_top3_share")[i], float(((v @ ui) ** 2).sum()), atol=1e-4)
         with torch.no_grad():
             p = torch.softmax(lenet.module(x[i:i + 1]).double(), -1)[0]
-            for t in FINE_STEPS:
+            for t in steps:
                 q = torch.softmax(lenet.module((x[i] + t * u[i]).clamp(0, 1)[None]).double(), -1)[0]
                 # the features' probes run on the frozen twin: float32 rounding moves a small KL's log a little
-                np.testing.assert_allclose(col(f"fine{t}_log10_kl")[i], _log10_kl(p, q), atol=0.01)
+                np.testing.assert_allclose(col(f"{prefix}{t}_log10_kl")[i], _log10_kl(p, q), atol=0.01)
                 quadratic = np.log10(t * t * float(ui @ g @ ui) / 2)
-                np.testing.assert_allclose(col(f"fine{t}_log10_kl_over_quadratic")[i], _log10_kl(p, q) - quadratic,
+                np.testing.assert_allclose(col(f"{prefix}{t}_log10_kl_over_quadratic")[i], _log10_kl(p, q) - quadratic,
                                            atol=0.02)
-                assert col(f"fine{t}_flips")[i] == float(q.argmax() != p.argmax())
+                assert col(f"{prefix}{t}_flips")[i] == float(q.argmax() != p.argmax())
 
 
 def test_features_of_an_image_do_not_depend_on_its_batch(lenet, val_slice):

@@ -47,7 +47,7 @@ EPS_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 SELECT_RATE = 0.80  # the budget rule: smallest grid epsilon whose validation fooling rate reaches this
 TABLE3_EPSILON = 2.0
 FEATURE_SETS_COMPARED = ("plain", "plain+probs", "spectral", "spectral+noise", "spectral+noise+ratios",
-                         "spectral+noise+fine")
+                         "spectral+noise+fine", "spectral+noise+fine+squeeze")
 
 
 @dataclass

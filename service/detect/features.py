@@ -18,7 +18,7 @@ from service.zoo.frozen import frozen_twin
 
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
 DEFAULT_K = 20
-SHIPPED_FEATURE_SET = "spectral+noise+fine"  # the shipped detectors' set, chosen on validation (reports/mnist)
+SHIPPED_FEATURE_SET = "spectral+noise+fine+squeeze"  # the shipped detectors' set, chosen on validation (reports/mnist)
 KL_FLOOR = 1e-12
 KL_STEPS = (0.25, 1.0, 3.0)  # L2 steps along +/- the top eigenvector for the "spectral" set
 DARK = 0.05  # pixels below this intensity count as background for the eigenvector-energy feature
@@ -28,6 +28,8 @@ NOISE_DRAWS = 4  # probe directions per norm: fixed (seeded), the same for every
 NOISE_SEED = 0
 MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of the linearised distance
 FINE_STEPS = (1.0, 2.0)  # L2 steps along the image's own fine-scale direction (the "spectral+noise+fine" set)
+SQUEEZE_LEVEL = 0.5  # 1-bit squeezing: pixels at or above this go to 1, the rest to 0
+SQUEEZE_STEPS = (0.5, 1.0, 2.0, 4.0)  # L2 steps along the image's own squeezing direction (the "+squeeze" set)
 PROBE_CHUNK = 256  # probe images per forward pass
 
 FEATURE_SETS: dict[str, str] = {
@@ -57,11 +59,18 @@ FEATURE_SETS: dict[str, str] = {
                            f"t in {FINE_STEPS} along u, log10 KL, its departure from the quadratic form "
                            "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
                            "length is left out, so the features do not tell noisy images by their noise energy",
+    "spectral+noise+fine+squeeze": "spectral+noise+fine, plus the same Fisher geometry along the image's own "
+                                   "squeezing direction w = (s(x) - x) / ||s(x) - x||, s the 1-bit squeezing of Xu et "
+                                   f"al. 2018 (pixels >= {SQUEEZE_LEVEL} to 1, the rest to 0; it suits digit-like "
+                                   "images): log10 w^T G_x w, the share of w in the top-3 eigenvectors, and, after "
+                                   f"steps of t in {SQUEEZE_STEPS} along w, log10 KL, its departure from "
+                                   "t^2 w^T G_x w / 2 and whether the prediction changes (w's length is left out too)",
 }
 
-VECTOR_SETS = ("spectral", "spectral+noise", "spectral+noise+ratios", "spectral+noise+fine")  # eigenvectors, probes
-NOISE_SETS = ("spectral+noise", "spectral+noise+ratios", "spectral+noise+fine")  # isotropic probes and the margin
-RATIO_SETS = ("spectral+noise+ratios", "spectral+noise+fine")
+FINE_SETS = ("spectral+noise+fine", "spectral+noise+fine+squeeze")
+RATIO_SETS = ("spectral+noise+ratios", *FINE_SETS)
+NOISE_SETS = ("spectral+noise", *RATIO_SETS)  # isotropic probes and the margin
+VECTOR_SETS = ("spectral", *NOISE_SETS)  # eigenvectors and forward probes
 
 
 @dataclass
@@ -110,10 +119,16 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
         names += [f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS]
         names += [f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS]
         names += ["margin_log10_lambda1_d2"]
-    if feature_set == "spectral+noise+fine":
-        names += ["fine_log10_rayleigh", "fine_top3_share"]
-        names += [f"fine{t}_{what}" for t in FINE_STEPS for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
+    if feature_set in FINE_SETS:
+        names += _direction_names("fine", FINE_STEPS)
+    if feature_set == "spectral+noise+fine+squeeze":
+        names += _direction_names("squeeze", SQUEEZE_STEPS)
     return names
+
+
+def _direction_names(prefix: str, steps: tuple[float, ...]) -> list[str]:
+    return [f"{prefix}_log10_rayleigh", f"{prefix}_top3_share"] + [
+        f"{prefix}{t}_{what}" for t in steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
 
 
 def log10_kl(p: Tensor, q: Tensor) -> Tensor:
@@ -234,29 +249,38 @@ def box_blur(images: Tensor) -> Tensor:
     return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
 
 
+def _unit(directions: Tensor) -> Tensor:
+    return directions / directions.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (directions.ndim - 1))
+
+
 def fine_direction(images: Tensor) -> Tensor:
     """The unit direction from each (N, C, H, W) image to its 3x3 box-mean blur (zeros for a flat image)."""
     if images.ndim != 4:
         raise ValueError(f"images: the fine-scale features need (N, C, H, W) images, got shape {tuple(images.shape)}")
-    u = box_blur(images) - images
-    return u / u.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+    return _unit(box_blur(images) - images)
 
 
-def _fine_probes(images: Tensor, direction: Tensor) -> Tensor:
-    """(N, len(FINE_STEPS), ...): x + t u for each step t along the fine-scale direction u, clipped to [0, 1]."""
-    steps = torch.tensor(FINE_STEPS, dtype=images.dtype, device=images.device).view(1, -1, 1, 1, 1)
-    return (images.unsqueeze(1) + steps * direction.unsqueeze(1)).clamp(0, 1)
+def squeeze_direction(images: Tensor) -> Tensor:
+    """The unit direction from each image to its 1-bit squeezing (zeros for an image that is already binary)."""
+    return _unit((images >= SQUEEZE_LEVEL).to(images.dtype) - images)
 
 
-def _fine_features(p: Tensor, q: Tensor, direction: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
-    """Rayleigh quotient u^T G_x u from the eigenpairs, the share of u in the top-3 eigenvectors, then per step
-    log10 KL, its departure from the quadratic form t^2 u^T G_x u / 2 and the prediction change."""
+def _direction_probes(images: Tensor, direction: Tensor, steps: tuple[float, ...]) -> Tensor:
+    """(N, len(steps), ...): x + t u for each step t along the unit direction u, clipped to [0, 1]."""
+    t = torch.tensor(steps, dtype=images.dtype, device=images.device).view(1, -1, *[1] * (images.ndim - 1))
+    return (images.unsqueeze(1) + t * direction.unsqueeze(1)).clamp(0, 1)
+
+
+def _direction_features(p: Tensor, q: Tensor, direction: Tensor, spectrum: FisherSpectrum,
+                        steps: tuple[float, ...]) -> np.ndarray:
+    """The Fisher geometry of a unit direction u: the Rayleigh quotient u^T G_x u from the eigenpairs, the share of
+    u in the top-3 eigenvectors, then per step t log10 KL, its departure from the quadratic form t^2 u^T G_x u / 2
+    and the prediction change (q: the probes' probabilities, (N, len(steps), K))."""
     v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
     projections = (v * direction.flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
     rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
     kl = log10_kl(p[:, None], q)
-    steps = torch.tensor(FINE_STEPS, dtype=torch.float64, device=kl.device)
-    quadratic = steps ** 2 / 2 * rayleigh[:, None].to(kl.device)
+    quadratic = torch.tensor(steps, dtype=torch.float64, device=kl.device) ** 2 / 2 * rayleigh[:, None].to(kl.device)
     flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
     head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
     per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), flips], -1).flatten(1)
@@ -282,10 +306,12 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
         if noise:
             margin_probes, norm, distance = _margin_probes(images, spectrum)
             probes += [_noise_probes(images), margin_probes]
-        fine = feature_set == "spectral+noise+fine"
-        if fine:
-            direction = fine_direction(images)
-            probes.append(_fine_probes(images, direction))
+        directions = []  # (direction, steps) of the image's own directions: fine scale, squeezing
+        if feature_set in FINE_SETS:
+            directions.append((fine_direction(images), FINE_STEPS))
+        if feature_set == "spectral+noise+fine+squeeze":
+            directions.append((squeeze_direction(images), SQUEEZE_STEPS))
+        probes += [_direction_probes(images, direction, steps) for direction, steps in directions]
         q = _probe_probabilities(model, torch.cat(probes, 1)).split([probe.shape[1] for probe in probes], 1)
         p = q[0][:, 0]
         step_kl = _eigenvector_kl(p, q[1])
@@ -295,8 +321,8 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
             parts += [noise_stats, _margin_features(p, q[3], spectrum.margin, norm, distance)]
         if feature_set in RATIO_SETS:
             parts.append(_ratio_features(spectrum.eigenvalues, step_kl, noise_stats, distance, images[0].numel()))
-        if fine:
-            parts.append(_fine_features(p, q[4], direction, spectrum))
+        parts += [_direction_features(p, q_dir, direction, spectrum, steps)
+                  for (direction, steps), q_dir in zip(directions, q[4:], strict=True)]
     return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
 
 

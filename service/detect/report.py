@@ -20,7 +20,15 @@ from service.detect.evaluation import (
     TABLE3_EPSILON,
     EvalConfig,
 )
-from service.detect.features import FINE_STEPS, KL_STEPS, MARGIN_STEPS, NOISE_DRAWS, NOISE_NORMS
+from service.detect.features import (
+    FINE_STEPS,
+    KL_STEPS,
+    MARGIN_STEPS,
+    NOISE_DRAWS,
+    NOISE_NORMS,
+    SQUEEZE_LEVEL,
+    SQUEEZE_STEPS,
+)
 
 FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
            "roc_curves.png")
@@ -75,7 +83,8 @@ def figures(out: Path, results: dict, roc: dict, log_top: np.ndarray, least: np.
     attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in roc]
     fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(3 * max(len(attacks), 1), 3.2), squeeze=False)
     for ax, attack in zip(axes[0], attacks, strict=False):
-        for name in ("RF plain", "RF spectral", "RF spectral+noise", "RF spectral+noise+fine", "KD+BU"):
+        for name in ("RF plain", "RF spectral", "RF spectral+noise", "RF spectral+noise+fine",
+                     "RF spectral+noise+fine+squeeze", "KD+BU"):
             if name in roc[attack]:
                 y, s = roc[attack][name]
                 fpr, tpr, _ = roc_curve(y, s)
@@ -136,11 +145,15 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         f"steps of {list(MARGIN_STEPS)} x d); `spectral+noise+ratios` adds, with no further pass, "
         "ratios a depth-5 tree cannot form itself: lambda_1/lambda_2, lambda_2/lambda_3, tr(G_x), the effective rank, "
         "each measured KL over its Fisher quadratic form (t^2 lambda_1/2 along v1, r^2 tr(G_x)/2D for the probes) and "
-        "lambda_1 d^2; `spectral+noise+fine` (the shipped set) adds the Fisher geometry of the image's own fine-scale "
+        "lambda_1 d^2; `spectral+noise+fine` adds the Fisher geometry of the image's own fine-scale "
         "direction u (unit, from x to its 3x3 box blur): the Rayleigh quotient u^T G_x u, u's share in the top-3 "
         f"eigenvectors, and KL, KL over its quadratic form and prediction change after steps of {list(FINE_STEPS)} "
         "along u (u's length, the image's high-frequency energy, is left out: it would tell noisy negatives by their "
-        "noise, not by the model's geometry). "
+        "noise, not by the model's geometry); `spectral+noise+fine+squeeze` (the shipped set) adds the same along "
+        "the image's own squeezing direction w (unit, from x to its 1-bit squeezing, pixels >= "
+        f"{SQUEEZE_LEVEL} to 1, the rest to 0, as Xu et al. 2018's feature squeezing): w^T G_x w, w's share in the "
+        f"top-3 eigenvectors, KL, KL over its quadratic form and prediction change after steps of "
+        f"{list(SQUEEZE_STEPS)} along w (w's length left out as u's). "
         f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "
         "GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
         f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "

@@ -146,8 +146,8 @@ class TrainDetectorParams(BaseModel):
     test_dataset: str | None = Field("mnist:test", description="Images for the card's test metrics (null: none).")
     test_limit: int | None = Field(None, ge=10)
     attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
-    feature_set: str = Field("spectral+noise+fine",
-                             description="Feature set (the shipped detectors': spectral+noise+fine).")
+    feature_set: str = Field("spectral+noise+fine+squeeze",  # features.SHIPPED_FEATURE_SET, kept free of torch
+                             description="Feature set (the shipped detectors': spectral+noise+fine+squeeze).")
     classifier: Literal["rf", "gnb"] = "rf"
     k: int = Field(20, ge=1, le=100)
     target_fpr: float = Field(0.05, ge=0, lt=1)
