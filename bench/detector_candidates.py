@@ -14,8 +14,9 @@ Scores: 5-fold out-of-fold RF scores grouped by source image, as `evaluate` choo
   confident images), and of J J^T itself; all from the Gram matrix J J^T of the logits' Jacobian;
 - `binarize-kl`: the same as blur-kl for x >= 0.5, Xu et al.'s bit-depth squeezing: the output's change, a
   different detector, measured for scale;
-- the shipped set: the Fisher geometry along the unit direction to that squeezing (Rayleigh quotient, share in the
-  top eigenvectors, KL at fixed steps), the fine set's features for a second direction.
+- the shipped set: the Fisher geometry along the unit directions to the 1-bit squeezings at levels 0.3, 0.5 and
+  0.7 (Rayleigh quotient, share in the top eigenvectors, KL at fixed steps), the fine set's features for three
+  more directions.
 
     .venv/bin/python bench/detector_candidates.py                 # OTCM, LeNet-5: ~5 minutes on 2 cores
     .venv/bin/python bench/detector_candidates.py --attack fgm
@@ -42,7 +43,6 @@ from service.detect.detector import auc_score, out_of_fold_scores  # noqa: E402
 from service.detect.features import (  # noqa: E402
     EIGENVALUE_FLOOR,
     SHIPPED_FEATURE_SET,
-    SQUEEZE_LEVEL,
     batched_features,
     box_blur,
     log10_kl,
@@ -110,7 +110,7 @@ def main() -> None:
         "blur-kl": output_change(model, x, box_blur(x)),
         "blur-spectrum": np.hstack([blur_spectrum, blur_spectrum[:, :1] - base[:, :1]]),
         "tempered (T = 3, 10) and J J^T spectra": tempered_spectra(model, x),
-        "binarize-kl (feature squeezing's output change)": output_change(model, x, (x >= SQUEEZE_LEVEL).to(x.dtype)),
+        "binarize-kl (feature squeezing's output change)": output_change(model, x, (x >= 0.5).to(x.dtype)),
     }
     rows = [f"`{BASE_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]
     rows.append(f"`{SHIPPED_FEATURE_SET}` (shipped: + Fisher geometry along the squeezing direction)")

@@ -29,6 +29,7 @@ from service.detect.features import (
     MARGIN_STEPS,
     NOISE_DRAWS,
     NOISE_NORMS,
+    SQUEEZE_LEVELS,
     SQUEEZE_STEPS,
     feature_names,
     fine_direction,
@@ -178,15 +179,19 @@ def test_fine_and_squeeze_directions_follow_their_definition(val_slice):
     torch.testing.assert_close(fine_direction(x), u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="N, C, H, W"):
         fine_direction(x.flatten(1))
-    w = torch.where(x >= 0.5, 1.0, 0.0) - x  # 1-bit squeezing minus the image
-    torch.testing.assert_close(squeeze_direction(x), w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    for level in (0.3, 0.7):
+        w = torch.where(x >= level, 1.0, 0.0) - x  # 1-bit squeezing minus the image
+        torch.testing.assert_close(squeeze_direction(x, level), w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
     binary = (x > 0.5).float()  # already squeezed: no direction, no NaN
-    assert torch.equal(squeeze_direction(binary), torch.zeros_like(binary))
+    assert torch.equal(squeeze_direction(binary, 0.5), torch.zeros_like(binary))
 
 
-@pytest.mark.parametrize(("prefix", "direction", "steps"), [("fine", fine_direction, FINE_STEPS),
-                                                             ("squeeze", squeeze_direction, SQUEEZE_STEPS)])
-def test_direction_features_follow_their_definition(lenet, val_slice, prefix, direction, steps):
+@pytest.mark.parametrize(("head", "step", "direction", "steps"), [
+    ("fine", "fine", fine_direction, FINE_STEPS),
+    *[(f"squeeze{level}", f"squeeze{level}_step", lambda x, level=level: squeeze_direction(x, level), SQUEEZE_STEPS)
+      for level in SQUEEZE_LEVELS],
+])
+def test_direction_features_follow_their_definition(lenet, val_slice, head, step, direction, steps):
     x = val_slice[0][:3]
     feats = fisher_features(lenet.module, x, "spectral+noise+fine+squeeze")
     col = lambda name: feats.matrix[:, feats.names.index(name)]  # noqa: E731
@@ -196,19 +201,19 @@ def test_direction_features_follow_their_definition(lenet, val_slice, prefix, di
     for i in range(3):
         g = dense_fisher(lenet.module, x[i])[0]  # float64 G_x from the full Jacobian
         ui = u[i].flatten().double()
-        np.testing.assert_allclose(col(f"{prefix}_log10_rayleigh")[i], np.log10(float(ui @ g @ ui)), atol=2e-3)
+        np.testing.assert_allclose(col(f"{head}_log10_rayleigh")[i], np.log10(float(ui @ g @ ui)), atol=2e-3)
         v = feats.spectrum.eigenvectors[i, :3].flatten(1).double()
-        np.testing.assert_allclose(col(f"{prefix}_top3_share")[i], float(((v @ ui) ** 2).sum()), atol=1e-4)
+        np.testing.assert_allclose(col(f"{head}_top3_share")[i], float(((v @ ui) ** 2).sum()), atol=1e-4)
         with torch.no_grad():
             p = torch.softmax(lenet.module(x[i:i + 1]).double(), -1)[0]
             for t in steps:
                 q = torch.softmax(lenet.module((x[i] + t * u[i]).clamp(0, 1)[None]).double(), -1)[0]
                 # the features' probes run on the frozen twin: float32 rounding moves a small KL's log a little
-                np.testing.assert_allclose(col(f"{prefix}{t}_log10_kl")[i], _log10_kl(p, q), atol=0.01)
+                np.testing.assert_allclose(col(f"{step}{t}_log10_kl")[i], _log10_kl(p, q), atol=0.01)
                 quadratic = np.log10(t * t * float(ui @ g @ ui) / 2)
-                np.testing.assert_allclose(col(f"{prefix}{t}_log10_kl_over_quadratic")[i], _log10_kl(p, q) - quadratic,
+                np.testing.assert_allclose(col(f"{step}{t}_log10_kl_over_quadratic")[i], _log10_kl(p, q) - quadratic,
                                            atol=0.02)
-                assert col(f"{prefix}{t}_flips")[i] == float(q.argmax() != p.argmax())
+                assert col(f"{step}{t}_flips")[i] == float(q.argmax() != p.argmax())
 
 
 def test_features_of_an_image_do_not_depend_on_its_batch(lenet, val_slice):

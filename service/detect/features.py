@@ -28,8 +28,8 @@ NOISE_DRAWS = 4  # probe directions per norm: fixed (seeded), the same for every
 NOISE_SEED = 0
 MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of the linearised distance
 FINE_STEPS = (1.0, 2.0)  # L2 steps along the image's own fine-scale direction (the "spectral+noise+fine" set)
-SQUEEZE_LEVEL = 0.5  # 1-bit squeezing: pixels at or above this go to 1, the rest to 0
-SQUEEZE_STEPS = (0.5, 1.0, 2.0, 4.0)  # L2 steps along the image's own squeezing direction (the "+squeeze" set)
+SQUEEZE_LEVELS = (0.3, 0.5, 0.7)  # 1-bit squeezings: pixels at or above the level go to 1, the rest to 0
+SQUEEZE_STEPS = (1.0, 2.0, 4.0)  # L2 steps along each squeezing direction (the "+squeeze" set)
 PROBE_CHUNK = 256  # probe images per forward pass
 
 FEATURE_SETS: dict[str, str] = {
@@ -60,11 +60,12 @@ FEATURE_SETS: dict[str, str] = {
                            "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
                            "length is left out, so the features do not tell noisy images by their noise energy",
     "spectral+noise+fine+squeeze": "spectral+noise+fine, plus the same Fisher geometry along the image's own "
-                                   "squeezing direction w = (s(x) - x) / ||s(x) - x||, s the 1-bit squeezing of Xu et "
-                                   f"al. 2018 (pixels >= {SQUEEZE_LEVEL} to 1, the rest to 0; it suits digit-like "
-                                   "images): log10 w^T G_x w, the share of w in the top-3 eigenvectors, and, after "
-                                   f"steps of t in {SQUEEZE_STEPS} along w, log10 KL, its departure from "
-                                   "t^2 w^T G_x w / 2 and whether the prediction changes (w's length is left out too)",
+                                   "squeezing directions w_l = (s_l(x) - x) / ||s_l(x) - x||, s_l the 1-bit squeezing "
+                                   "of Xu et al. 2018 at level l (pixels >= l to 1, the rest to 0; it suits digit-like "
+                                   f"images) for l in {SQUEEZE_LEVELS}: log10 w^T G_x w, the share of w in the top-3 "
+                                   f"eigenvectors, and, after steps of t in {SQUEEZE_STEPS} along w, log10 KL, its "
+                                   "departure from t^2 w^T G_x w / 2 and whether the prediction changes (w's length is "
+                                   "left out too)",
 }
 
 FINE_SETS = ("spectral+noise+fine", "spectral+noise+fine+squeeze")
@@ -120,15 +121,16 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
         names += [f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS]
         names += ["margin_log10_lambda1_d2"]
     if feature_set in FINE_SETS:
-        names += _direction_names("fine", FINE_STEPS)
+        names += _direction_names("fine", "fine", FINE_STEPS)
     if feature_set == "spectral+noise+fine+squeeze":
-        names += _direction_names("squeeze", SQUEEZE_STEPS)
+        for level in SQUEEZE_LEVELS:
+            names += _direction_names(f"squeeze{level}", f"squeeze{level}_step", SQUEEZE_STEPS)
     return names
 
 
-def _direction_names(prefix: str, steps: tuple[float, ...]) -> list[str]:
-    return [f"{prefix}_log10_rayleigh", f"{prefix}_top3_share"] + [
-        f"{prefix}{t}_{what}" for t in steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
+def _direction_names(head: str, step: str, steps: tuple[float, ...]) -> list[str]:
+    return [f"{head}_log10_rayleigh", f"{head}_top3_share"] + [
+        f"{step}{t}_{what}" for t in steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
 
 
 def log10_kl(p: Tensor, q: Tensor) -> Tensor:
@@ -260,9 +262,9 @@ def fine_direction(images: Tensor) -> Tensor:
     return _unit(box_blur(images) - images)
 
 
-def squeeze_direction(images: Tensor) -> Tensor:
-    """The unit direction from each image to its 1-bit squeezing (zeros for an image that is already binary)."""
-    return _unit((images >= SQUEEZE_LEVEL).to(images.dtype) - images)
+def squeeze_direction(images: Tensor, level: float) -> Tensor:
+    """The unit direction from each image to its 1-bit squeezing at `level` (zeros where that changes nothing)."""
+    return _unit((images >= level).to(images.dtype) - images)
 
 
 def _direction_probes(images: Tensor, direction: Tensor, steps: tuple[float, ...]) -> Tensor:
@@ -310,7 +312,7 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
         if feature_set in FINE_SETS:
             directions.append((fine_direction(images), FINE_STEPS))
         if feature_set == "spectral+noise+fine+squeeze":
-            directions.append((squeeze_direction(images), SQUEEZE_STEPS))
+            directions += [(squeeze_direction(images, level), SQUEEZE_STEPS) for level in SQUEEZE_LEVELS]
         probes += [_direction_probes(images, direction, steps) for direction, steps in directions]
         q = _probe_probabilities(model, torch.cat(probes, 1)).split([probe.shape[1] for probe in probes], 1)
         p = q[0][:, 0]

@@ -26,7 +26,7 @@ from service.detect.features import (
     MARGIN_STEPS,
     NOISE_DRAWS,
     NOISE_NORMS,
-    SQUEEZE_LEVEL,
+    SQUEEZE_LEVELS,
     SQUEEZE_STEPS,
 )
 
@@ -150,10 +150,10 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         f"eigenvectors, and KL, KL over its quadratic form and prediction change after steps of {list(FINE_STEPS)} "
         "along u (u's length, the image's high-frequency energy, is left out: it would tell noisy negatives by their "
         "noise, not by the model's geometry); `spectral+noise+fine+squeeze` (the shipped set) adds the same along "
-        "the image's own squeezing direction w (unit, from x to its 1-bit squeezing, pixels >= "
-        f"{SQUEEZE_LEVEL} to 1, the rest to 0, as Xu et al. 2018's feature squeezing): w^T G_x w, w's share in the "
-        f"top-3 eigenvectors, KL, KL over its quadratic form and prediction change after steps of "
-        f"{list(SQUEEZE_STEPS)} along w (w's length left out as u's). "
+        "each of the image's own squeezing directions w_l (unit, from x to its 1-bit squeezing at level l, pixels "
+        f">= l to 1, the rest to 0, as Xu et al. 2018's feature squeezing; l in {list(SQUEEZE_LEVELS)}): "
+        "w^T G_x w, w's share in the top-3 eigenvectors, KL, KL over its quadratic form and prediction change after "
+        f"steps of {list(SQUEEZE_STEPS)} along w (w's length left out as u's). "
         f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "
         "GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
         f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "
