@@ -113,7 +113,7 @@ def main() -> None:
         "binarize-kl (feature squeezing's output change)": output_change(model, x, (x >= 0.5).to(x.dtype)),
     }
     rows = [f"`{BASE_FEATURE_SET}` alone"] + [f"+ {name}" for name in candidates]
-    rows.append(f"`{SHIPPED_FEATURE_SET}` (shipped: + Fisher geometry along the squeezing direction)")
+    rows.append(f"`{SHIPPED_FEATURE_SET}` (shipped: + Fisher geometry along the squeezing directions)")
     matrices = [base] + [np.hstack([base, extra]) for extra in candidates.values()]
     matrices.append(batched_features(model, x, SHIPPED_FEATURE_SET))
     counts = data.counts()[args.attack]

@@ -68,7 +68,8 @@ FEATURE_SETS: dict[str, str] = {
                                    "left out too)",
 }
 
-FINE_SETS = ("spectral+noise+fine", "spectral+noise+fine+squeeze")
+SQUEEZE_SETS = ("spectral+noise+fine+squeeze",)  # the image's squeezing directions
+FINE_SETS = ("spectral+noise+fine", *SQUEEZE_SETS)  # its fine-scale direction
 RATIO_SETS = ("spectral+noise+ratios", *FINE_SETS)
 NOISE_SETS = ("spectral+noise", *RATIO_SETS)  # isotropic probes and the margin
 VECTOR_SETS = ("spectral", *NOISE_SETS)  # eigenvectors and forward probes
@@ -122,7 +123,7 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
         names += ["margin_log10_lambda1_d2"]
     if feature_set in FINE_SETS:
         names += _direction_names("fine", "fine", FINE_STEPS)
-    if feature_set == "spectral+noise+fine+squeeze":
+    if feature_set in SQUEEZE_SETS:
         for level in SQUEEZE_LEVELS:
             names += _direction_names(f"squeeze{level}", f"squeeze{level}_step", SQUEEZE_STEPS)
     return names
@@ -311,7 +312,7 @@ def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain"
         directions = []  # (direction, steps) of the image's own directions: fine scale, squeezing
         if feature_set in FINE_SETS:
             directions.append((fine_direction(images), FINE_STEPS))
-        if feature_set == "spectral+noise+fine+squeeze":
+        if feature_set in SQUEEZE_SETS:
             directions += [(squeeze_direction(images, level), SQUEEZE_STEPS) for level in SQUEEZE_LEVELS]
         probes += [_direction_probes(images, direction, steps) for direction, steps in directions]
         q = _probe_probabilities(model, torch.cat(probes, 1)).split([probe.shape[1] for probe in probes], 1)
