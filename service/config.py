@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated API keys; when set, every endpoint but health needs one "
         "(Authorization: Bearer KEY or X-API-Key: KEY). Never logged.")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated admin API keys: they open every endpoint, like api_keys, and see and "
+        "cancel every key's jobs (a plain key sees only the jobs it submitted). Never logged.")
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body (bytes); more is 413.")
     max_image_side: int = Field(4096, ge=8, description="Largest width or height an uploaded image may declare "
                                 "(checked before decoding: decompression bombs).")
@@ -79,8 +82,15 @@ class Settings(BaseSettings):
                                 "with Retry-After.")
     request_timeout_s: float = Field(30.0, gt=0, description="Longest time a request may take (504 after it); also "
                                      "uvicorn's graceful-shutdown wait for in-flight requests.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open "
+                                        "after a response before the server closes it (idle clients holding "
+                                        "connections).")
+    request_head_timeout_s: float = Field(10.0, gt=0, description="Seconds a client has to send a complete request "
+                                          "head after connecting or after the previous response; then the "
+                                          "connection is closed (clients that connect and send nothing, or "
+                                          "trickle a head slowly: slowloris).")
 
-    @field_validator("serve_models", "api_keys", mode="before")
+    @field_validator("serve_models", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         """Accept 'a,b' (environment) as well as a list."""
@@ -101,10 +111,14 @@ class Settings(BaseSettings):
                                   "checks for abandoned jobs).")
     jobs_lease_s: int = Field(30, ge=2, description="A running job whose worker has sent no heartbeat for this "
                               "long is taken as abandoned and re-queued (the crash-recovery delay).")
+    jobs_reconnect_max_s: int = Field(30, ge=1, description="Longest wait of a `fisher-guard worker` between tries "
+                                      "to reach Redis again after losing it (the waits double from 1 s).")
     jobs_max_upload_mb: float = Field(64.0, gt=0, description="Largest job upload (all files together), MiB.")
     jobs_max_attack_steps: int = Field(10000, ge=1, description="Most iterations (`steps`) an attack job may ask "
                                        "for: a job's batch cannot be interrupted, so this bounds how long a "
                                        "cancellation or a shutdown waits.")
+    jobs_max_params_depth: int = Field(16, ge=2, description="Deepest nesting of a job's JSON params (deeper is "
+                                       "422): a deep document would exhaust the recursion of what serialises it.")
     jobs_max_items: int = Field(10000, ge=1, description="Most images in one job (archive members or files).")
     jobs_batch_size: int = Field(256, ge=1, description="Images per engine call inside a job (progress steps).")
     jobs_local_threads: int = Field(1, ge=1, description="Threads of the in-process job backend.")

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Path, Request, UploadFile
 
 from service.api.errors import ProblemError
+from service.api.json_body import INLINE_BYTES
 from service.api.runtime import ServedModel
 from service.api.schemas import ImagesInput
 from service.config import Settings
@@ -71,9 +72,6 @@ async def require_multipart(request: Request) -> None:
     require_content_type(request, "multipart/form-data")
 
 
-INLINE_BYTES = 65536  # inputs this small are decoded on the event loop: cheaper than a hop to a thread
-
-
 def _single_image(tensor: list) -> bool:
     """A tensor of one image ([1, ...] or [H, W] rows of numbers): small enough to decode inline."""
     return len(tensor) == 1 or (bool(tensor) and isinstance(tensor[0], list) and bool(tensor[0])
@@ -81,14 +79,16 @@ def _single_image(tensor: list) -> bool:
 
 
 async def decode_json_images(body: ImagesInput, model: ServedModel, settings: Settings) -> DecodedBatch:
-    """The images of a JSON body, validated against the model's input shape (large ones off the event loop)."""
+    """The images of a JSON body, validated against the model's input shape. Only small inputs of the model's own
+    size are decoded on the event loop (an image of another size is refused from its header, before decoding);
+    large ones, and any to resize, are decoded in a thread."""
     limits = input_limits(settings)
     if body.images is not None:
-        if sum(len(text) for text in body.images) <= INLINE_BYTES:
+        if sum(len(text) for text in body.images) <= INLINE_BYTES and not body.resize:
             return decode_base64_images(body.images, model.shape, limits, body.resize)
         return await asyncio.to_thread(decode_base64_images, body.images, model.shape, limits, body.resize)
     assert body.tensor is not None
-    if _single_image(body.tensor):
+    if _single_image(body.tensor) and not body.resize:
         return nested_batch(body.tensor, model.shape, limits, body.resize)
     return await asyncio.to_thread(nested_batch, body.tensor, model.shape, limits, body.resize)
 
@@ -100,6 +100,6 @@ async def decode_upload(files: list[UploadFile], model: ServedModel, settings: S
     if len(files) > limits.max_batch:
         raise ProblemError(413, "batch_too_large", f"{len(files)} files, over the batch limit of {limits.max_batch}")
     contents = [await f.read() for f in files]
-    if sum(len(c) for c in contents) <= INLINE_BYTES:
+    if sum(len(c) for c in contents) <= INLINE_BYTES and not resize:
         return decode_files(contents, model.shape, limits, resize)
     return await asyncio.to_thread(decode_files, contents, model.shape, limits, resize)

@@ -6,6 +6,7 @@ Pure ASGI (not BaseHTTPMiddleware) keeps the per-request cost to a few microseco
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -36,6 +37,8 @@ def announce(scope: Scope) -> Arrival | None:
     return Arrival(served.worker) if served is not None else None
 
 
+# when the current request times out (time.monotonic()): work in threads can stop before it instead of after
+request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer (metrics, log)
 
 
@@ -65,6 +68,7 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID_OK.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
+        deadline_token = request_deadline.set(time.monotonic() + self.timeout)
         status = {"code": 500, "started": False, "gone": False}
         path = scope.get("path", "")
         max_body = self.max_job_body if path.startswith("/v1/jobs") else self.max_body
@@ -155,6 +159,7 @@ class RequestContextMiddleware:
             log.info("%s %s %s %.1f ms", scope.get("method"), path, status["code"], elapsed * 1000.0,
                      extra={"status": status["code"], "duration_ms": round(elapsed * 1000.0, 2)})
             request_id.reset(token)
+            request_deadline.reset(deadline_token)
             current_arrival.reset(arrival_token)
             if arrival is not None:
                 arrival.close()

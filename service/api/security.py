@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.errors import ProblemError
+from service.config import Settings
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key as a bearer token.")
 header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
@@ -23,13 +24,26 @@ def key_matches(candidate: str, keys: list[str]) -> bool:
     return matched
 
 
+def presented_key(request: Request) -> str | None:
+    """The API key a request carries (bearer token first, as `require_api_key` reads it), or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def accepted_keys(settings: Settings) -> list[str]:
+    """Every key that opens the API: the plain keys and the admin keys."""
+    return [*settings.api_keys, *settings.admin_api_keys]
+
+
 async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     header_key: Annotated[str | None, Depends(header_scheme)],
 ) -> None:
     """When API keys are configured, the request must carry one of them (else 401)."""
-    keys: list[str] = request.app.state.settings.api_keys
+    keys = accepted_keys(request.app.state.settings)
     if not keys:
         return
     candidate = bearer.credentials if bearer is not None else header_key

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch import Tensor
 
+from service.data.arrays import ArrayFileError, read_npy
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 NPY_MAGIC = b"\x93NUMPY"
@@ -105,6 +107,12 @@ def decode_image(data: bytes, shape: tuple[int, int, int], limits: InputLimits, 
         raise ImageInputError("corrupt_image", f"the {kind.upper()} file cannot be read: its header is not "
                               "valid") from exc
     _check_declared_size(img.width, img.height, limits)
+    if (img.height, img.width) != (height, width) and not resize:
+        raise ImageInputError(
+            "wrong_shape",
+            f"the image is {img.width}x{img.height} but the model takes {width}x{height}; "
+            "resize it or ask the API to (resize=true)",
+        )
     try:
         img.load()
     except Image.DecompressionBombError as exc:
@@ -114,12 +122,6 @@ def decode_image(data: bytes, shape: tuple[int, int, int], limits: InputLimits, 
         raise ImageInputError("corrupt_image", f"the {kind.upper()} file is corrupt or truncated: {exc}") from exc
     notes = []
     if (img.height, img.width) != (height, width):
-        if not resize:
-            raise ImageInputError(
-                "wrong_shape",
-                f"the image is {img.width}x{img.height} but the model takes {width}x{height}; "
-                "resize it or ask the API to (resize=true)",
-            )
         img = img.resize((width, height), Image.Resampling.BILINEAR)
         notes.append(f"resized to {width}x{height}")
     array = _pixels(img, channels)
@@ -252,28 +254,22 @@ def nested_batch(values: object, shape: tuple[int, int, int], limits: InputLimit
     return tensor_batch(array, shape, limits, resize)
 
 
+def max_values(shape: tuple[int, int, int], limits: InputLimits, resize: bool, batch: int | None = None) -> int:
+    """Most values an array of images may declare: a batch of the model's images, or with resize of the largest
+    images the limits allow."""
+    channels, height, width = shape
+    pixels = limits.max_pixels if resize else height * width
+    return (batch or limits.max_batch) * max(channels, 1) * pixels
+
+
 def decode_npy(data: bytes, shape: tuple[int, int, int], limits: InputLimits, resize: bool = False) -> DecodedBatch:
-    """A .npy file (never unpickled) -> validated batch; its declared shape is checked before reading the data."""
-    buffer = io.BytesIO(data)
+    """A .npy file (never unpickled) -> validated batch; its declared shape and size are checked against the
+    payload and the limits before any value is read."""
     try:
-        version = np.lib.format.read_magic(buffer)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        declared, _, dtype = read_header(buffer)  # the header only, no data yet
-    except Exception as exc:  # noqa: BLE001 - numpy parses the header as a Python literal; it raises many types
-        # (ValueError, SyntaxError, tokenize.TokenError, RecursionError, ...) on a hostile one
-        raise ImageInputError("corrupt_npy", f"the .npy file has an unreadable header: {exc}") from exc
-    count = int(np.prod(declared)) if declared else 1
-    budget = limits.max_batch * limits.max_pixels * max(shape[0], 1)
-    if count > budget:
-        raise ImageInputError("image_too_large", f"the .npy file declares shape {list(declared)}, over the limit")
-    buffer.seek(0)
-    try:
-        array = np.load(buffer, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ImageInputError("corrupt_npy", "the .npy file cannot be read (truncated, or holds objects): "
-                              f"{exc}") from exc
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise ImageInputError("invalid_tensor", f"the .npy file must hold a numeric array, got dtype {dtype}")
+        array = read_npy(data, max_values(shape, limits, resize))
+    except ArrayFileError as exc:
+        code = "image_too_large" if exc.code == "array_too_large" else exc.code
+        raise ImageInputError(code, exc.message) from exc
     return tensor_batch(array, shape, limits, resize)
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.config import Settings
-from service.data.images import ImageInputError, InputLimits, decode_image, tensor_batch
-from service.jobs.types import ItemError, JobInputError
+from service.data.arrays import ArrayFileError, read_npz
+from service.data.images import ImageInputError, InputLimits, decode_image, max_values, tensor_batch
+from service.jobs.types import ItemError, JobInputError, check_deadline
 
 DATASETS = ("mnist:train", "mnist:val", "mnist:test", "mnist:all")
 IMAGE_KEYS = ("images", "x", "adversarial")
@@ -56,9 +57,10 @@ def check_dataset_shape(name: str, shape: tuple[int, int, int]) -> None:
 
 
 def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], settings: Settings,
-                 limit: int | None = None, num_classes: int | None = None) -> StagedImages:
+                 limit: int | None = None, num_classes: int | None = None,
+                 deadline: float | None = None) -> StagedImages:
     """Decode and validate uploaded files (labels: class indices below `num_classes`); refuse (JobInputError)
-    what is wrong as a whole."""
+    what is wrong as a whole, and stop (SubmissionTimeout) past `deadline`, checked before each file."""
     if not files:
         raise JobInputError("no images: upload files (.npz, .npy, .zip, PNG/JPEG) or name a dataset",
                             code="no_input", status=400)
@@ -72,11 +74,12 @@ def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], se
     for name, data in files:
         lower = name.lower()
         if lower.endswith(".zip") or data[:4] == b"PK\x03\x04" and not lower.endswith(".npz"):
-            parts.append(_stage_zip(name, data, shape, limits, max_bytes))
+            parts.append(_stage_zip(name, data, shape, limits, max_bytes, deadline))
         elif lower.endswith(".npz"):
+            check_deadline(deadline)
             parts.append(_stage_npz(name, data, shape, limits, max_bytes))
         else:
-            parts.append(_stage_files([(name, data)], shape, limits))
+            parts.append(_stage_files([(name, data)], shape, limits, deadline))
         count = sum(len(p.names) for p in parts)
         if count > settings.jobs_max_items:
             raise JobInputError(f"the upload holds more than {settings.jobs_max_items} images", code="too_many_items",
@@ -129,12 +132,14 @@ def valid_names(staged_names: list[str], errors: list[ItemError]) -> list[str]:
     return [n for i, n in enumerate(staged_names) if i not in bad]
 
 
-def _stage_files(files: list[tuple[str, bytes | str]], shape: tuple[int, int, int],
-                 limits: InputLimits) -> StagedImages:
-    """Image files (PNG/JPEG/.npy of one image each), each decoded on its own; failures become item errors
-    (a str in place of the bytes is a failure already known)."""
+def _stage_files(files: list[tuple[str, bytes | str]], shape: tuple[int, int, int], limits: InputLimits,
+                 deadline: float | None) -> StagedImages:
+    """Image files (PNG/JPEG/.npy of one image each), each decoded on its own (an image of another size is
+    refused from its header); failures become item errors (a str in place of the bytes is a failure already
+    known)."""
     images, names, errors = [], [], []
     for i, (name, data) in enumerate(files):
+        check_deadline(deadline)
         names.append(name)
         if isinstance(data, str):
             errors.append(ItemError(index=i, name=name, reason=data))
@@ -160,7 +165,7 @@ def safe_member(name: str) -> bool:
 
 
 def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: InputLimits,
-               max_bytes: int) -> StagedImages:
+               max_bytes: int, deadline: float | None) -> StagedImages:
     """A zip of PNG/JPEG (or one-image .npy) files, in name order; unsafe or oversized archives are refused."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
@@ -189,7 +194,7 @@ def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: I
             files.append((info.filename, zf.read(info)))
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:  # CRC, truncated
             files.append((info.filename, f"corrupt_member: cannot be unpacked: {exc}"))
-    staged = _stage_files(files, shape, limits)
+    staged = _stage_files(files, shape, limits, deadline)
     staged.names = [f"{archive}/{n}" for n in staged.names]
     for e in staged.errors:
         e.name = f"{archive}/{e.name}"
@@ -198,21 +203,14 @@ def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: I
 
 def _stage_npz(name: str, data: bytes, shape: tuple[int, int, int], limits: InputLimits,
                max_bytes: int) -> StagedImages:
-    """An .npz with an image array ('images' or 'x', or its only array) and optional 'labels' / 'y'."""
+    """An .npz with an image array ('images' or 'x', or its only array) and optional 'labels' / 'y'; the
+    members' declared sizes are checked before any is unpacked (service.data.arrays)."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        declared = sum(info.file_size for info in zf.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise JobInputError(f"{name} is not a readable .npz file: {exc}", code="corrupt_archive", status=400) from exc
-    if declared > max_bytes:
-        raise JobInputError(f"{name} unpacks to {declared} bytes, over the limit of {max_bytes}",
-                            code="upload_too_large", status=413)
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except Exception as exc:  # noqa: BLE001 - a hostile member header raises many types (see decode_npy)
-        raise JobInputError(f"{name} cannot be read as .npz (corrupt, or holds objects): {exc}",
-                            code="corrupt_archive", status=400) from exc
+        arrays = read_npz(data, max_values(shape, limits, resize=False) + limits.max_batch, max_bytes, name)
+    except ArrayFileError as exc:
+        if exc.code == "array_too_large":
+            raise JobInputError(exc.message, code="upload_too_large", status=413) from exc
+        raise JobInputError(f"{exc.message} (corrupt, or not numbers)", code="corrupt_archive", status=400) from exc
     key = next((k for k in IMAGE_KEYS if k in arrays), None) or (next(iter(arrays)) if len(arrays) == 1 else None)
     if key is None:
         raise JobInputError(f"{name}: no image array (name it one of {', '.join(IMAGE_KEYS)})", code="invalid_archive")

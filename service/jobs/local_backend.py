@@ -16,7 +16,9 @@ from service.jobs.inputs import unpack
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
 from service.jobs.types import (
+    OPERATOR,
     Artifact,
+    Caller,
     JobCancelled,
     JobFailure,
     JobInfo,
@@ -26,6 +28,8 @@ from service.jobs.types import (
     JobSpec,
     JobStatus,
     Progress,
+    check_deadline,
+    check_job_id,
 )
 
 
@@ -87,14 +91,25 @@ class InProcessJobQueue:
                     job.cancel_requested = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, request: JobRequest, files: list[tuple[str, bytes]] | None = None) -> JobInfo:
-        spec, upload = prepare(request, files or [], self.settings)
+    def submit(self, request: JobRequest, files: list[tuple[str, bytes]] | None = None, caller: Caller = OPERATOR,
+               deadline: float | None = None) -> JobInfo:
+        spec, upload = prepare(request, files or [], self.settings, caller, deadline)
         job = _Job(spec=spec, upload=upload, progress=Progress(done=0, total=spec.items))
         with self._lock:
+            check_deadline(deadline)
             self._purge()
             self._jobs[spec.id] = job
+            info = self._info(job)
         self._pool.submit(self._run, job)
-        return self.status(spec.id)
+        return info
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.pop(check_job_id(job_id), None)
+            if job is not None:
+                job.cancel_requested = True
+                if job.status == JobStatus.queued:
+                    job.status = JobStatus.cancelled
 
     def _run(self, job: _Job) -> None:
         with self._lock:
@@ -124,10 +139,10 @@ class InProcessJobQueue:
         for job_id in expired:
             del self._jobs[job_id]
 
-    def _get(self, job_id: str) -> _Job:
+    def _get(self, job_id: str, caller: Caller) -> _Job:
         self._purge()
-        job = self._jobs.get(job_id)
-        if job is None:
+        job = self._jobs.get(check_job_id(job_id))
+        if job is None or not caller.sees(job.spec.owner):
             raise JobNotFound(f"no job {job_id!r} (unknown, or its results expired)")
         return job
 
@@ -142,32 +157,32 @@ class InProcessJobQueue:
             item_errors=len(spec.item_errors), has_artifact=job.status == JobStatus.succeeded and bool(job.artifact),
         )
 
-    def status(self, job_id: str) -> JobInfo:
+    def status(self, job_id: str, caller: Caller = OPERATOR) -> JobInfo:
         with self._lock:
-            return self._info(self._get(job_id))
+            return self._info(self._get(job_id, caller))
 
-    def _finished(self, job_id: str) -> _Job:
-        job = self._get(job_id)
+    def _finished(self, job_id: str, caller: Caller) -> _Job:
+        job = self._get(job_id, caller)
         if job.status != JobStatus.succeeded:
             detail = f"job {job_id} is {job.status.value}" + (f": {job.error.reason}" if job.error else "")
             code = {"failed": "job_failed", "cancelled": "job_cancelled"}.get(job.status.value, "job_not_finished")
             raise JobNotReady(detail, code=code)
         return job
 
-    def result(self, job_id: str) -> dict:
+    def result(self, job_id: str, caller: Caller = OPERATOR) -> dict:
         with self._lock:
-            return dict(self._finished(job_id).summary or {})
+            return dict(self._finished(job_id, caller).summary or {})
 
-    def artifact(self, job_id: str) -> Artifact:
+    def artifact(self, job_id: str, caller: Caller = OPERATOR) -> Artifact:
         with self._lock:
-            job = self._finished(job_id)
+            job = self._finished(job_id, caller)
             if job.artifact is None:
                 raise JobNotFound(f"job {job_id!r} has no artifact", code="no_artifact")
             return job.artifact
 
-    def cancel(self, job_id: str) -> JobInfo:
+    def cancel(self, job_id: str, caller: Caller = OPERATOR) -> JobInfo:
         with self._lock:
-            job = self._get(job_id)
+            job = self._get(job_id, caller)
             if not job.status.finished:
                 job.cancel_requested = True
                 if job.status == JobStatus.queued:
@@ -175,8 +190,9 @@ class InProcessJobQueue:
                     job.error = JobFailure(code="cancelled", reason="cancelled on request")
             return self._info(job)
 
-    def list(self, limit: int = 50, status: JobStatus | None = None) -> list[JobInfo]:
+    def list(self, limit: int = 50, status: JobStatus | None = None, caller: Caller = OPERATOR) -> list[JobInfo]:
         with self._lock:
             self._purge()
             jobs = sorted(self._jobs.values(), key=lambda j: j.spec.created_at, reverse=True)
-            return [self._info(j) for j in jobs if status is None or j.status == status][:limit]
+            return [self._info(j) for j in jobs
+                    if (status is None or j.status == status) and caller.sees(j.spec.owner)][:limit]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -32,8 +33,10 @@ from service.jobs.metrics import JOB_SECONDS, JOBS, serve_metrics
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
 from service.jobs.types import (
+    OPERATOR,
     TYPES_WITH_IMAGES,
     Artifact,
+    Caller,
     JobCancelled,
     JobFailure,
     JobInfo,
@@ -44,6 +47,8 @@ from service.jobs.types import (
     JobStatus,
     Progress,
     QueueUnavailable,
+    check_deadline,
+    check_job_id,
 )
 from service.observability import job_id
 
@@ -111,9 +116,11 @@ class RedisJobQueue:
     def close(self) -> None:
         self.conn.close()
 
-    def submit(self, request: JobRequest, files: list[tuple[str, bytes]] | None = None) -> JobInfo:
-        spec, upload = prepare(request, files or [], self.settings)
+    def submit(self, request: JobRequest, files: list[tuple[str, bytes]] | None = None, caller: Caller = OPERATOR,
+               deadline: float | None = None) -> JobInfo:
+        spec, upload = prepare(request, files or [], self.settings, caller, deadline)
         ttl = self.settings.jobs_result_ttl_s
+        check_deadline(deadline)
         with self._available():
             if upload is not None:
                 # kept until the job ends (deleted then), at most while a job may wait and run
@@ -145,11 +152,14 @@ class RedisJobQueue:
             meta={"attempts": 0, "progress": {"done": 0, "total": total}},
         )
 
-    def _fetch(self, job_id: str) -> Job:
+    def _fetch(self, job_id: str, caller: Caller = OPERATOR) -> Job:
         try:
-            return Job.fetch(job_id, connection=self.conn, serializer=JSONSerializer)
+            job = Job.fetch(check_job_id(job_id), connection=self.conn, serializer=JSONSerializer)
         except NoSuchJobError as exc:
             raise JobNotFound(f"no job {job_id!r} (unknown, or its results expired)") from exc
+        if not caller.sees(_owner(job)):
+            raise JobNotFound(f"no job {job_id!r} (unknown, or its results expired)")
+        return job
 
     def _info(self, job: Job) -> JobInfo:
         spec = JobSpec.model_validate(job.args[0])
@@ -220,13 +230,13 @@ class RedisJobQueue:
             return JobStatus.running, None
         return JobStatus.queued, None
 
-    def status(self, job_id: str) -> JobInfo:
+    def status(self, job_id: str, caller: Caller = OPERATOR) -> JobInfo:
         with self._available():
-            return self._info(self._fetch(job_id))
+            return self._info(self._fetch(job_id, caller))
 
-    def result(self, job_id: str) -> dict:
+    def result(self, job_id: str, caller: Caller = OPERATOR) -> dict:
         with self._available():
-            job = self._fetch(job_id)
+            job = self._fetch(job_id, caller)
             info = self._info(job)
             _require_success(info)
             value = job.return_value()
@@ -234,9 +244,9 @@ class RedisJobQueue:
                 raise JobNotFound(f"the result of job {job_id!r} expired")
             return value
 
-    def artifact(self, job_id: str) -> Artifact:
+    def artifact(self, job_id: str, caller: Caller = OPERATOR) -> Artifact:
         with self._available():
-            info = self._info(self._fetch(job_id))
+            info = self._info(self._fetch(job_id, caller))
             _require_success(info)
             data = self.conn.hgetall(self.keys.artifact(job_id))
             if not data:
@@ -244,9 +254,9 @@ class RedisJobQueue:
             return Artifact(filename=data[b"filename"].decode(), media_type=data[b"media_type"].decode(),
                             data=data[b"data"])
 
-    def cancel(self, job_id: str) -> JobInfo:
+    def cancel(self, job_id: str, caller: Caller = OPERATOR) -> JobInfo:
         with self._available():
-            job = self._fetch(job_id)
+            job = self._fetch(job_id, caller)
             info = self._info(job)
             if info.status.finished:
                 return info
@@ -265,7 +275,20 @@ class RedisJobQueue:
                 self.conn.delete(self.keys.upload(job_id))
             return self._info(self._fetch(job_id))
 
-    def list(self, limit: int = 50, status: JobStatus | None = None) -> list[JobInfo]:
+    def discard(self, job_id: str) -> None:
+        with self._available():
+            job = self._fetch(job_id)
+            spec = JobSpec.model_validate(job.args[0])
+            for shard_id in spec.shards:
+                self.conn.set(self.keys.cancel(shard_id), 1, ex=self.settings.jobs_result_ttl_s)
+            self.conn.set(self.keys.cancel(job_id), 1, ex=self.settings.jobs_result_ttl_s)
+            for each in [*Job.fetch_many(spec.shards, connection=self.conn, serializer=JSONSerializer), job]:
+                if each is not None and each.get_status(refresh=False) != RqStatus.STARTED:
+                    each.delete()
+            self.conn.zrem(self.keys.jobs, job_id)
+            self.conn.delete(self.keys.upload(job_id))
+
+    def list(self, limit: int = 50, status: JobStatus | None = None, caller: Caller = OPERATOR) -> list[JobInfo]:
         with self._available():
             out: list[JobInfo] = []
             start, page = 0, max(limit, 50)
@@ -278,12 +301,17 @@ class RedisJobQueue:
                 if gone:
                     self.conn.zrem(self.keys.jobs, *gone)
                 for job in jobs:
-                    if job is not None:
+                    if job is not None and caller.sees(_owner(job)):
                         info = self._info(job)
                         if status is None or info.status == status:
                             out.append(info)
                 start += page - len(gone) if gone else page
             return out[:limit]
+
+
+def _owner(job: Job) -> str | None:
+    spec = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
+    return spec.get("owner")
 
 
 def _require_success(info: JobInfo) -> None:
@@ -448,14 +476,33 @@ class QuietMaintenance(logging.Filter):
 
 
 def run_worker(settings: Settings, name: str | None = None, burst: bool = False, log_level: str = "INFO") -> bool:
-    """Run one worker until stopped (or, with burst, until the queue is empty)."""
+    """Run one worker until stopped (or, with burst, until the queue is empty). When Redis goes away (a restart,
+    a network blip), rq's worker quits; it is started again once Redis answers, waiting 1, 2, 4, ... seconds
+    (at most settings.jobs_reconnect_max_s) between tries, so that a short outage never ends the process."""
     logging.getLogger("rq.worker").addFilter(QuietMaintenance())
     serve_metrics(settings.worker_metrics_port)
     if not settings.redis_url:
         raise ValueError("a worker needs FISHER_GUARD_REDIS_URL (the in-process backend runs jobs in the API)")
     conn = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.jobs_queue, connection=conn, serializer=JSONSerializer)
-    worker = FisherWorker([queue], name=name, connection=conn, serializer=JSONSerializer,
-                          heartbeat_s=settings.jobs_heartbeat_s, lease_s=settings.jobs_lease_s,
-                          worker_ttl=max(settings.jobs_lease_s, 20))
-    return worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+    worked, wait = False, 1.0
+    while True:
+        worker = FisherWorker([queue], name=name, connection=conn, serializer=JSONSerializer,
+                              heartbeat_s=settings.jobs_heartbeat_s, lease_s=settings.jobs_lease_s,
+                              worker_ttl=max(settings.jobs_lease_s, 20))
+        started = time.monotonic()
+        try:
+            worked |= worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+            reason = "rq's worker loop ended"
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # raised by its teardown while Redis is down
+            reason = f"Redis is unreachable ({exc})"
+        except ValueError as exc:  # rq: a worker of this name is still registered (its key expires with its ttl)
+            reason = str(exc)
+        if burst or worker._shutdown_requested_date is not None:
+            return worked
+        if time.monotonic() - started > 60:
+            wait = 1.0  # it ran a while: this is a new outage
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # rq's handlers expect a worker loop; none runs now
+        logging.getLogger(__name__).warning("worker stopped (%s); starting again in %.0f s", reason, wait)
+        time.sleep(wait)
+        wait = min(wait * 2, float(settings.jobs_reconnect_max_s))

@@ -14,9 +14,11 @@ from service.jobs.types import (
     DEBUG_JOB_TYPES,
     JOB_TYPES,
     TYPES_WITH_IMAGES,
+    Caller,
     JobInputError,
     JobRequest,
     JobSpec,
+    check_deadline,
     check_params,
 )
 from service.zoo.cards import ModelCard
@@ -26,14 +28,18 @@ def known_types(settings: Settings) -> list[str]:
     return list(JOB_TYPES) + (list(DEBUG_JOB_TYPES) if settings.jobs_debug else [])
 
 
-def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Settings) -> tuple[JobSpec, bytes | None]:
-    """Validate a submission; returns the spec to enqueue and the staged upload (None for dataset jobs)."""
+def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Settings, caller: Caller,
+            deadline: float | None = None) -> tuple[JobSpec, bytes | None]:
+    """Validate a submission owned by `caller`; returns the spec to enqueue and the staged upload (None for
+    dataset jobs). Past `deadline` it stops with SubmissionTimeout (checked between uploaded items)."""
     if request.type not in known_types(settings):
         raise JobInputError(f"unknown job type {request.type!r} (known: {', '.join(JOB_TYPES)})",
                             code="unknown_job_type")
+    check_depth(request.params, settings.jobs_max_params_depth)
     params = check_params(request.type, request.params)
     spec = JobSpec(type=request.type, model=request.model, dataset=request.dataset, limit=request.limit,
-                   params=params, result_ttl_s=settings.jobs_result_ttl_s, max_attempts=settings.jobs_max_attempts)
+                   params=params, owner=caller.key_id, result_ttl_s=settings.jobs_result_ttl_s,
+                   max_attempts=settings.jobs_max_attempts)
     if request.type in DEBUG_JOB_TYPES or request.type == "evaluate":
         return spec, None
     card, card_path = _card(request.model)
@@ -63,12 +69,26 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
         inputs.check_dataset_shape(request.dataset, tuple(card.input_shape))
         spec.items = len(images)
         return spec, None
-    staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit, card.num_classes)
+    staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit, card.num_classes, deadline)
+    check_deadline(deadline)
     spec.has_upload = True
     spec.items = len(staged.names)
     spec.item_names = staged.names
     spec.item_errors = staged.errors
     return spec, inputs.pack(staged.images, staged.labels)
+
+
+def check_depth(value: Any, limit: int) -> None:
+    """JobInputError when JSON `value` nests deeper than `limit` (a deep one would exhaust the recursion of
+    whatever serialises it next); iterative, so that the check itself cannot."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise JobInputError(f"params nest deeper than {limit} levels (setting jobs_max_params_depth)",
+                                code="invalid_params")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 POSITIVE = ("epsilon", "step_size", "lr", "max_norm")  # attack options that must be finite numbers > 0
@@ -99,8 +119,6 @@ def _card(model: str | None) -> tuple[ModelCard, Path]:
 
     if not model:
         raise JobInputError("this job type needs a model: give 'model' (a registry name)", code="model_required")
-    if "/" in model or "\\" in model or model.endswith(".json"):
-        raise JobInputError(f"model must be a registry name, not a path: {model!r}", code="unknown_model")
     try:
         return find_card(model)
     except ModelLoadError as exc:

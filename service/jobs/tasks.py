@@ -109,12 +109,28 @@ def _csv(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+
+
 def _fmt(value: Any) -> Any:
+    """A cell: floats to 9 digits, booleans as true/false, and text that a spreadsheet would run as a formula
+    (an uploaded file named '=HYPERLINK(...)') quoted with a leading apostrophe, as OWASP advises."""
     if isinstance(value, float | np.floating):
         return f"{float(value):.9g}"
     if isinstance(value, bool | np.bool_):
         return str(bool(value)).lower()
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _is_number(value):
+        return "'" + value
     return value
+
+
+def _is_number(text: str) -> bool:
+    """A number as this module writes it ('-3.5e-07'), which a shard's CSV gives back as text to the merge."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _errors_summary(spec: JobSpec) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -73,6 +76,52 @@ class QueueUnavailable(JobError):
 
     status = 503
     code = "queue_unavailable"
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_job_id(job_id: str) -> str:
+    """`job_id` when it can name a job (letters, digits, '_' and '-'), else JobNotFound: a backend never sees
+    another id (rq refuses such ids with a ValueError)."""
+    if not JOB_ID.fullmatch(job_id):
+        shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
+        raise JobNotFound(f"no job {shown!r}: job ids are 1-128 letters, digits, '_' or '-'")
+    return job_id
+
+
+def key_id(api_key: str) -> str:
+    """A stable, non-secret id of an API key (what a job records as its owner; the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks the queue. A job records its submitter's key id; a caller sees only the jobs it submitted, unless
+    it is an admin (an admin key, the CLI on the server, or an API without keys, where there is no identity)."""
+
+    key_id: str | None = None
+    admin: bool = True
+
+    def sees(self, owner: str | None) -> bool:
+        return self.admin or (self.key_id is not None and owner == self.key_id)
+
+
+OPERATOR = Caller()  # the CLI and the server's own code: every job
+
+
+class SubmissionTimeout(JobError):
+    """Checking a submission took longer than its deadline: nothing was enqueued."""
+
+    status = 504
+    code = "timeout"
+
+
+def check_deadline(deadline: float | None) -> None:
+    """SubmissionTimeout once time.monotonic() is past `deadline` (None: no deadline)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise SubmissionTimeout("checking the submission took longer than the request timeout, so nothing was "
+                                "queued: send fewer or smaller files per job")
 
 
 class JobCancelled(Exception):
@@ -211,6 +260,7 @@ class JobSpec(BaseModel):
     item_names: list[str] = Field(default_factory=list)
     item_errors: list[ItemError] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
+    owner: str | None = Field(None, description="Key id of the API key that submitted the job (None: no keys).")
     result_ttl_s: int = 86400
     max_attempts: int = 1
     # sharding (Redis backend): a shard runs valid items [offset, offset + count) of its parent's images and

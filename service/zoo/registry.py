@@ -128,20 +128,26 @@ def list_cards() -> list[ModelCard]:
 
 
 def find_card(name_or_path: str | Path) -> tuple[ModelCard, Path]:
-    """A card by path to its JSON file, or by registry name."""
-    path = Path(name_or_path)
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise ModelNotFoundError(f"model card {path} does not exist")
-        try:
-            return ModelCard.read(path), path
-        except (ValidationError, ValueError) as exc:
-            raise ModelLoadError(f"model card {path} is not valid: {exc}") from exc
+    """A card by path (a `Path` to its JSON file) or by registry name (a `str`). A name resolves only through
+    the registry's folders: a name that happens to be a file (a user's 'Dockerfile') is never read."""
+    if isinstance(name_or_path, Path):
+        return read_card(name_or_path)
     for card, card_path in card_files():
-        if card.name == str(name_or_path):
+        if card.name == name_or_path:
             return card, card_path
     known = ", ".join(sorted(c.name for c in list_cards())) or "none"
-    raise ModelNotFoundError(f"no model named {str(name_or_path)!r} (known: {known})")
+    shown = name_or_path if len(name_or_path) <= 64 else name_or_path[:64] + "..."
+    raise ModelNotFoundError(f"no model named {shown!r} (known: {known})")
+
+
+def read_card(path: Path) -> tuple[ModelCard, Path]:
+    """The card in a JSON file named by the operator (CLI, settings), with its path."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"model card {path} does not exist")
+    try:
+        return ModelCard.read(path), path
+    except (ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"model card {path} is not valid: {exc}") from exc
 
 
 def weights_path(card: ModelCard, card_path: Path) -> Path:

@@ -11,6 +11,7 @@ from torch import Tensor
 from service.api.batching import QueueFullError, WorkerClosedError
 from service.api.dependencies import decode_json_images, decode_upload, require_json, require_multipart, served_model
 from service.api.errors import ProblemError, problem_responses
+from service.api.json_body import OffLoopJSONRoute
 from service.api.runtime import ServedModel
 from service.api.schemas import (
     CHEAP_ATTACKS,
@@ -29,7 +30,7 @@ from service.api.schemas import (
 from service.config import Settings
 from service.data.images import DecodedBatch
 
-router = APIRouter(prefix="/v1/models/{model}", tags=["inference"])
+router = APIRouter(prefix="/v1/models/{model}", tags=["inference"], route_class=OffLoopJSONRoute)
 
 ERRORS = problem_responses(400, 401, 404, 413, 415, 422, 503)
 SLOW_METHODS = ("power", "power-alias")  # not micro-batched, and limited like the iterative attacks

@@ -8,6 +8,7 @@ protocol's `error` field.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Depends, Path, Request
 
 from service.api.dependencies import check_ready, input_limits, lookup_model, require_json
 from service.api.errors import ProblemError, problem_responses
+from service.api.json_body import OffLoopJSONRoute
 from service.api.routers.inference import run_batched
 from service.api.runtime import ServedModel
 from service.api.schemas import (
@@ -30,7 +32,7 @@ from service.api.schemas import (
 from service.data.images import tensor_batch
 
 public_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])  # health: never needs a key
-router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=OffLoopJSONRoute)
 
 DATATYPES: dict[str, Any] = {
     "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "UINT16": np.uint16,
@@ -91,6 +93,9 @@ async def v2_model_ready(model: V2Model) -> V2Health:
     return V2Health(ready=True)
 
 
+INLINE_VALUES = 4096  # tensors this small are converted on the event loop: cheaper than a hop to a thread
+
+
 def input_array(tensor: InferTensor) -> np.ndarray:
     """The request tensor as an array of its declared shape and datatype."""
     dtype = DATATYPES.get(tensor.datatype)
@@ -123,8 +128,11 @@ def input_array(tensor: InferTensor) -> np.ndarray:
                     responses=problem_responses(400, 401, 404, 413, 415, 422, 503),
                     summary="OIP v2 inference: logits, probabilities, predictions and the adversarial score.")
 async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> InferResponse:
-    array = input_array(body.inputs[0])
-    batch = tensor_batch(array, model.shape, input_limits(request.app.state.settings))
+    tensor, limits = body.inputs[0], input_limits(request.app.state.settings)
+    if math.prod(max(d, 0) for d in tensor.shape) <= INLINE_VALUES:
+        batch = tensor_batch(input_array(tensor), model.shape, limits)
+    else:  # a large tensor is converted off the event loop, which every other request shares
+        batch = await asyncio.to_thread(lambda: tensor_batch(input_array(tensor), model.shape, limits))
     available = output_names(model)
     wanted = [o.name for o in body.outputs] if body.outputs else available
     unknown = [name for name in wanted if name not in available]
