@@ -212,3 +212,46 @@ def api_models_dir(tmp_path_factory):
     except DetectorLoadError:
         _quick_detector(folder / f"{API_MODEL}.json", sha, detector_path(folder, API_MODEL))
     return folder
+
+
+# ---- Redis (job queue tests) ----
+
+def start_redis(port: int, *args: str):
+    """A real redis-server on `port` (no persistence unless `args` ask for it), once it answers PING; the tests
+    fail (never skip) without one."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server): the job tests need a real Redis")
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The session's redis-server on a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = start_redis(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

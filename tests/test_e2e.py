@@ -42,13 +42,14 @@ def png(image: np.ndarray) -> bytes:
 
 
 def start_server(models_dir: Path, log: Path, *args: str, **env: str) -> tuple[str, subprocess.Popen]:
-    """`fisher-guard serve` on a free port (extra CLI args and FISHER_GUARD_* variables), once /health/ready
-    answers 200; returns (base URL, process)."""
+    """`fisher-guard serve` on a free port (extra CLI args and FISHER_GUARD_* variables; API keys only when
+    given here), once /health/ready answers 200; returns (base URL, process)."""
     port = free_port()
-    env = {**os.environ, "FISHER_GUARD_MODELS_DIR": str(models_dir), "FISHER_GUARD_SERVE_MODELS": MODEL,
+    keys = ("FISHER_GUARD_API_KEYS", "FISHER_GUARD_ADMIN_API_KEYS")
+    inherited = {k: v for k, v in os.environ.items() if k not in keys}
+    env = {**inherited, "FISHER_GUARD_MODELS_DIR": str(models_dir), "FISHER_GUARD_SERVE_MODELS": MODEL,
            "FISHER_GUARD_DEVICE": "cpu", "FISHER_GUARD_MAX_ATTACK_STEPS": "5000", "FISHER_GUARD_LOG_LEVEL": "info",
            **env}
-    env.pop("FISHER_GUARD_API_KEYS", None)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                                     "--threads", "1", *args], cwd=REPO, env=env, stdout=out,

@@ -53,32 +53,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real redis-server on a free port, no persistence; the tests fail (never skip) without one."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server): the job tests need a real Redis")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Iterator[Path]:
     """A model folder with a seeded LeNet-5 and a small detector for it (logistic regression on random features:
@@ -414,6 +388,28 @@ def test_list_recent_jobs(queue):
     assert all(j.status == JobStatus.succeeded for j in succeeded)
     with pytest.raises(JobNotFound):
         queue.status(uuid.uuid4().hex)
+
+
+def test_jobs_are_seen_only_by_their_caller_and_admins(queue):
+    from service.jobs.types import Caller, key_id
+
+    alice, bob = Caller(key_id("alice"), admin=False), Caller(key_id("bob"), admin=False)
+    job = queue.submit(JobRequest(type="screen", model="lenet5", dataset="mnist:test", limit=2), caller=alice)
+    assert queue.status(job.id, alice).id == job.id and queue.status(job.id).id == job.id  # the operator sees all
+    for call in (queue.status, queue.result, queue.artifact, queue.cancel):
+        with pytest.raises(JobNotFound):
+            call(job.id, bob)
+    assert job.id not in {j.id for j in queue.list(100, caller=bob)}
+    assert job.id in {j.id for j in queue.list(100, caller=alice)}
+    assert job.id in {j.id for j in queue.list(100, caller=Caller(key_id("carol"), admin=True))}
+    assert wait_for(queue, job.id).status == JobStatus.succeeded
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "x y", "a:b", "\u2603", "a" * 129, ""])
+def test_ids_that_cannot_name_a_job_are_unknown(queue, job_id):
+    for call in (queue.status, queue.result, queue.artifact, queue.cancel):
+        with pytest.raises(JobNotFound):
+            call(job_id)
 
 
 def test_results_expire_after_ttl(make_queue):
