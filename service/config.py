@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'.")
     memory_budget_mb: int = Field(1024, ge=16, description="Jacobian memory the spectrum endpoint may hold at "
                                   "once (MiB): larger batches are computed in chunks that fit.")
+    allow_pickled_detectors: bool = Field(False, description="Also load detectors in the legacy pickled format "
+                                          "(`<model>.detector.joblib`). Unpickling runs whatever code the file "
+                                          "holds: enable it only for files you trust, and better convert them "
+                                          "once with `fisher-guard convert-detector`.")
 
     # HTTP API (service/api): server, limits, micro-batching, auth
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")

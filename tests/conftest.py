@@ -193,7 +193,7 @@ def api_models_dir(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from service.detect.detector import DetectorLoadError, detector_path, load_detector
+    from service.detect.detector import DetectorLoadError, card_path_for, detector_path, load_detector
     from service.zoo.registry import sha256_file
 
     shipped = Path(__file__).resolve().parent.parent / "models"
@@ -205,10 +205,11 @@ def api_models_dir(tmp_path_factory):
     card["sha256"] = sha
     (folder / f"{API_MODEL}.json").write_text(json.dumps(card))
     (folder / f"{API_MODEL_BARE}.json").write_text(json.dumps({**card, "name": API_MODEL_BARE}))
-    source = detector_path(shipped, API_MODEL)
+    source, target = detector_path(shipped, API_MODEL), detector_path(folder, API_MODEL)
     try:
         load_detector(source, sha)
-        shutil.copy(source, detector_path(folder, API_MODEL))
+        shutil.copy(source, target)
+        shutil.copy(card_path_for(source), card_path_for(target))
     except DetectorLoadError:
         _quick_detector(folder / f"{API_MODEL}.json", sha, detector_path(folder, API_MODEL))
     return folder

@@ -269,19 +269,19 @@ def test_detector_trains_scores_and_holds_its_fpr(lenet, detector):
 
 def test_save_load_round_trip_and_refusals(lenet, detector, tmp_path):
     path, card = detector.save(detector_path(tmp_path, "lenet5"))
-    assert path.name == "lenet5.detector.joblib" and card == card_path_for(path)
+    assert path.name == "lenet5.detector.npz" and card == card_path_for(path) and card.name == "lenet5.detector.json"
     assert json.loads(card.read_text())["threshold"]["value"] == detector.threshold
     loaded = load_detector(path, lenet.sha256)
+    assert loaded.card == detector.card and (loaded.feature_set, loaded.k) == (detector.feature_set, detector.k)
     x, _ = load_mnist("test")
     np.testing.assert_array_equal(loaded.score(lenet.module, x[:8]).scores, detector.score(lenet.module, x[:8]).scores)
     with pytest.raises(DetectorLoadError, match="sha256"):
         load_detector(path, "0" * 64)
     with pytest.raises(DetectorLoadError, match="not found"):
-        load_detector(tmp_path / "missing.detector.joblib", lenet.sha256)
-    bad = tmp_path / "bad.detector.joblib"
-    bad.write_bytes(b"not a joblib file")
-    with pytest.raises(DetectorLoadError, match="corrupt"):
-        load_detector(bad, lenet.sha256)
+        load_detector(tmp_path / "missing.detector.npz", lenet.sha256)
+    card.unlink()
+    with pytest.raises(DetectorLoadError, match="card .* not found"):
+        load_detector(path, lenet.sha256)
 
 
 def test_kd_and_bu_give_finite_scores(lenet, detection):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import RandomForestClassifier
 
-from service.detect.forest import CompiledForest
+from service.detect.compiled import CompiledForest
 
 
 @pytest.mark.parametrize("depth", [1, 3, 5, None])
@@ -14,17 +14,8 @@ def test_compiled_forest_equals_sklearn(depth):
     y = (x[:, 0] + x[:, 1] ** 2 + 0.5 * rng.normal(size=600) > 1).astype(int)
     forest = RandomForestClassifier(n_estimators=25, max_depth=depth, random_state=0).fit(x, y)
     test = np.concatenate([rng.normal(size=(300, 12)), x[:50]])  # fresh points and points on the thresholds
-    np.testing.assert_array_equal(CompiledForest(forest).predict_proba(test), forest.predict_proba(test))
+    compiled = CompiledForest.from_sklearn(forest)
+    np.testing.assert_array_equal(compiled.predict_proba(test), forest.predict_proba(test))
+    again = CompiledForest.from_arrays(compiled.to_arrays())  # the detector file's arrays
+    np.testing.assert_array_equal(again.predict_proba(test), forest.predict_proba(test))
 
-
-def test_shipped_detector_uses_the_compiled_forest_with_the_same_scores():
-    from service.data.mnist import load_mnist
-    from service.detect.detector import load_detector
-    from service.detect.features import fisher_features
-    from service.zoo.registry import load_model
-
-    model = load_model("lenet5")
-    detector = load_detector(model.card_path.parent / "lenet5.detector.joblib", model.sha256)
-    images, _ = load_mnist("test")
-    feats = fisher_features(model.module, images[:32], detector.feature_set, detector.k).matrix
-    np.testing.assert_array_equal(detector.score_features(feats), detector.classifier.predict_proba(feats)[:, 1])

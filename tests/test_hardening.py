@@ -166,7 +166,7 @@ def test_read_npz_equals_numpy_and_never_reads_objects():
     np.testing.assert_array_equal(read_npy(one.getvalue(), 10**6), arrays["fortran"])
     objects = io.BytesIO()
     np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ArrayFileError, match="numbers"):
+    with pytest.raises(ArrayFileError, match="objects"):
         read_npy(objects.getvalue(), 10**6)
     with pytest.raises(ArrayFileError, match="limit"):
         read_npz(buffer.getvalue(), 10, 10**7)

@@ -498,7 +498,7 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
     monkeypatch.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
     get_settings.cache_clear()
     engine.forget()
-    active = folder / "lenet5.detector.joblib"
+    active = folder / "lenet5.detector.npz"
     before = active.read_bytes()
     queue = InProcessJobQueue(queue_settings(models_dir=folder))
     try:
@@ -513,6 +513,7 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
         assert active.read_bytes() == before  # training does not touch the active detector
         assert queue.artifact(info.id).filename.endswith(".json")
         assert activate_detector(candidate) == active and active.read_bytes() == candidate.read_bytes()
+        assert (folder / "lenet5.detector.json").read_bytes() == candidate.with_suffix(".json").read_bytes()
     finally:
         queue.close()
         get_settings.cache_clear()

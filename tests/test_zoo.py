@@ -181,6 +181,17 @@ def test_torchscript_user_model(user_dir: Path) -> None:
     assert loaded.sha256 == sha256_file(user_dir / "scripted.ts")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_without_sha256_is_refused_before_loading(user_dir: Path, monkeypatch) -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    torch.jit.script(net).save(str(user_dir / "unsigned.ts"))
+    path = user_card(user_dir, "unsigned", "torchscript", "torchscript", user_dir / "unsigned.ts")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sha256": None}))
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load ran without a sha256"))
+    with pytest.raises(ModelLoadError, match=r"no sha256 for its TorchScript file unsigned\.ts"):
+        load_model(path, device="cpu")
+
+
 def test_torchscript_file_that_is_not_one(user_dir: Path) -> None:
     (user_dir / "junk.ts").write_bytes(b"not a model")
     path = user_card(user_dir, "junk", "torchscript", "torchscript", user_dir / "junk.ts")

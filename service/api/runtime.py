@@ -16,7 +16,7 @@ from service.api.batching import ModelWorker
 from service.attacks import ATTACKS, least_norm_search
 from service.config import Settings
 from service.data.images import encode_png, vector_png
-from service.detect.detector import Detector, detector_path, load_detector
+from service.detect.detector import Detector, find_detector, load_detector
 from service.fisher import fisher_spectrum
 from service.zoo.cards import ModelCard
 from service.zoo.registry import LoadedModel, card_files, load_model
@@ -186,13 +186,14 @@ def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
 
 
 def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) -> ServedModel:
-    """Load one model and its detector (`<model>.detector.joblib` next to its card) and warm them up."""
+    """Load one model and its detector (`<model>.detector.npz` next to its card) and warm them up."""
     loaded = load_model(card_path, device=settings.device)
     detector, detector_file, detector_error = None, None, None
-    candidate = detector_path(card_path.parent, loaded.name)
+    candidate = find_detector(card_path.parent, loaded.name)
     if candidate.is_file():
         try:
-            detector, detector_file = load_detector(candidate, loaded.sha256), candidate
+            detector = load_detector(candidate, loaded.sha256, allow_pickle=settings.allow_pickled_detectors)
+            detector_file = candidate
         except ValueError as exc:  # a stale detector must not take the model down; it is reported instead
             detector_error = str(exc)
             log.warning("model %s served without its detector: %s", loaded.name, exc)

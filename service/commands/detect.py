@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-detector", help="train the adversarial detector of a model and write it to models/",
                        description="Build the detection set (clean + noisy vs FGM/OTCM/Opt/BIM/OSSA) from the "
                        "validation split, fit the classifier, choose the threshold at --fpr on out-of-fold scores, "
-                       "measure on the test split, write <models-dir>/<model>.detector.joblib and .json.")
+                       "measure on the test split, write <models-dir>/<model>.detector.npz and .json.")
     p.add_argument("--model", default="lenet5", help="registry name of the model (default lenet5)")
     p.add_argument("--feature-set", default=SHIPPED_FEATURE_SET, choices=list(FEATURE_SETS),
                    help=f"features (default {SHIPPED_FEATURE_SET}: chosen on validation; plain = the paper's)")

@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("activate-detector", help="make a trained candidate detector the active one of its model",
                        description="Copy a detector written by a 'train-detector' job (models/candidates/...) over "
-                       "the active `<model>.detector.joblib` next to the model's card; restart the API and workers "
-                       "to use it.")
+                       "the active `<model>.detector.npz` and its card `.json` next to the model's card; restart "
+                       "the API and workers to use it.")
     a.add_argument("path", type=Path)
     a.set_defaults(handler=run_activate)
 

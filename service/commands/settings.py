@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.current:
         values = Settings().model_dump(mode="json")
-        if values.get("api_keys"):
-            values["api_keys"] = "***"
+        for secret in ("api_keys", "admin_api_keys"):
+            if values.get(secret):
+                values[secret] = "***"
         print(json.dumps(values, indent=2))
     else:
         print(settings_markdown(), end="")

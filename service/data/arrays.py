@@ -36,7 +36,9 @@ def _header(stream: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     except Exception as exc:  # noqa: BLE001 - numpy parses the header as a Python literal; a hostile one raises
         # ValueError, SyntaxError, tokenize.TokenError, RecursionError, ...
         raise ArrayFileError("corrupt_npy", f"unreadable .npy header: {exc}") from exc
-    if dtype.hasobject or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
+    if dtype.hasobject:
+        raise ArrayFileError("corrupt_npy", "the array holds Python objects (a pickle), which are never read")
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
         raise ArrayFileError("invalid_tensor", f"the array must hold numbers, not dtype {dtype}")
     return tuple(int(n) for n in shape), bool(fortran), dtype
 

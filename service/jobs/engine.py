@@ -30,14 +30,16 @@ def get_model(name: str) -> LoadedModel:
 
 
 def get_detector(model: LoadedModel):
-    """The active detector of a model (`<model>.detector.joblib` next to its card, as the API loads it), loaded
-    once and checked against the model's weights."""
-    from service.detect.detector import detector_path, load_detector
+    """The active detector of a model (`<model>.detector.npz` next to its card, as the API loads it), loaded
+    once and checked against the model's weights; a legacy pickle only with `allow_pickled_detectors`."""
+    from service.detect.detector import find_detector, load_detector
 
     with _lock:
         if model.name not in _detectors:
-            folder = model.card_path.parent if model.card_path else get_settings().models_dir
-            _detectors[model.name] = load_detector(detector_path(folder, model.name), model.sha256)
+            settings = get_settings()
+            folder = model.card_path.parent if model.card_path else settings.models_dir
+            _detectors[model.name] = load_detector(find_detector(folder, model.name), model.sha256,
+                                                   allow_pickle=settings.allow_pickled_detectors)
         return _detectors[model.name]
 
 

@@ -127,9 +127,9 @@ def _card(model: str | None) -> tuple[ModelCard, Path]:
 
 def _check_detector(model: str, card_path: Path) -> None:
     """A model's active detector lies next to its card (as the API and the workers load it)."""
-    from service.detect.detector import detector_path
+    from service.detect.detector import find_detector
 
-    path = detector_path(card_path.parent, model)
+    path = find_detector(card_path.parent, model)
     if not path.is_file():
         raise JobInputError(f"model {model!r} has no active detector ({path.name}); train one with a "
                             "'train-detector' job and activate it", code="no_detector")

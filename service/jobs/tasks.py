@@ -246,7 +246,7 @@ def attack_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
 
 def candidate_path(settings: Settings, model_name: str, job_id: str) -> Path:
     """Where a detector-training job writes its detector: not the active one (activation is a separate step)."""
-    return Path(settings.models_dir) / "candidates" / f"{model_name}.detector.{job_id}.joblib"
+    return Path(settings.models_dir) / "candidates" / f"{model_name}.detector.{job_id}.npz"
 
 
 def train_detector_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
@@ -280,9 +280,10 @@ def train_detector_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
 
 
 def activate_detector(path: str | Path) -> Path:
-    """Make a candidate detector the active one of its model: copied, with its card, to
-    `<model>.detector.joblib` next to the model's card (where the API and the workers load it from), after
-    checking that it was trained for the model's current weights. API and workers pick it up on restart."""
+    """Make a candidate detector the active one of its model: the .npz and its card copied to
+    `<model>.detector.npz` / `.json` next to the model's card (where the API and the workers load it from), after
+    checking it (sha256 against its card, trained for the model's current weights). API and workers pick it up on
+    restart."""
     from service.detect.detector import card_path_for, detector_path, load_detector
     from service.zoo.registry import find_card, sha256_file, weights_path
 

@@ -7,6 +7,7 @@ Nothing is downloaded: weights come only from the files that the cards name, che
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -198,10 +199,14 @@ def _build(card: ModelCard, path: Path, device: torch.device) -> nn.Module:
                                            **card.architecture_kwargs)
         _load_weights(net, path, card.architecture)
         return PixelSpaceModel(net, card.mean, card.std)
+    data = path.read_bytes()  # the bytes checked are the bytes loaded: loading TorchScript can run code
+    if hashlib.sha256(data).hexdigest() != (card.sha256 or "").lower():
+        raise ModelLoadError(f"TorchScript file {path} does not have the sha256 its card records (it changed "
+                             "while loading, or the card gives none): refused")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users export
             warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.load(str(path), map_location=device)
+            scripted = torch.jit.load(io.BytesIO(data), map_location=device)
     except Exception as exc:  # torch.jit raises several error types
         raise ModelLoadError(f"weights file {path} is not a TorchScript module: {exc}") from exc
     return PixelSpaceModel(scripted, card.mean, card.std)
@@ -225,6 +230,11 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     path = weights_path(card, card_path)
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} named by model card {card_path} does not exist")
+    if card.framework == "torchscript" and not card.sha256:
+        raise ModelLoadError(f"model card {card_path} gives no sha256 for its TorchScript file {path.name}: "
+                             "loading TorchScript can run code, so the file is loaded only when the card records "
+                             f"its sha256 (add \"sha256\": the output of `sha256sum {path.name}`, for a file "
+                             "from a source you trust)")
     digest = sha256_file(path)
     if card.sha256 is not None and digest != card.sha256.lower():
         raise ModelLoadError(f"weights file {path} has sha256 {digest}, but model card {card_path} "
