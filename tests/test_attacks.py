@@ -264,3 +264,61 @@ def test_other_bad_arguments(mlp_case):
         least_norm_search(model, x, low=2.0, high=1.0)
     with pytest.raises(ValueError, match=r"^tol:"):
         least_norm_search(model, x, tol=-1.0)
+
+
+# ---- the table of attack specs (service.attacks.specs) ----
+
+def test_every_spec_names_its_functions_keyword_arguments():
+    """Each spec's options and budget are exactly the keyword arguments its function takes after (model, images,
+    labels): the table cannot offer an option that the function lacks, nor hide one."""
+    import inspect
+
+    from service.attacks import ATTACK_SPECS
+
+    for spec in ATTACK_SPECS.values():
+        params = [p for p in inspect.signature(spec.function).parameters if p not in ("model", "images", "labels")]
+        offered = set(spec.options.model_fields) | ({spec.budget} if spec.budget else set())
+        assert offered <= set(params), (spec.name, offered - set(params))
+        assert set(params) - offered <= {"method"}, (spec.name, set(params) - offered)  # least-norm's route
+        for name, field in spec.options.model_fields.items():
+            default = inspect.signature(spec.function).parameters[name].default
+            assert field.default == default, (spec.name, name, field.default, default)
+
+
+def test_every_attack_is_called_the_same_way_and_equals_its_function(digits):
+    from service.attacks import ATTACK_SPECS, AttackResult
+
+    x, y = digits.images[:4], digits.labels[:4]
+    few = {"iterative-ossa": {"steps": 3}, "bim": {"steps": 3}, "opt": {"steps": 5}, "least-norm": {"tol": 0.05}}
+    for spec in ATTACK_SPECS.values():
+        options = few.get(spec.name, {})
+        result = spec.bind(1.5, options)(digits.model, x, y)
+        assert isinstance(result, AttackResult) and result.adversarial.shape == x.shape, spec.name
+        direct = spec.function(digits.model, x, y, **options, **({spec.budget: 1.5} if spec.budget else {}))
+        torch.testing.assert_close(result.adversarial, direct.adversarial, rtol=0, atol=0)
+        assert bool((result.perturbation_norm <= 1.5 + 1e-4).all()) or spec.budget is None, spec.name
+
+
+def test_options_are_checked_by_the_spec():
+    from service.attacks import attack_spec
+
+    with pytest.raises(ValueError, match="it takes: step_size, steps"):
+        attack_spec("bim").check_options({"c": 1.0})
+    with pytest.raises(ValueError, match="steps"):
+        attack_spec("bim").check_options({"steps": 0})
+    with pytest.raises(ValueError, match="finite"):
+        attack_spec("opt").check_options({"c": float("nan")})
+    with pytest.raises(ValueError, match="unknown attack"):
+        attack_spec("pgd")
+
+
+def test_the_api_and_the_jobs_take_the_tables_attacks():
+    import typing
+
+    from service.api.schemas import AttackName
+    from service.attacks import ATTACK_NAMES
+    from service.jobs.types import AttackParams
+
+    assert typing.get_args(AttackName) == ATTACK_NAMES
+    for name in ATTACK_NAMES:
+        assert AttackParams(attack=name).attack == name

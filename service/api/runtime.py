@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from service.api.batching import ModelWorker
-from service.attacks import ATTACKS, least_norm_search
+from service.attacks import ATTACK_SPECS
 from service.config import Settings
 from service.data.images import encode_png, vector_png
 from service.detect.detector import Detector, find_detector, load_detector
@@ -116,24 +116,11 @@ class ServedModel:
         """Run one attack on a small batch; per image the adversarial image (PNG and/or tensor) and the outcome."""
         module, x = self.loaded.module, images.to(self.loaded.device)
         label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.long)
-        least = None
-        if attack == "least-norm":
-            least = least_norm_search(module, x, label_tensor, attack=options.get("base_attack", "ossa"),
-                                      high=epsilon, tol=options.get("tol", 1e-3))
-            adversarial, norms = least.adversarial, least.perturbation_norm
-            labels_out, before, after = least.labels, least.original_prediction, least.adversarial_prediction
-            fooled = after != labels_out
-            top = None
-        else:
-            kwargs = dict(options)
-            if attack == "opt":
-                kwargs["max_norm"] = epsilon
-                result = ATTACKS[attack](module, x, label_tensor, **kwargs)
-            else:
-                result = ATTACKS[attack](module, x, label_tensor, epsilon, **kwargs)
-            adversarial, norms, labels_out = result.adversarial, result.perturbation_norm, result.labels
-            before, after, fooled = result.original_prediction, result.adversarial_prediction, result.fooled
-            top = result.extras.get("top_eigenvalue")
+        result = ATTACK_SPECS[attack].bind(epsilon, options)(module, x, label_tensor)
+        adversarial, norms, labels_out = result.adversarial, result.perturbation_norm, result.labels
+        before, after, fooled = result.original_prediction, result.adversarial_prediction, result.fooled
+        top = result.extras.get("top_eigenvalue")
+        found = result.extras.get("found")  # a search's outcome (least-norm)
         if top is None:
             top = fisher_spectrum(module, x, k=1, method="auto").eigenvalues[:, 0]
         out = []
@@ -143,10 +130,9 @@ class ServedModel:
                 "adversarial_prediction": int(after[i]), "fooled": bool(fooled[i]),
                 "perturbation_norm": float(norms[i]), "top_eigenvalue": float(top[i]),
             }
-            if least is not None:
-                found = bool(least.found[i])
-                item["least_norm"] = float(least.least_norm[i]) if found else None
-                item["found"] = found
+            if found is not None:
+                item["found"] = bool(found[i])
+                item["least_norm"] = float(result.extras["least_norm"][i]) if item["found"] else None
             adv = adversarial[i].detach().cpu().float()
             if output in ("png", "both"):
                 item["adversarial_png"] = encode_png(adv)

@@ -6,10 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.attacks.specs import ATTACK_NAMES, ATTACK_SPECS
+
 SpectrumMethod = Literal["auto", "exact", "lanczos", "truncated", "power", "power-alias"]
 VectorFormat = Literal["none", "png", "tensor", "both"]
 ImageFormat = Literal["png", "tensor", "both"]
-AttackName = Literal["ossa", "iterative-ossa", "fgm", "otcm", "bim", "opt", "least-norm"]
+AttackName = Literal[ATTACK_NAMES]  # type: ignore[valid-type]  # the attack table's names
 # an MNIST test digit (a 6) as base64 PNG: the examples of the OpenAPI schema
 EXAMPLE_PNG = (
     "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA8klEQVR4nM3PP0uCURQG8Af/I4gOmoODuYiDuPUBIhp7P0CO4eIo"
@@ -17,7 +19,7 @@ EXAMPLE_PNG = (
     "dPGB7HhN2OU0fdhx7DK/H7OeCTNpjABEmqWYurVKXgHWhCwrFujLGLA2IiLF3xglb4B3IcmachMATmN4vQbqWgy48RLHx9u2dB3g"
     "cuXL+nD3qZlM4nmKaBAD5bWOBte3OBNykVH/eTTk3LaFPFENuOyRFFacOsT5PdkueLT2P+IHPZtYSObfLhkAAAAASUVORK5CYII="
 )
-CHEAP_ATTACKS = ("ossa", "fgm", "otcm")  # one step: any batch up to max_batch_size
+ATTACK_DESCRIPTION = "; ".join(f"`{s.name}`: {s.description}" for s in ATTACK_SPECS.values())
 
 
 MAX_CLASS = 2**31 - 1  # a class index; the model's own count is checked by the engine
@@ -67,18 +69,22 @@ class AttackRequest(ImagesInput):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"images": [EXAMPLE_PNG], "attack": "ossa", "epsilon": 2.0}]})
 
-    attack: AttackName = Field("ossa", description="ossa and iterative-ossa (the paper's attack), fgm, otcm, bim, "
-                               "opt (C&W-style L2), least-norm (binary search of the smallest fooling epsilon).")
+    attack: AttackName = Field("ossa", description=ATTACK_DESCRIPTION)
     epsilon: float = Field(1.0, ge=0.0, allow_inf_nan=False,
                            description="L2 budget in [0, 1] pixel space (at most the setting max_epsilon); for "
                            "least-norm the upper end of the search.")
     labels: list[Annotated[int, Field(ge=0, le=MAX_CLASS)]] | None = Field(
         None, description="True class per image; default: the model's prediction.")
-    steps: int | None = Field(None, ge=1, description="Iterations of iterative-ossa, bim and opt (at most the "
-                              "setting max_attack_steps).")
-    step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="L2 step of iterative-ossa and bim.")
-    c: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="Trade-off constant of opt.")
-    base_attack: Literal["ossa", "fgm"] = Field("ossa", description="Direction searched by least-norm.")
+    options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="The attack's own options by name (e.g. {\"steps\": 20}); an option the "
+        "attack does not take is a 422 that lists the ones it takes.")
+    steps: int | None = Field(None, ge=1, description="Shorthand for options.steps (iterative-ossa, bim, opt; at most "
+                              "the setting max_attack_steps).")
+    step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                    description="Shorthand for options.step_size (iterative-ossa, bim).")
+    c: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="Shorthand for options.c (opt).")
+    base_attack: Literal["ossa", "fgm"] | None = Field(None, description="Shorthand for options.base_attack "
+                                                       "(least-norm: the direction searched, default ossa).")
     output: ImageFormat = Field("png", description="Adversarial images as base64 PNG, tensor, or both.")
 
 

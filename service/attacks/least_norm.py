@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from service.attacks.common import predict, setup, step
+from service.attacks.common import AttackResult, predict, setup, step
 from service.attacks.gradient import fgm_direction
 from service.attacks.ossa import signed_step, top_direction
 from service.fisher.validation import check_epsilon
@@ -69,3 +69,15 @@ def least_norm_search(model: nn.Module, images: Tensor, labels: Tensor | None = 
         perturbation_norm=(adversarial - x).flatten(1).norm(dim=1), labels=labels,
         original_prediction=original, adversarial_prediction=predict(model, adversarial).argmax(-1),
     )
+
+
+def least_norm(model: nn.Module, images: Tensor, labels: Tensor | None = None, high: float = 6.0, *,
+               base_attack: str = "ossa", low: float = 0.0, tol: float = 1e-3, method: str = "auto") -> AttackResult:
+    """`least_norm_search` called as every attack is: the adversarial image at the least fooling epsilon (at
+    `high` where none fools), with `least_norm`, `lower` and `found` per image in `extras`."""
+    search = least_norm_search(model, images, labels, base_attack, low=low, high=high, tol=tol, method=method)
+    return AttackResult(adversarial=search.adversarial, perturbation_norm=search.perturbation_norm,
+                        labels=search.labels, original_prediction=search.original_prediction,
+                        adversarial_prediction=search.adversarial_prediction,
+                        fooled=search.adversarial_prediction != search.labels,
+                        extras={"least_norm": search.least_norm, "lower": search.lower, "found": search.found})

@@ -9,12 +9,13 @@ balanced 2:1 (negatives : positives) over the same source images. Everything is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.attacks import AttackResult, bim, cw_l2, fgm, ossa, otcm
+from service.attacks import AttackResult, attack_spec
 from service.fisher.validation import model_device_dtype
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgm", "otcm", "opt", "bim", "ossa")
@@ -28,23 +29,23 @@ OPT_PARAMS: dict[str, float] = {"c": 1.0, "steps": 100, "lr": 0.05}
 BIM_STEPS = 20
 
 
+def protocol_options(name: str, epsilon: float | None, seed: int, opt_params: dict[str, float]) -> dict[str, Any]:
+    """The options of each detection attack in this protocol (the paper's section 4)."""
+    if name not in DEFAULT_ATTACKS:
+        raise ValueError(f"attack: must be one of {', '.join(DEFAULT_ATTACKS)}; got {name!r}")
+    return {"fgm": {}, "otcm": {"seed": seed}, "ossa": {"method": "exact"},
+            "bim": {"step_size": (epsilon or 0.0) / 10, "steps": BIM_STEPS},
+            "opt": {"c": opt_params["c"], "steps": int(opt_params["steps"]), "lr": opt_params["lr"]}}[name]
+
+
 def run_attack(model: nn.Module, name: str, images: Tensor, labels: Tensor, epsilon: float | None = None,
                seed: int = 0, opt_params: dict[str, float] | None = None) -> AttackResult:
     """One of the five detection attacks with the settings recorded in this module (`opt_params` overrides
-    OPT_PARAMS for C&W)."""
+    OPT_PARAMS for C&W, which has no budget: it finds its own norm)."""
     eps = DEFAULT_EPSILONS.get(name) if epsilon is None else epsilon
-    opt = {**OPT_PARAMS, **(opt_params or {})}
-    if name == "fgm":
-        return fgm(model, images, labels, epsilon=eps)
-    if name == "otcm":
-        return otcm(model, images, labels, epsilon=eps, seed=seed)
-    if name == "bim":
-        return bim(model, images, labels, epsilon=eps, step_size=eps / 10, steps=BIM_STEPS)
-    if name == "ossa":
-        return ossa(model, images, labels, epsilon=eps, method="exact")
-    if name == "opt":
-        return cw_l2(model, images, labels, c=opt["c"], steps=int(opt["steps"]), lr=opt["lr"])
-    raise ValueError(f"attack: must be one of {', '.join(DEFAULT_ATTACKS)}; got {name!r}")
+    options = protocol_options(name, eps, seed, {**OPT_PARAMS, **(opt_params or {})})
+    spec = attack_spec(name)
+    return spec.bind(eps if name != "opt" else None, options)(model, images, labels)
 
 
 def noise_of_norm(images: Tensor, norms: Tensor, generator: torch.Generator, iters: int = 30) -> Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.attacks import least_norm_search
+from service.attacks import ATTACK_SPECS, least_norm_search
 from service.attacks.common import predict, step
 from service.attacks.gradient import fgm_direction
 from service.attacks.ossa import signed_step, top_direction
@@ -41,7 +41,7 @@ PAPER_TABLE3 = {"lenet5": [100.0, 62.02, 88.49, 82.20], "vgg-shallow": [53.64, 1
 PAPER_TABLE5 = {"fgm": [94.31, 91.92, 90.78, 91.87, 92.13], "otcm": [98.55, 98.96, 98.26, 97.78, 98.57],
                 "opt": [95.18, 95.30, 96.90, 97.15, 96.11], "bim": [98.10, 96.00, 97.09, 98.57, 96.35],
                 "ossa": [91.17, 91.47, 89.77, 89.47, 89.67]}
-ATTACK_TITLES = {"fgm": "FGM", "otcm": "OTCM", "opt": "Opt", "bim": "BIM", "ossa": "OSSA"}
+ATTACK_TITLES = {name: ATTACK_SPECS[name].title for name in DEFAULT_ATTACKS}
 MODELS = ("lenet5", "vgg-shallow", "lenet5-adv", "vgg-shallow-adv")
 EPS_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 SELECT_RATE = 0.80  # the budget rule: smallest grid epsilon whose validation fooling rate reaches this

@@ -3,12 +3,10 @@ JobInputError (4xx); what passes becomes a JobSpec plus the staged upload (compr
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.fisher import METHODS
 from service.jobs import inputs
 from service.jobs.types import (
     DEBUG_JOB_TYPES,
@@ -46,11 +44,12 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     if request.type == "screen":
         _check_detector(card.name, card_path)
     if request.type == "attack":
-        from service.jobs.tasks import attack_options
+        from service.attacks import attack_spec, check_steps
 
         try:
-            attack_options(params["attack"], params.get("epsilon"), params.get("options", {}))
-            check_option_values(params.get("options", {}), settings)
+            spec_of_attack = attack_spec(params["attack"])
+            options = spec_of_attack.check_options(params.get("options", {}))
+            check_steps(spec_of_attack, options, settings.jobs_max_attack_steps, "jobs_max_attack_steps")
         except ValueError as exc:
             raise JobInputError(str(exc), code="invalid_params") from exc
     if request.type == "train-detector":
@@ -89,29 +88,6 @@ def check_depth(value: Any, limit: int) -> None:
                                 code="invalid_params")
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-
-
-POSITIVE = ("epsilon", "step_size", "lr", "max_norm")  # attack options that must be finite numbers > 0
-NON_NEGATIVE = ("c", "confidence")
-
-
-def check_option_values(options: dict[str, Any], settings: Settings) -> None:
-    """An attack job's option values, checked at submission (their names: `attack_options`): a bad one would
-    otherwise fail the job later, and `steps` bounds how long one batch, which nothing interrupts, can run."""
-    for key, value in options.items():
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        number = whole or isinstance(value, float)
-        if key == "steps" and not (whole and 1 <= value <= settings.jobs_max_attack_steps):
-            raise ValueError(f"options.steps must be a whole number in [1, {settings.jobs_max_attack_steps}] "
-                             f"(setting jobs_max_attack_steps), got {value!r}")
-        if key in POSITIVE and not (number and math.isfinite(value) and value > 0):
-            raise ValueError(f"options.{key} must be a finite number above 0, got {value!r}")
-        if key in NON_NEGATIVE and not (number and math.isfinite(value) and value >= 0):
-            raise ValueError(f"options.{key} must be a finite number of at least 0, got {value!r}")
-        if key == "seed" and not whole:
-            raise ValueError(f"options.seed must be a whole number, got {value!r}")
-        if key == "method" and value not in METHODS:
-            raise ValueError(f"options.method must be one of {', '.join(METHODS)}, got {value!r}")
 
 
 def _card(model: str | None) -> tuple[ModelCard, Path]:

@@ -5,7 +5,6 @@ context, keyed by the job id, so a re-run after a crash overwrites the same resu
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import os
@@ -197,30 +196,14 @@ def least_norm_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
             "mean_least_norm": float(np.mean(found)) if found else None} | _errors_summary(spec)
 
 
-def attack_options(name: str, epsilon: float | None, options: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for an attack, checked against its signature (ValueError names the bad ones)."""
-    from service.attacks import ATTACKS
-
-    params = inspect.signature(ATTACKS[name]).parameters
-    allowed = [p for p in params if p not in ("model", "images", "labels")]
-    unknown = [key for key in options if key not in allowed]
-    if unknown:
-        raise ValueError(f"attack {name!r} takes no option {', '.join(unknown)} (it takes: {', '.join(allowed)})")
-    kwargs = dict(options)
-    if epsilon is not None and "epsilon" in params:
-        kwargs.setdefault("epsilon", epsilon)
-    return kwargs
-
-
 def attack_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     """Craft adversarial images with any attack; .npz artifact (adversarial, labels, predictions, norms)."""
-    from service.attacks import ATTACKS
+    from service.attacks import attack_spec
 
     model = engine.get_model(spec.model or "")
     images, labels, names = _images(spec, ctx)
     p = spec.params
-    attack = ATTACKS[p["attack"]]
-    kwargs = attack_options(p["attack"], p.get("epsilon"), p.get("options", {}))
+    attack = attack_spec(p["attack"]).bind(p.get("epsilon"), p.get("options", {}))
     parts: dict[str, list[np.ndarray]] = {key: [] for key in
                                           ("adversarial", "labels", "original_prediction", "adversarial_prediction",
                                            "fooled", "perturbation_norm")}
@@ -228,7 +211,7 @@ def attack_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     for start, stop in _batches(len(images), ctx.settings.jobs_batch_size):
         x = torch.from_numpy(images[start:stop]).to(model.device)
         y = torch.from_numpy(labels[start:stop]).to(model.device) if labels is not None and p["use_labels"] else None
-        out = attack(model.module, x, y, **kwargs)
+        out = attack(model.module, x, y)
         for key in parts:
             parts[key].append(getattr(out, key).detach().cpu().numpy())
         _debug_delay(ctx)
@@ -237,9 +220,17 @@ def attack_task(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays, names=np.asarray(names), clean=images.astype(np.float32))
     ctx.save_artifact(f"attack-{p['attack']}-{spec.id}.npz", "application/x-npz", buffer.getvalue())
-    fooled = arrays["fooled"]
-    return {"model": model.name, "attack": p["attack"], "options": kwargs, "attacked": int(len(fooled)),
-            "fooling_rate": float(fooled.mean()) if len(fooled) else 0.0,
+    return _attack_summary(spec, arrays)
+
+
+def _attack_summary(spec: JobSpec, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """An attack job's summary from its artifact's arrays (the task's, or the shards' merged)."""
+    from service.attacks import attack_spec
+
+    p, fooled = spec.params, arrays["fooled"]
+    options = attack_spec(p["attack"]).check_options(p.get("options", {})).model_dump()
+    return {"model": spec.model, "attack": p["attack"], "epsilon": p.get("epsilon"), "options": options,
+            "attacked": int(len(fooled)), "fooling_rate": float(fooled.mean()) if len(fooled) else 0.0,
             "mean_perturbation_norm": float(arrays["perturbation_norm"].mean()) if len(fooled) else None,
             } | _errors_summary(spec)
 
@@ -345,12 +336,7 @@ def merge_shards(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         ctx.save_artifact(f"attack-{spec.params['attack']}-{spec.id}.npz", "application/x-npz", buffer.getvalue())
-        fooled = arrays["fooled"]
-        options = attack_options(spec.params["attack"], spec.params.get("epsilon"), spec.params.get("options", {}))
-        return model | {"attack": spec.params["attack"], "options": options, "attacked": int(len(fooled)),
-                        "fooling_rate": float(fooled.mean()),
-                        "mean_perturbation_norm": float(arrays["perturbation_norm"].mean()),
-                        "shards": len(parts)} | _errors_summary(spec)
+        return _attack_summary(spec, arrays) | {"shards": len(parts)}
     rows = [row for _, data in parts for row in _csv_rows(data)]
     ctx.save_artifact(f"{spec.type}-{spec.id}.csv", "text/csv", _csv(_rows_with_errors(spec, rows)))
     if spec.type == "screen":

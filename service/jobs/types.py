@@ -181,9 +181,9 @@ class AttackParams(BaseModel):
     @field_validator("attack")
     @classmethod
     def _known(cls, value: str) -> str:
-        from service.attacks import ATTACKS
+        from service.attacks import ATTACK_NAMES
 
-        return one_of(value, ATTACKS, "attack")
+        return one_of(value, ATTACK_NAMES, "attack")
 
 
 class TrainDetectorParams(BaseModel):

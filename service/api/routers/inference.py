@@ -14,7 +14,6 @@ from service.api.errors import ProblemError, problem_responses
 from service.api.json_body import OffLoopJSONRoute
 from service.api.runtime import ServedModel
 from service.api.schemas import (
-    CHEAP_ATTACKS,
     MAX_CLASS,
     AttackName,
     AttackRequest,
@@ -27,6 +26,7 @@ from service.api.schemas import (
     SpectrumResponse,
     VectorFormat,
 )
+from service.attacks import attack_spec, check_steps
 from service.config import Settings
 from service.data.images import DecodedBatch
 
@@ -156,18 +156,13 @@ async def spectrum_upload(request: Request, files: Files, model: ModelDep,
 
 # ---- attack ----
 
+SHORTHAND_OPTIONS = ("steps", "step_size", "c", "base_attack")  # AttackRequest fields that set an option
+
+
 def attack_options(body: AttackRequest) -> dict[str, Any]:
-    """The keyword arguments of the chosen attack that the request sets."""
-    options: dict[str, Any] = {}
-    if body.attack in ("iterative-ossa", "bim", "opt") and body.steps is not None:
-        options["steps"] = body.steps
-    if body.attack in ("iterative-ossa", "bim") and body.step_size is not None:
-        options["step_size"] = body.step_size
-    if body.attack == "opt" and body.c is not None:
-        options["c"] = body.c
-    if body.attack == "least-norm":
-        options["base_attack"] = body.base_attack
-    return options
+    """The options the request sets: `options`, and the shorthand fields that were given."""
+    given = {key: getattr(body, key) for key in SHORTHAND_OPTIONS if getattr(body, key) is not None}
+    return {**given, **body.options}
 
 
 async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch,
@@ -182,15 +177,21 @@ async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch
     if body.labels is not None and max(body.labels) >= model.card.num_classes:
         raise ProblemError(422, "invalid_labels", f"labels must be class indices below {model.card.num_classes}, "
                            f"got {max(body.labels)}")
-    if body.attack not in CHEAP_ATTACKS:
+    spec, options = attack_spec(body.attack), attack_options(body)
+    try:
+        checked = spec.check_options(options)
+    except ValueError as exc:
+        raise ProblemError(422, "invalid_options", str(exc)) from exc
+    if not spec.cheap:
         if n > settings.max_attack_batch:
             raise ProblemError(422, "too_heavy", f"{body.attack} on {n} images is too heavy for a request (at most "
                                f"{settings.max_attack_batch}); submit it as a job: POST /v1/jobs", jobs="/v1/jobs")
-        if body.steps is not None and body.steps > settings.max_attack_steps:
-            raise ProblemError(422, "too_heavy", f"{body.steps} steps are too many for a request (at most "
-                               f"{settings.max_attack_steps}); submit it as a job: POST /v1/jobs", jobs="/v1/jobs")
+        try:
+            check_steps(spec, checked, settings.max_attack_steps, "max_attack_steps")
+        except ValueError as exc:
+            raise ProblemError(422, "too_heavy", f"{exc}: submit it as a job: POST /v1/jobs", jobs="/v1/jobs") from exc
     results = await run_unbatched(model, model.attack, batch.images, body.attack, body.epsilon, body.labels,
-                                  attack_options(body), body.output, images=n)
+                                  options, body.output, images=n)
     request.app.state.metrics.request_images.labels("attack").observe(n)
     return AttackResponse(model=model.name, sha256=model.sha256, method=body.attack, notes=batch.notes,
                           attack=body.attack, epsilon=body.epsilon, results=results)
