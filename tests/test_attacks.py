@@ -317,7 +317,7 @@ def test_the_api_and_the_jobs_take_the_tables_attacks():
 
     from service.api.schemas import AttackName
     from service.attacks import ATTACK_NAMES
-    from service.jobs.types import AttackParams
+    from service.jobs.kinds.attack import AttackParams
 
     assert typing.get_args(AttackName) == ATTACK_NAMES
     for name in ATTACK_NAMES:

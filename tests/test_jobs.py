@@ -491,7 +491,7 @@ def test_a_sharded_job_gives_the_unsharded_answer(make_queue):
 
 def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step(models_dir, tmp_path,
                                                                                  monkeypatch):
-    from service.jobs.tasks import activate_detector
+    from service.jobs.kinds.train_detector import activate_detector
 
     folder = tmp_path / "models"
     shutil.copytree(models_dir, folder)

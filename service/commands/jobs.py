@@ -179,7 +179,7 @@ def follow(queue, job_id: str, progress: bool = True, poll_s: float = 0.2):
 
 
 def run_activate(args: argparse.Namespace) -> int:
-    from service.jobs.tasks import activate_detector
+    from service.jobs.kinds.train_detector import activate_detector
 
     target = activate_detector(args.path)
     print(f"active detector: {target}")

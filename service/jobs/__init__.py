@@ -1,8 +1,7 @@
-"""Long jobs: a queue interface with a Redis (rq) backend and an in-process backend, workers, task functions."""
+"""Long jobs: a queue interface with Redis (rq) and in-process backends, workers, and the catalogue of job types."""
 
 from service.jobs.queue import JobQueue, get_job_queue
 from service.jobs.types import (
-    JOB_TYPES,
     Artifact,
     JobError,
     JobInfo,
@@ -14,5 +13,5 @@ from service.jobs.types import (
     QueueUnavailable,
 )
 
-__all__ = ["JOB_TYPES", "Artifact", "JobError", "JobInfo", "JobInputError", "JobNotFound", "JobNotReady", "JobQueue",
+__all__ = ["Artifact", "JobError", "JobInfo", "JobInputError", "JobNotFound", "JobNotReady", "JobQueue",
            "JobRequest", "JobStatus", "QueueUnavailable", "get_job_queue"]

@@ -28,13 +28,13 @@ from rq.job import JobStatus as RqStatus
 from rq.serializers import JSONSerializer
 
 from service.config import Settings, get_settings
+from service.jobs.catalogue import JOB_TYPES
 from service.jobs.inputs import unpack
 from service.jobs.metrics import JOB_SECONDS, JOBS, serve_metrics
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
 from service.jobs.types import (
     OPERATOR,
-    TYPES_WITH_IMAGES,
     Artifact,
     Caller,
     JobCancelled,
@@ -135,7 +135,7 @@ class RedisJobQueue:
     def _shards(self, spec: JobSpec) -> list[JobSpec]:
         """The shards of a large image job (settings.jobs_shard_size valid images each), or none."""
         size = self.settings.jobs_shard_size
-        if not size or spec.type not in TYPES_WITH_IMAGES or spec.valid_items <= size:
+        if not size or not JOB_TYPES[spec.type].shardable or spec.valid_items <= size:
             return []
         return [spec.model_copy(update={"id": f"{spec.id}-{k}", "parent": spec.id, "offset": start,
                                         "count": min(size, spec.valid_items - start)})

@@ -8,57 +8,27 @@ from typing import Any
 
 from service.config import Settings
 from service.jobs import inputs
-from service.jobs.types import (
-    DEBUG_JOB_TYPES,
-    JOB_TYPES,
-    TYPES_WITH_IMAGES,
-    Caller,
-    JobInputError,
-    JobRequest,
-    JobSpec,
-    check_deadline,
-    check_params,
-)
+from service.jobs.catalogue import job_type
+from service.jobs.types import Caller, JobInputError, JobRequest, JobSpec, check_deadline
 from service.zoo.cards import ModelCard
-
-
-def known_types(settings: Settings) -> list[str]:
-    return list(JOB_TYPES) + (list(DEBUG_JOB_TYPES) if settings.jobs_debug else [])
 
 
 def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Settings, caller: Caller,
             deadline: float | None = None) -> tuple[JobSpec, bytes | None]:
-    """Validate a submission owned by `caller`; returns the spec to enqueue and the staged upload (None for
-    dataset jobs). Past `deadline` it stops with SubmissionTimeout (checked between uploaded items)."""
-    if request.type not in known_types(settings):
-        raise JobInputError(f"unknown job type {request.type!r} (known: {', '.join(JOB_TYPES)})",
-                            code="unknown_job_type")
+    """Validate a submission owned by `caller`: its type's params and own check, the model, and the images; returns
+    the spec to enqueue and the staged upload (None for dataset jobs). Past `deadline` it stops with
+    SubmissionTimeout (checked between uploaded items)."""
+    kind = job_type(request.type, settings)
     check_depth(request.params, settings.jobs_max_params_depth)
-    params = check_params(request.type, request.params)
     spec = JobSpec(type=request.type, model=request.model, dataset=request.dataset, limit=request.limit,
-                   params=params, owner=caller.key_id, result_ttl_s=settings.jobs_result_ttl_s,
-                   max_attempts=settings.jobs_max_attempts)
-    if request.type in DEBUG_JOB_TYPES or request.type == "evaluate":
+                   params=kind.check_params(request.params), owner=caller.key_id,
+                   result_ttl_s=settings.jobs_result_ttl_s, max_attempts=settings.jobs_max_attempts)
+    if not kind.needs_model:
         return spec, None
     card, card_path = _card(request.model)
-    if request.type == "screen":
-        _check_detector(card.name, card_path)
-    if request.type == "attack":
-        from service.attacks import attack_spec, check_steps
-
-        try:
-            spec_of_attack = attack_spec(params["attack"])
-            options = spec_of_attack.check_options(params.get("options", {}))
-            check_steps(spec_of_attack, options, settings.jobs_max_attack_steps, "jobs_max_attack_steps")
-        except ValueError as exc:
-            raise JobInputError(str(exc), code="invalid_params") from exc
-    if request.type == "train-detector":
-        for key in ("fit_dataset", "test_dataset"):
-            if params.get(key):
-                inputs.load_dataset(params[key], 1)
-                inputs.check_dataset_shape(params[key], tuple(card.input_shape))
-        return spec, None
-    if request.type not in TYPES_WITH_IMAGES:
+    if kind.check is not None:
+        kind.check(spec, card_path, settings)
+    if not kind.images:
         return spec, None
     if request.dataset and files:
         raise JobInputError("give either a dataset name or uploaded files, not both", code="ambiguous_input",
@@ -99,13 +69,3 @@ def _card(model: str | None) -> tuple[ModelCard, Path]:
         return find_card(model)
     except ModelLoadError as exc:
         raise JobInputError(str(exc), code="unknown_model") from exc
-
-
-def _check_detector(model: str, card_path: Path) -> None:
-    """A model's active detector lies next to its card (as the API and the workers load it)."""
-    from service.detect.detector import find_detector
-
-    path = find_detector(card_path.parent, model)
-    if not path.is_file():
-        raise JobInputError(f"model {model!r} has no active detector ({path.name}); train one with a "
-                            "'train-detector' job and activate it", code="no_detector")

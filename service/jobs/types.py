@@ -9,20 +9,9 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-# job types users may submit (debug-crash only with settings.jobs_debug)
-JOB_TYPES: dict[str, str] = {
-    "screen": "Fisher screening of a batch: per-image detector score, verdict, top eigenvalues, prediction (CSV).",
-    "least-norm": "Least-norm search (OSSA or FGM) per image: the smallest L2 epsilon that fools the model (CSV).",
-    "attack": "Craft adversarial images with any attack; the adversarial set as .npz.",
-    "train-detector": "Train a new detector for a model and write it with its card (activation is a separate step).",
-    "evaluate": "The reproduction report (Markdown + figures, as a zip).",
-}
-DEBUG_JOB_TYPES = ("debug-crash",)
-TYPES_WITH_IMAGES = ("screen", "least-norm", "attack")  # also the types a Redis job can be sharded into
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class JobStatus(StrEnum):
@@ -133,32 +122,13 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    type: str = Field(description=f"One of: {', '.join(JOB_TYPES)}.")
+    type: str = Field(description="The job type (service.jobs.catalogue: screen, least-norm, attack, "
+                      "train-detector, evaluate).")
     model: str | None = Field(None, description="Registry name of the model (default: the settings' first model).")
     dataset: str | None = Field(None, description="Server-side images instead of uploads: 'mnist:test', "
                                 "'mnist:val', 'mnist:train'.")
     limit: int | None = Field(None, ge=1, description="Use only the first N images of the dataset or upload.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the job type.")
-
-
-class ScreenParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(5, ge=1, le=100, description="Top eigenvalues reported per image.")
-
-
-class LeastNormParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    attack: Literal["ossa", "fgm"] = "ossa"
-    low: float = Field(0.0, ge=0, allow_inf_nan=False)
-    high: float = Field(6.0, gt=0, le=100, allow_inf_nan=False)
-    tol: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    use_labels: bool = Field(True, description="Use the dataset's labels (else the model's predictions).")
-
-    @model_validator(mode="after")
-    def _bracket(self) -> LeastNormParams:
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
-        return self
 
 
 def one_of(value: str, known: Iterable[str], what: str) -> str:
@@ -167,75 +137,6 @@ def one_of(value: str, known: Iterable[str], what: str) -> str:
     if value not in names:
         raise ValueError(f"unknown {what} {value!r} (known: {', '.join(names)})")
     return value
-
-
-class AttackParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    attack: str = "ossa"
-    epsilon: float | None = Field(1.0, gt=0, le=100, allow_inf_nan=False,
-                                  description="L2 budget (attacks that take one).")
-    options: dict[str, int | float | str | bool] = Field(default_factory=dict,
-                                                         description="Extra keyword arguments of the attack.")
-    use_labels: bool = True
-
-    @field_validator("attack")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        from service.attacks import ATTACK_NAMES
-
-        return one_of(value, ATTACK_NAMES, "attack")
-
-
-class TrainDetectorParams(BaseModel):
-    """As `fisher-guard train-detector`: fitted on the validation split, measured on the test split."""
-
-    model_config = ConfigDict(extra="forbid")
-    fit_dataset: str = Field("mnist:val", description="Images the detector is fitted on.")
-    fit_limit: int | None = Field(None, ge=10, description="Use only the first N fit images.")
-    test_dataset: str | None = Field("mnist:test", description="Images for the card's test metrics (null: none).")
-    test_limit: int | None = Field(None, ge=10)
-    attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
-    feature_set: str = Field("spectral+noise+fine+squeeze",  # features.SHIPPED_FEATURE_SET, kept free of torch
-                             description="Feature set (the shipped detectors': spectral+noise+fine+squeeze).")
-    classifier: Literal["rf", "gnb"] = "rf"
-    k: int = Field(20, ge=1, le=100)
-    target_fpr: float = Field(0.05, ge=0, lt=1)
-    seed: int = 0
-
-    @field_validator("feature_set")
-    @classmethod
-    def _known_features(cls, value: str) -> str:
-        from service.detect.features import FEATURE_SETS
-
-        return one_of(value, FEATURE_SETS, "feature set")
-
-
-class EvaluateParams(BaseModel):
-    """As `fisher-guard evaluate`."""
-
-    model_config = ConfigDict(extra="forbid")
-    quick: bool = Field(False, description="A small slice (about a minute) instead of the full reproduction.")
-    seed: int = 0
-
-
-class DebugCrashParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mode: Literal["kill", "raise"] = "kill"
-
-
-PARAMS: dict[str, type[BaseModel]] = {
-    "screen": ScreenParams, "least-norm": LeastNormParams, "attack": AttackParams,
-    "train-detector": TrainDetectorParams, "evaluate": EvaluateParams, "debug-crash": DebugCrashParams,
-}
-
-
-def check_params(job_type: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The type's parameters validated, with defaults filled in; JobInputError (422) when invalid."""
-    try:
-        return PARAMS[job_type].model_validate(params).model_dump(mode="json")
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
-        raise JobInputError(f"invalid parameters for a {job_type!r} job: {problems}", code="invalid_params") from exc
 
 
 class ItemError(BaseModel):

@@ -21,7 +21,8 @@ from service.api.json_body import OffLoopJSONRoute
 from service.api.middleware import request_deadline
 from service.api.security import accepted_keys, key_matches, presented_key
 from service.config import Settings
-from service.jobs import JOB_TYPES, JobError, JobInfo, JobQueue, JobRequest, JobStatus, get_job_queue
+from service.jobs import JobError, JobInfo, JobQueue, JobRequest, JobStatus, get_job_queue
+from service.jobs.catalogue import public_types
 from service.jobs.queue import UnavailableJobQueue
 from service.jobs.types import Caller, key_id
 
@@ -30,7 +31,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=OffLoopJSONRout
 _discarding: set[asyncio.Future] = set()
 SUBMIT_MARGIN = 0.1  # a submission's checks stop this share of the request timeout (at most 2 s) before it
 
-SUBMIT_DESCRIPTION = f"""Submit a long job. Types: {"; ".join(f"`{k}`: {v}" for k, v in JOB_TYPES.items())}
+SUBMIT_DESCRIPTION = f"""Submit a long job. Types: {"; ".join(f"`{k}`: {v}" for k, v in public_types().items())}
 
 Send either `application/json` (a JobRequest: `type`, `model`, `dataset` such as `mnist:test`, `limit`, `params`)
 or `multipart/form-data` with the same fields as form fields (`params` as a JSON string) and the images as one or
