@@ -136,6 +136,10 @@ class Settings(BaseSettings):
                              "FISHER_GUARD_JOBS_DEBUG_DELAY_S.")
     jobs_debug_delay_s: float = Field(0.0, ge=0, description="Tests only (with jobs_debug): sleep per batch.")
 
+    def model_folders(self) -> list[Path]:
+        """The folders searched for model cards: models_dir, then user_models_dir when set."""
+        return [Path(self.models_dir)] + ([Path(self.user_models_dir)] if self.user_models_dir else [])
+
 
 @lru_cache
 def get_settings() -> Settings:

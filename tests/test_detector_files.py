@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from service.cli import main as cli_main
-from service.config import REPO_ROOT, get_settings
+from service.config import REPO_ROOT, Settings, get_settings
 from service.detect.compiled import compile_classifier
 from service.detect.detector import (
     FILE_KEY,
@@ -230,19 +230,19 @@ def test_legacy_joblib_loads_only_on_explicit_opt_in(tmp_path):
 
 
 def test_the_setting_opts_the_worker_engine_in(tmp_path, monkeypatch):
+    """The in-process job backend configures the jobs' model cache from its settings, the pickle opt-in too."""
+    from service.jobs.local_backend import InProcessJobQueue
+
     legacy_file(tmp_path)
     model = SimpleNamespace(name="m", card_path=tmp_path / "m.json", sha256=SHA)
-    engine.forget()
     try:
-        get_settings.cache_clear()
+        InProcessJobQueue(Settings(models_dir=tmp_path)).close()
         with pytest.raises(DetectorLoadError, match="legacy pickled format"):
             engine.get_detector(model)
-        monkeypatch.setenv("FISHER_GUARD_ALLOW_PICKLED_DETECTORS", "true")
-        get_settings.cache_clear()
+        InProcessJobQueue(Settings(models_dir=tmp_path, allow_pickled_detectors=True)).close()
         assert engine.get_detector(model).threshold == 0.375
     finally:
-        get_settings.cache_clear()
-        engine.forget()
+        engine.configure(get_settings().model_folders(), "auto")
 
 
 def test_convert_detector_writes_the_pickle_free_format(tmp_path, capsys):

@@ -82,10 +82,10 @@ def models_dir(tmp_path_factory) -> Iterator[Path]:
         mp.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
         mp.delenv("FISHER_GUARD_REDIS_URL", raising=False)
         get_settings.cache_clear()
-        engine.forget()
+        engine.configure([folder], "cpu")
         yield folder
     get_settings.cache_clear()
-    engine.forget()
+    engine.configure(get_settings().model_folders(), "auto")
     torch.set_num_threads(threads)
 
 
@@ -512,7 +512,7 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
         assert summary["active"] is False and candidate.parent == folder / "candidates" and candidate.is_file()
         assert active.read_bytes() == before  # training does not touch the active detector
         assert queue.artifact(info.id).filename.endswith(".json")
-        assert activate_detector(candidate) == active and active.read_bytes() == candidate.read_bytes()
+        assert activate_detector(candidate, [folder]) == active and active.read_bytes() == candidate.read_bytes()
         assert (folder / "lenet5.detector.json").read_bytes() == candidate.with_suffix(".json").read_bytes()
     finally:
         queue.close()

@@ -32,11 +32,13 @@ MODELS = REPO_ROOT / "models"
 
 @pytest.fixture
 def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A user model folder, set through the environment as a deployment would."""
+    """A user model folder, set through the environment as a deployment would; the registry searches the
+    folders that the settings name."""
     folder = tmp_path / "user-models"
     folder.mkdir()
     monkeypatch.setenv("FISHER_GUARD_USER_MODELS_DIR", str(folder))
     get_settings.cache_clear()
+    assert get_settings().model_folders()[-1] == folder
     yield folder
     get_settings.cache_clear()
 
@@ -149,8 +151,9 @@ def test_torchvision_user_model(user_dir: Path) -> None:
     torch.save(net.state_dict(), user_dir / "my-resnet.pt")
     user_card(user_dir, "my-resnet", "torchvision", "resnet18", user_dir / "my-resnet.pt")
 
-    assert "my-resnet" in {c.name for c in list_cards()}
-    loaded = load_model("my-resnet", device="cpu")
+    folders = get_settings().model_folders()
+    assert "my-resnet" in {c.name for c in list_cards(folders)} and "my-resnet" not in {c.name for c in list_cards()}
+    loaded = load_model("my-resnet", device="cpu", folders=folders)
     x = torch.rand(2, 3, 32, 32)
     expected = net(Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])(x))
     logits = loaded.module(x)

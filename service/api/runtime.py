@@ -19,7 +19,7 @@ from service.data.images import encode_png, vector_png
 from service.detect.detector import Detector, find_detector, load_detector
 from service.fisher import fisher_spectrum
 from service.zoo.cards import ModelCard
-from service.zoo.registry import LoadedModel, card_files, load_model
+from service.zoo.registry import LoadedModel, cards_by_name, load_model
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ class ServedModel:
 def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
     """Every model card in the settings' model folders (first folder wins a name clash), filtered by
     `serve_models` when set; other JSON files (detector cards) are skipped."""
-    folders = [Path(settings.models_dir)] + ([Path(settings.user_models_dir)] if settings.user_models_dir else [])
-    found: dict[str, tuple[ModelCard, Path]] = {}
-    for card, path in card_files(folders):
-        found.setdefault(card.name, (card, path))
+    found = cards_by_name(settings.model_folders())
     if settings.serve_models:
         missing = [name for name in settings.serve_models if name not in found]
         if missing:

@@ -51,7 +51,7 @@ def train_detector_command(args: argparse.Namespace) -> int:
     from service.zoo.registry import load_model
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(args.model, device="cpu", folders=get_settings().model_folders())
     (xv, yv), (xt, yt) = load_mnist("val"), load_mnist("test")
     start = time.perf_counter()
     detector = train_detector(

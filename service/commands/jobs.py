@@ -81,6 +81,7 @@ def run_worker(args: argparse.Namespace) -> int:
         print("fisher-guard worker: set FISHER_GUARD_REDIS_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or settings.jobs_worker_threads)
+    engine.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
     for name in args.preload:
         model = engine.get_model(name)
         try:
@@ -179,8 +180,9 @@ def follow(queue, job_id: str, progress: bool = True, poll_s: float = 0.2):
 
 
 def run_activate(args: argparse.Namespace) -> int:
+    from service.config import get_settings
     from service.jobs.kinds.train_detector import activate_detector
 
-    target = activate_detector(args.path)
+    target = activate_detector(args.path, get_settings().model_folders())
     print(f"active detector: {target}")
     return 0

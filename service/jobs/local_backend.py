@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings, get_settings
+from service.jobs import engine
 from service.jobs.inputs import unpack
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
@@ -77,6 +78,7 @@ class InProcessJobQueue:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        engine.configure(self.settings.model_folders(), self.settings.device, self.settings.allow_pickled_detectors)
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.settings.jobs_local_threads, thread_name_prefix="fisher-guard-job")

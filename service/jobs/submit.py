@@ -25,7 +25,7 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
                    result_ttl_s=settings.jobs_result_ttl_s, max_attempts=settings.jobs_max_attempts)
     if not kind.needs_model:
         return spec, None
-    card, card_path = _card(request.model)
+    card, card_path = _card(request.model, settings.model_folders())
     if kind.check is not None:
         kind.check(spec, card_path, settings)
     if not kind.images:
@@ -60,12 +60,12 @@ def check_depth(value: Any, limit: int) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-def _card(model: str | None) -> tuple[ModelCard, Path]:
+def _card(model: str | None, folders: list[Path]) -> tuple[ModelCard, Path]:
     from service.zoo.registry import ModelLoadError, find_card
 
     if not model:
         raise JobInputError("this job type needs a model: give 'model' (a registry name)", code="model_required")
     try:
-        return find_card(model)
+        return find_card(model, folders)
     except ModelLoadError as exc:
         raise JobInputError(str(exc), code="unknown_model") from exc

@@ -2,6 +2,7 @@
 or TorchScript files. Every loaded model takes [0, 1] pixels (the card's mean/std is applied inside it).
 
 Nothing is downloaded: weights come only from the files that the cards name, checked against their sha256.
+Folders and devices are arguments (default: the shipped models, 'auto'): the entry points pass the settings'.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,12 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from service.config import get_settings
 from service.zoo.architectures import ARCHITECTURES, Normalize
 from service.zoo.cards import ModelCard
 from service.zoo.fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
+SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "models"  # the default folder: the models that ship
 
 
 class ModelLoadError(ValueError):
@@ -57,10 +59,9 @@ class LoadedModel:
     card_path: Path | None = None
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None -> the settings' device; 'auto' -> CUDA when available, else CPU. A CUDA device gets its index
-    ('cuda' -> 'cuda:0'), so that responses name the GPU that answered; one that is not there is refused."""
-    device = get_settings().device if device is None else device
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU. A CUDA device gets its index ('cuda' -> 'cuda:0'), so that
+    responses name the GPU that answered; one that is not there is refused."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -96,20 +97,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_dirs() -> list[Path]:
-    """The folders searched for cards: settings.models_dir, then settings.user_models_dir if set."""
-    settings = get_settings()
-    dirs = [Path(settings.models_dir)]
-    if settings.user_models_dir is not None:
-        dirs.append(Path(settings.user_models_dir))
-    return dirs
-
-
-def card_files(folders: list[Path] | None = None) -> list[tuple[ModelCard, Path]]:
-    """Every valid model card in `folders` (default: `model_dirs()`), in folder order, with its path; other
-    JSON files there (detector cards) are skipped."""
+def card_files(folders: Sequence[Path] = (SHIPPED_MODELS,)) -> list[tuple[ModelCard, Path]]:
+    """Every valid model card in `folders`, in folder order, with its path; other JSON files there (detector
+    cards) are skipped."""
     found: list[tuple[ModelCard, Path]] = []
-    for folder in model_dirs() if folders is None else folders:
+    for folder in folders:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.json")):
@@ -120,23 +112,29 @@ def card_files(folders: list[Path] | None = None) -> list[tuple[ModelCard, Path]
     return found
 
 
-def list_cards() -> list[ModelCard]:
-    """The cards of every model that `load_model` can load by name (first folder wins on a name clash)."""
-    seen: dict[str, ModelCard] = {}
-    for card, _ in card_files():
-        seen.setdefault(card.name, card)
-    return list(seen.values())
+def cards_by_name(folders: Sequence[Path] = (SHIPPED_MODELS,)) -> dict[str, tuple[ModelCard, Path]]:
+    """The card of every model that `load_model` can load by name from `folders` (the first folder wins a
+    name clash), with its path."""
+    found: dict[str, tuple[ModelCard, Path]] = {}
+    for card, path in card_files(folders):
+        found.setdefault(card.name, (card, path))
+    return found
 
 
-def find_card(name_or_path: str | Path) -> tuple[ModelCard, Path]:
+def list_cards(folders: Sequence[Path] = (SHIPPED_MODELS,)) -> list[ModelCard]:
+    """The cards of every model that `load_model` can load by name from `folders`."""
+    return [card for card, _ in cards_by_name(folders).values()]
+
+
+def find_card(name_or_path: str | Path, folders: Sequence[Path] = (SHIPPED_MODELS,)) -> tuple[ModelCard, Path]:
     """A card by path (a `Path` to its JSON file) or by registry name (a `str`). A name resolves only through
     the registry's folders: a name that happens to be a file (a user's 'Dockerfile') is never read."""
     if isinstance(name_or_path, Path):
         return read_card(name_or_path)
-    for card, card_path in card_files():
-        if card.name == name_or_path:
-            return card, card_path
-    known = ", ".join(sorted(c.name for c in list_cards())) or "none"
+    cards = cards_by_name(folders)
+    if name_or_path in cards:
+        return cards[name_or_path]
+    known = ", ".join(sorted(cards)) or "none"
     shown = name_or_path if len(name_or_path) <= 64 else name_or_path[:64] + "..."
     raise ModelNotFoundError(f"no model named {shown!r} (known: {known})")
 
@@ -224,9 +222,10 @@ def _check_output(module: nn.Module, card: ModelCard, path: Path, device: torch.
         raise ModelLoadError(f"model {path} gives output {shape} but the card expects {card.num_classes} logits")
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+def load_model(name_or_path: str | Path, device: str | torch.device = "auto",
+               folders: Sequence[Path] = (SHIPPED_MODELS,)) -> LoadedModel:
     """Load a model by registry name or card path, check its weights' sha256, and return it ready for inference."""
-    card, card_path = find_card(name_or_path)
+    card, card_path = find_card(name_or_path, folders)
     path = weights_path(card, card_path)
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} named by model card {card_path} does not exist")

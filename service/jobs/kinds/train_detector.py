@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,7 +79,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
             "threshold": detector.threshold}
 
 
-def activate_detector(path: str | Path) -> Path:
+def activate_detector(path: str | Path, folders: Sequence[Path]) -> Path:
     """Make a candidate detector the active one of its model: the .npz and its card copied to
     `<model>.detector.npz` / `.json` next to the model's card (where the API and the workers load it from), after
     checking it (sha256 against its card, trained for the model's current weights). API and workers pick it up on
@@ -91,7 +92,7 @@ def activate_detector(path: str | Path) -> Path:
     model_name = card.get("model", {}).get("name")
     if not model_name:
         raise ValueError(f"detector {path} names no model in its card")
-    model_card, card_path = find_card(model_name)
+    model_card, card_path = find_card(model_name, folders)
     load_detector(path, sha256_file(weights_path(model_card, card_path)))  # refuses a detector of other weights
     target = detector_path(card_path.parent, model_name)
     shutil.copyfile(path, target)
