@@ -104,13 +104,12 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
+    from service.config import get_settings
     from service.jobs import JobError, JobRequest, JobStatus, get_job_queue
 
-    queue = get_job_queue()
+    queue = get_job_queue(get_settings())
     if queue.backend == "in-process" and args.jobs_command == "run":  # the job runs in this process
         import torch
-
-        from service.config import get_settings
 
         torch.set_num_threads(get_settings().jobs_worker_threads)
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.jobs import engine
 from service.jobs.inputs import unpack
 from service.jobs.submit import prepare
@@ -76,8 +76,8 @@ class InProcessJobQueue:
 
     backend = "in-process"
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         engine.configure(self.settings.model_folders(), self.settings.device, self.settings.allow_pickled_detectors)
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.jobs.types import OPERATOR, Artifact, Caller, JobInfo, JobRequest, JobStatus, QueueUnavailable
 
 
@@ -55,9 +55,8 @@ class JobQueue(Protocol):
         ...
 
 
-def get_job_queue(settings: Settings | None = None) -> JobQueue:
+def get_job_queue(settings: Settings) -> JobQueue:
     """Redis backend when settings.redis_url is set, else the in-process backend."""
-    settings = settings or get_settings()
     if settings.redis_url:
         from service.jobs.redis_backend import RedisJobQueue
 

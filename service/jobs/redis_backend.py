@@ -96,8 +96,8 @@ class RedisJobQueue:
 
     backend = "redis"
 
-    def __init__(self, url: str, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.settings = settings
         self.url = url
         self.conn = connect(url)
         self.keys = Keys(self.settings.jobs_queue)
