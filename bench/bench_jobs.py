@@ -129,17 +129,18 @@ def engine_only(images: np.ndarray, repeats: int, threads: int) -> Row:
     """The same screening without the queue: the task's engine calls in this process."""
     import torch
 
-    from service.jobs import engine
+    from service import serving
+    from service.jobs import model_cache
 
     torch.set_num_threads(threads)
-    model = engine.get_model("lenet5")
+    model = model_cache.get_bundle("lenet5")
     size = Settings().jobs_batch_size
-    engine.screen(model, images[:64])
+    serving.screen(model, torch.from_numpy(images[:64]))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for first in range(0, len(images), size):
-            engine.screen(model, images[first:first + size])
+            serving.screen(model, torch.from_numpy(images[first:first + size]))
         times.append(time.perf_counter() - start)
     return Row(f"engine only, no queue ({threads} thread{'s' if threads > 1 else ''}, this process)", "-", times)
 

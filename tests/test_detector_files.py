@@ -31,7 +31,7 @@ from service.detect.detector import (
     find_detector,
     load_detector,
 )
-from service.jobs import engine
+from service.jobs import model_cache
 from service.zoo.registry import find_card, sha256_file, weights_path
 
 SHA = "ab" * 32  # the model weights the test detectors claim
@@ -237,12 +237,15 @@ def test_the_setting_opts_the_worker_engine_in(tmp_path, monkeypatch):
     model = SimpleNamespace(name="m", card_path=tmp_path / "m.json", sha256=SHA)
     try:
         InProcessJobQueue(Settings(models_dir=tmp_path)).close()
+        assert model_cache.source().allow_pickled_detectors is False
         with pytest.raises(DetectorLoadError, match="legacy pickled format"):
-            engine.get_detector(model)
+            load_detector(find_detector(tmp_path, model.name), model.sha256, allow_pickle=False)
         InProcessJobQueue(Settings(models_dir=tmp_path, allow_pickled_detectors=True)).close()
-        assert engine.get_detector(model).threshold == 0.375
+        assert model_cache.source().allow_pickled_detectors is True
+        assert load_detector(find_detector(tmp_path, model.name), model.sha256,
+                             allow_pickle=model_cache.source().allow_pickled_detectors).threshold == 0.375
     finally:
-        engine.configure(get_settings().model_folders(), "auto")
+        model_cache.configure(get_settings().model_folders(), "auto")
 
 
 def test_convert_detector_writes_the_pickle_free_format(tmp_path, capsys):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from service.config import Settings, get_settings
-from service.jobs import engine
+from service.jobs import model_cache
 from service.jobs.local_backend import InProcessJobQueue
 from service.jobs.redis_backend import RedisJobQueue
 from service.jobs.types import (
@@ -82,10 +82,10 @@ def models_dir(tmp_path_factory) -> Iterator[Path]:
         mp.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
         mp.delenv("FISHER_GUARD_REDIS_URL", raising=False)
         get_settings.cache_clear()
-        engine.configure([folder], "cpu")
+        model_cache.configure([folder], "cpu")
         yield folder
     get_settings.cache_clear()
-    engine.configure(get_settings().model_folders(), "auto")
+    model_cache.configure(get_settings().model_folders(), "auto")
     torch.set_num_threads(threads)
 
 
@@ -266,9 +266,10 @@ def test_submit_progress_result_artifact(queue):
     rows = csv_rows(artifact.data)
     assert len(rows) == 200 and rows[0]["name"] == "mnist:test[0]" and rows[0]["status"] == "ok"
     # the same engine call as a request: the detector's score of the same images in this process
+    from service import serving
     from service.data.mnist import load_mnist
 
-    direct = engine.screen(engine.get_model("lenet5"), load_mnist("test")[0][:200].numpy())
+    direct = serving.screen(model_cache.get_bundle("lenet5"), load_mnist("test")[0][:200])
     np.testing.assert_allclose([float(r["score"]) for r in rows], direct.scores, rtol=1e-5, atol=1e-7)
     assert [int(r["prediction"]) for r in rows] == direct.predictions.tolist()
 
@@ -497,7 +498,7 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
     shutil.copytree(models_dir, folder)
     monkeypatch.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
     get_settings.cache_clear()
-    engine.forget()
+    model_cache.forget()
     active = folder / "lenet5.detector.npz"
     before = active.read_bytes()
     queue = InProcessJobQueue(queue_settings(models_dir=folder))
@@ -517,7 +518,7 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
     finally:
         queue.close()
         get_settings.cache_clear()
-        engine.forget()
+        model_cache.forget()
 
 
 # --------------------------------------------------------------------------------- Redis only: crashes

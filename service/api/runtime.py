@@ -12,63 +12,68 @@ from typing import Any
 
 import torch
 
+from service import serving
 from service.api.batching import ModelWorker
-from service.attacks import ATTACK_SPECS
 from service.config import Settings
 from service.data.images import encode_png, vector_png
-from service.detect.detector import Detector, find_detector, load_detector
-from service.fisher import fisher_spectrum
+from service.detect.detector import Detector
+from service.serving import ModelBundle
 from service.zoo.cards import ModelCard
-from service.zoo.registry import LoadedModel, cards_by_name, load_model
+from service.zoo.registry import cards_by_name
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServedModel:
-    """A loaded model, its detector (None when it has none), and its worker."""
+    """A model bundle as the API serves it: with its worker thread, and each use case's answer formatted as one
+    plain dict per image (the use cases themselves are service.serving's, which the job workers call too)."""
 
-    loaded: LoadedModel
-    detector: Detector | None
+    bundle: ModelBundle
     worker: ModelWorker
-    detector_file: Path | None = None
-    detector_error: str | None = None
     memory_budget: int = 1 << 30  # bytes of Jacobian the spectrum may hold at once (setting memory_budget_mb)
 
     @property
     def name(self) -> str:
-        return self.loaded.name
+        return self.bundle.name
 
     @property
     def card(self) -> ModelCard:
-        return self.loaded.card
+        return self.bundle.card
 
     @property
     def sha256(self) -> str:
-        return self.loaded.sha256
+        return self.bundle.sha256
+
+    @property
+    def device(self) -> torch.device:
+        return self.bundle.device
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.card.input_shape
-        return c, h, w
+        return self.bundle.shape
+
+    @property
+    def detector(self) -> Detector | None:
+        return self.bundle.detector
+
+    @property
+    def detector_file(self) -> Path | None:
+        return self.bundle.detector_file
+
+    @property
+    def detector_error(self) -> str | None:
+        return self.bundle.detector_error
 
     @property
     def detector_auc(self) -> tuple[float | None, str | None]:
-        """The detector's measured ROC AUC and where it was measured ('test' or 'validation')."""
-        if self.detector is None:
-            return None, None
-        for split in ("test", "validation"):
-            section = self.detector.card.get(split) or {}
-            if isinstance(section, dict) and section.get("auc") is not None:
-                return float(section["auc"]), split
-        return None, None
+        return self.bundle.detector_auc
 
     # ---- work that runs in the worker thread; each returns one plain dict per image ----
 
     def screen_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
         """The detector's score, verdict at its own threshold, eigenvalues, prediction and probabilities."""
-        assert self.detector is not None
-        result = self.detector.score(self.loaded.module, images.to(self.loaded.device))
+        result = serving.screen(self.bundle, images)
         return [
             {"score": float(result.scores[i]), "eigenvalues": result.eigenvalues[i].tolist(),
              "prediction": int(result.predictions[i]), "probabilities": result.probabilities[i].tolist()}
@@ -77,8 +82,7 @@ class ServedModel:
 
     def spectrum_batch(self, images: torch.Tensor, k: int, method: str, vectors: str) -> list[dict[str, Any]]:
         """Top-k eigenvalues (and eigenvectors as PNG and/or nested lists when asked) per image."""
-        spec = fisher_spectrum(self.loaded.module, images.to(self.loaded.device), k=k, method=method,  # type: ignore[arg-type]
-                               return_vectors=vectors != "none", memory_budget=self.memory_budget)
+        spec = serving.spectrum(self.bundle, images, k, method, vectors != "none", self.memory_budget)
         out = []
         for i in range(spec.eigenvalues.shape[0]):
             item: dict[str, Any] = {
@@ -98,9 +102,7 @@ class ServedModel:
 
     def infer_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
         """Logits and probabilities, and the detector's score when there is one (Open Inference Protocol)."""
-        x = images.to(self.loaded.device)
-        with torch.no_grad():
-            logits = self.loaded.module(x).float().cpu()
+        logits = serving.logits(self.bundle, images)
         screen = self.screen_batch(images) if self.detector is not None else None
         out = []
         for i in range(logits.shape[0]):
@@ -114,15 +116,14 @@ class ServedModel:
     def attack(self, images: torch.Tensor, attack: str, epsilon: float, labels: list[int] | None,
                options: dict[str, Any], output: str) -> list[dict[str, Any]]:
         """Run one attack on a small batch; per image the adversarial image (PNG and/or tensor) and the outcome."""
-        module, x = self.loaded.module, images.to(self.loaded.device)
         label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.long)
-        result = ATTACK_SPECS[attack].bind(epsilon, options)(module, x, label_tensor)
+        result = serving.attack(self.bundle, images, attack, epsilon, label_tensor, options)
         adversarial, norms, labels_out = result.adversarial, result.perturbation_norm, result.labels
         before, after, fooled = result.original_prediction, result.adversarial_prediction, result.fooled
         top = result.extras.get("top_eigenvalue")
         found = result.extras.get("found")  # a search's outcome (least-norm)
         if top is None:
-            top = fisher_spectrum(module, x, k=1, method="auto").eigenvalues[:, 0]
+            top = serving.spectrum(self.bundle, images, 1).eigenvalues[:, 0]
         out = []
         for i in range(adversarial.shape[0]):
             item: dict[str, Any] = {
@@ -169,20 +170,11 @@ def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
 
 
 def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) -> ServedModel:
-    """Load one model and its detector (`<model>.detector.npz` next to its card) and warm them up."""
-    loaded = load_model(card_path, device=settings.device)
-    detector, detector_file, detector_error = None, None, None
-    candidate = find_detector(card_path.parent, loaded.name)
-    if candidate.is_file():
-        try:
-            detector = load_detector(candidate, loaded.sha256, allow_pickle=settings.allow_pickled_detectors)
-            detector_file = candidate
-        except ValueError as exc:  # a stale detector must not take the model down; it is reported instead
-            detector_error = str(exc)
-            log.warning("model %s served without its detector: %s", loaded.name, exc)
-    served = ServedModel(loaded, detector, worker, detector_file, detector_error,
-                         memory_budget=settings.memory_budget_mb << 20)
+    """Load one model bundle (service.serving.load_bundle) and warm it up in its worker."""
+    bundle = serving.load_bundle(card_path, settings.device, settings.model_folders(),
+                                 settings.allow_pickled_detectors)
+    served = ServedModel(bundle, worker, memory_budget=settings.memory_budget_mb << 20)
     seconds = served.warm_up()
-    log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", loaded.name, loaded.device,
-             loaded.sha256[:12], "yes" if detector else "no", seconds)
+    log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", bundle.name, bundle.device,
+             bundle.sha256[:12], "yes" if bundle.detector else "no", seconds)
     return served

@@ -70,7 +70,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import torch
 
     from service.config import get_settings
-    from service.jobs import engine
+    from service.jobs import model_cache
     from service.jobs.redis_backend import run_worker as work
     from service.observability import configure_logging
 
@@ -81,13 +81,11 @@ def run_worker(args: argparse.Namespace) -> int:
         print("fisher-guard worker: set FISHER_GUARD_REDIS_URL (e.g. redis://localhost:6379/0)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or settings.jobs_worker_threads)
-    engine.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
+    model_cache.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
     for name in args.preload:
-        model = engine.get_model(name)
-        try:
-            engine.get_detector(model)
-        except ValueError as exc:  # a model without detector still serves attacks and searches
-            print(f"note: {exc}", file=sys.stderr)
+        bundle = model_cache.get_bundle(name)
+        if bundle.detector is None:  # a model without detector still serves attacks and searches
+            print(f"note: model {name} has no detector ({bundle.detector_error or 'none found'})", file=sys.stderr)
     work(settings, name=args.name, burst=args.burst, log_level=level)
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.jobs import engine
+from service.jobs import model_cache
 from service.jobs.inputs import unpack
 from service.jobs.submit import prepare
 from service.jobs.tasks import run_task
@@ -78,7 +78,7 @@ class InProcessJobQueue:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        engine.configure(self.settings.model_folders(), self.settings.device, self.settings.allow_pickled_detectors)
+        model_cache.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.settings.jobs_local_threads, thread_name_prefix="fisher-guard-job")

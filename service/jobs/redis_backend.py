@@ -28,7 +28,7 @@ from rq.job import JobStatus as RqStatus
 from rq.serializers import JSONSerializer
 
 from service.config import Settings, get_settings
-from service.jobs import engine
+from service.jobs import model_cache
 from service.jobs.catalogue import JOB_TYPES
 from service.jobs.inputs import unpack
 from service.jobs.metrics import JOB_SECONDS, JOBS, serve_metrics
@@ -484,7 +484,7 @@ def run_worker(settings: Settings, name: str | None = None, burst: bool = False,
     serve_metrics(settings.worker_metrics_port)
     if not settings.redis_url:
         raise ValueError("a worker needs FISHER_GUARD_REDIS_URL (the in-process backend runs jobs in the API)")
-    engine.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
+    model_cache.configure(settings.model_folders(), settings.device, settings.allow_pickled_detectors)
     conn = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.jobs_queue, connection=conn, serializer=JSONSerializer)
     worked, wait = False, 1.0

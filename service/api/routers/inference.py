@@ -29,6 +29,7 @@ from service.api.schemas import (
 from service.attacks import attack_spec, check_steps
 from service.config import Settings
 from service.data.images import DecodedBatch
+from service.serving import NoDetectorError
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["inference"], route_class=OffLoopJSONRoute)
 
@@ -71,11 +72,10 @@ def settings_of(request: Request) -> Settings:
 
 async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch,
                        threshold: float | None) -> ScreenResponse:
-    detector = model.detector
-    if detector is None:
-        why = f" ({model.detector_error})" if model.detector_error else ""
-        raise ProblemError(404, "no_detector", f"model {model.name!r} has no detector attached{why}; "
-                           "train one with `fisher-guard train-detector`")
+    try:
+        detector = model.bundle.require_detector()
+    except NoDetectorError as exc:
+        raise ProblemError(404, "no_detector", str(exc)) from exc
     results = await run_batched(model, ("screen",), model.screen_batch, batch.images)
     chosen = detector.threshold if threshold is None else threshold
     names = model.card.class_names

@@ -23,7 +23,7 @@ def model_info(model: ServedModel) -> ModelInfo:
         detector = DetectorInfo(threshold=model.detector.threshold, auc=auc, auc_split=split,
                                 feature_set=model.detector.feature_set, k=model.detector.k,
                                 file=model.detector_file.name if model.detector_file else None)
-    return ModelInfo(name=model.name, sha256=model.sha256, device=str(model.loaded.device),
+    return ModelInfo(name=model.name, sha256=model.sha256, device=str(model.device),
                      input_shape=list(card.input_shape), mean=list(card.mean), std=list(card.std),
                      class_names=list(card.class_names), num_classes=card.num_classes,
                      test_accuracy=card.test_accuracy, test_split=card.test_split, detector=detector,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.jobs import engine
+from service.jobs import model_cache
 from service.jobs.catalogue import JobType
 from service.jobs.running import TaskContext, batches, debug_delay, job_images
 from service.jobs.types import JobInputError, JobSpec, one_of
@@ -36,7 +36,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, np.ndarray]:
     predictions, norms, names, clean images)."""
     from service.attacks import attack_spec
 
-    model = engine.get_model(spec.model or "")
+    model = model_cache.get_bundle(spec.model or "").loaded
     images, labels, names = job_images(spec, ctx)
     p = spec.params
     attack = attack_spec(p["attack"]).bind(p.get("epsilon"), p.get("options", {}))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.jobs import engine
+from service.jobs import model_cache
 from service.jobs.catalogue import JobType
 from service.jobs.running import TaskContext, batches, debug_delay, job_images
 from service.jobs.types import JobSpec
@@ -33,7 +33,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> list[dict[str, Any]]:
     """Least-norm search (OSSA or FGM) per image: one row each."""
     from service.attacks import least_norm_search
 
-    model = engine.get_model(spec.model or "")
+    model = model_cache.get_bundle(spec.model or "").loaded
     images, labels, names = job_images(spec, ctx)
     p = spec.params
     rows: list[dict[str, Any]] = []

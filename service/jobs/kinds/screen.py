@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs import engine
+from service import serving
+from service.jobs import model_cache
 from service.jobs.catalogue import JobType
 from service.jobs.running import TaskContext, batches, debug_delay, job_images
 from service.jobs.types import JobSpec
@@ -20,20 +22,21 @@ class ScreenParams(BaseModel):
 
 def run(spec: JobSpec, ctx: TaskContext) -> list[dict[str, Any]]:
     """Detector score, verdict, top eigenvalues and prediction of every image: one row each."""
-    model = engine.get_model(spec.model or "")
+    bundle = model_cache.get_bundle(spec.model or "")
     images, labels, names = job_images(spec, ctx)
     k = int(spec.params.get("k", 5))
     size = ctx.settings.jobs_batch_size
     rows: list[dict[str, Any]] = []
     ctx.progress(0, len(images))
     for start, stop in batches(len(images), size):
-        out = engine.screen(model, images[start:stop])
+        out = serving.screen(bundle, torch.from_numpy(np.ascontiguousarray(images[start:stop], dtype=np.float32)))
+        confidence = out.probabilities.max(axis=1)
         for j in range(stop - start):
             i = start + j
             row: dict[str, Any] = {"name": names[i]}
             if labels is not None:
                 row["label"] = int(labels[i])
-            row |= {"prediction": int(out.predictions[j]), "confidence": float(out.confidence[j]),
+            row |= {"prediction": int(out.predictions[j]), "confidence": float(confidence[j]),
                     "score": float(out.scores[j]), "adversarial": bool(out.adversarial[j])}
             row |= {f"eigenvalue_{e + 1}": float(v) for e, v in enumerate(out.eigenvalues[j, :k])}
             rows.append(row)
@@ -46,7 +49,7 @@ def summarise(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     flagged = sum(bool(r["adversarial"]) for r in rows)
     summary: dict[str, Any] = {"model": spec.model, "screened": len(rows), "flagged": int(flagged),
                                "flagged_fraction": flagged / len(rows) if rows else 0.0,
-                               "threshold": engine.get_detector(engine.get_model(spec.model or "")).threshold}
+                               "threshold": model_cache.get_bundle(spec.model or "").require_detector().threshold}
     if rows and "label" in rows[0]:
         summary["accuracy"] = float(np.mean([r["prediction"] == r["label"] for r in rows]))
     return summary

@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.config import Settings
-from service.jobs import engine, inputs
+from service.jobs import inputs, model_cache
 from service.jobs.catalogue import JobType
 from service.jobs.inputs import load_dataset
 from service.jobs.running import TaskContext
@@ -53,7 +53,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     """Train a detector for the model and write it (+ card) as a candidate; JSON card artifact."""
     from service.detect.detector import train_detector
 
-    model = engine.get_model(spec.model or "")
+    model = model_cache.get_bundle(spec.model or "").loaded
     p = dict(spec.params)
     fit_x, fit_y = load_dataset(p.pop("fit_dataset"), p.pop("fit_limit"))
     test_name, test_limit = p.pop("test_dataset"), p.pop("test_limit")
@@ -97,7 +97,7 @@ def activate_detector(path: str | Path, folders: Sequence[Path]) -> Path:
     target = detector_path(card_path.parent, model_name)
     shutil.copyfile(path, target)
     shutil.copyfile(card_path_for(path), card_path_for(target))
-    engine.forget(model_name)
+    model_cache.forget(model_name)
     return target
 
 
