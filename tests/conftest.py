@@ -215,6 +215,62 @@ def api_models_dir(tmp_path_factory):
     return folder
 
 
+# ---- the API app (tests/test_api*.py; helpers in tests/api_support.py) ----
+
+@pytest.fixture(scope="module")
+def settings(api_models_dir):
+    from api_support import BARE, MODEL, PAYLOAD_LIMIT
+
+    from service.config import Settings
+
+    return Settings(models_dir=api_models_dir, user_models_dir=None, device="cpu", serve_models=[MODEL, BARE],
+                    max_batch_size=32, max_payload_bytes=PAYLOAD_LIMIT, max_k=20, max_epsilon=10.0,
+                    max_attack_batch=4, max_attack_steps=50, batch_max_size=16, batch_max_wait_ms=2.0)
+
+
+@pytest.fixture(scope="module")
+def app(settings):
+    from service.api import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        from api_support import wait_ready
+
+        wait_ready(test_client)
+        yield test_client
+        # teardown: whatever the module's tests sent, the app answered no request with a 500
+        assert 'status="500"' not in test_client.get("/metrics").text
+
+
+@pytest.fixture(scope="module")
+def engine(api_models_dir):
+    """The same model and detector, loaded outside the app: the reference answers."""
+    from api_support import MODEL
+
+    from service.detect.detector import detector_path, load_detector
+    from service.zoo.registry import load_model
+
+    loaded = load_model(api_models_dir / f"{MODEL}.json", device="cpu")
+    return loaded.module, load_detector(detector_path(api_models_dir, MODEL), loaded.sha256), loaded.sha256
+
+
+@pytest.fixture(scope="module")
+def reference(client, app, engine):
+    """The engine's screening of a batch under the API worker's kernel settings (threads, oneDNN on or off by
+    batch size: see ModelWorker.with_threads), which change float rounding and so, rarely, a tree's leaf."""
+    from api_support import MODEL
+
+    module, detector, _ = engine
+    worker = app.state.models[MODEL].worker
+    return lambda images: worker.with_threads(lambda batch: detector.score(module, batch), images)
+
+
 # ---- Redis (job queue tests) ----
 
 def start_redis(port: int, *args: str):
