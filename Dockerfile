@@ -14,16 +14,19 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install -r requirements.lock
 
-# Then the code and the models that ship with it.
+# Then the code, and the models that ship with it. models/ belongs to the service's uid: a train-detector job writes
+# its candidate in models/candidates/ and activation writes next to the card. docker-compose.yml mounts a named
+# volume there (seeded from this folder on first use), so that the API and the workers share what is activated.
 COPY pyproject.toml README.md ./
 COPY service ./service
-COPY models ./models
+COPY --chown=10001:10001 models ./models
 RUN pip install --no-deps -e . \
-    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin fisher \
+    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin fisher \
     && mkdir -p /data/models /data/jobs \
-    && chown -R fisher:fisher /data
+    && chown -R 10001:10001 /data
 
-USER fisher
+# By uid, not by name: Kubernetes' runAsNonRoot can then verify it without reading /etc/passwd.
+USER 10001:10001
 
 ENV FISHER_GUARD_MODELS_DIR=/app/models \
     FISHER_GUARD_USER_MODELS_DIR=/data/models \
@@ -32,9 +35,10 @@ ENV FISHER_GUARD_MODELS_DIR=/app/models \
 
 EXPOSE 8000
 
-# Liveness of the API; the worker service in docker-compose.yml replaces this check with its own.
+# Readiness of the API (models loaded and warmed up, not just a live process); the worker service in
+# docker-compose.yml replaces this check with its own.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
 
 ENTRYPOINT ["fisher-guard"]
 CMD ["serve"]

@@ -91,8 +91,10 @@ def test_every_compose_variable_is_a_setting() -> None:
 
 def test_dockerfile_entry_points_exist() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER (?!root)\w+", text, re.M), "the image must run as a non-root user"
-    assert "HEALTHCHECK" in text and "/health/live" in text
+    user = re.search(r"^USER (\d+)(?::(\d+))?$", text, re.M)
+    assert user and int(user.group(1)) != 0, "the image must run as a non-root user, given by uid"
+    assert re.search(rf"^COPY --chown={user.group(1)}:\d+ models ", text, re.M), "models/ must be the service's"
+    assert "HEALTHCHECK" in text and "/health/ready" in text and "/health/live" not in text
     entry = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, re.M).group(1)
     assert entry == "fisher-guard"
     cmd = re.search(r"^CMD \[(.*)\]", text, re.M).group(1)
@@ -101,7 +103,7 @@ def test_dockerfile_entry_points_exist() -> None:
         assert key in setting_env_vars(), f"Dockerfile sets {key}, which is not a setting"
     lock_copy = text.index("COPY requirements.lock")
     assert lock_copy < text.index("COPY service"), "dependencies must be installed before the code is copied"
-    for path in re.findall(r"^COPY (\S+) ", text, re.M):
+    for path in re.findall(r"^COPY (?:--chown=\S+ )?(\S+) ", text, re.M):
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
 
 
@@ -201,3 +203,38 @@ def test_image_lock_pins_the_runtime_and_no_development_tools() -> None:
     assert "requirements.lock" in dockerfile and "requirements-dev.lock" not in dockerfile
     makefile = (ROOT / "Makefile").read_text()
     assert "-r requirements.lock -r requirements-dev.lock" in makefile
+
+
+def test_compose_redis_needs_a_password_and_never_evicts() -> None:
+    services = load_compose("docker-compose.yml")["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    password = command[command.index("--requirepass") + 1]
+    assert password.startswith("${FISHER_GUARD_REDIS_PASSWORD:?"), "the password comes from .env, and must be set"
+    assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${FISHER_GUARD_REDIS_PASSWORD:?")
+    for name in ("api", "worker"):
+        url = services[name]["environment"]["FISHER_GUARD_REDIS_URL"]
+        assert url.startswith("redis://:${FISHER_GUARD_REDIS_PASSWORD:?") and url.endswith("@redis:6379/0")
+
+
+def test_compose_models_volume_is_shared_and_writable() -> None:
+    data = load_compose("docker-compose.yml")
+    for name in ("api", "worker"):
+        volumes = data["services"][name]["volumes"]
+        assert "models:/app/models" in volumes, f"{name} must see the activated detectors"
+        assert any(v.endswith(":/data/models:ro") for v in volumes)
+    assert "models" in data["volumes"]
+
+
+def test_compose_api_health_is_readiness() -> None:
+    api = load_compose("docker-compose.yml")["services"]["api"]
+    assert "/health/ready" in " ".join(api["healthcheck"]["test"])
+
+
+def test_the_env_file_is_never_committed_nor_copied_into_the_image() -> None:
+    for ignore in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore).read_text().split(), f"{ignore} must list .env"
+    example = (ROOT / ".env.example").read_text()
+    assert "FISHER_GUARD_REDIS_PASSWORD=" in example
+    for key in re.findall(r"^(FISHER_GUARD_\w+)=", example, re.M):
+        assert key in setting_env_vars() | {"FISHER_GUARD_REDIS_PASSWORD"}, key

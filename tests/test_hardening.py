@@ -390,3 +390,31 @@ def test_schemathesis_finds_no_server_error_on_the_redis_backed_job_routes(base,
                "--generation-database", "none", "--request-timeout", "30"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+
+
+def test_a_full_redis_refuses_jobs_with_503_and_loses_none(api_models_dir):
+    """With maxmemory and noeviction (as docker-compose.yml runs Redis), a full queue refuses new jobs with
+    QueueUnavailable (503) instead of a server error, and every job it accepted is still there."""
+    from service.config import Settings
+    from service.jobs.redis_backend import RedisJobQueue
+    from service.jobs.types import JobRequest, QueueUnavailable
+
+    port = free_port()
+    server = start_redis(port, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        jobs = RedisJobQueue(url, Settings(redis_url=url, jobs_queue="fg-full", models_dir=api_models_dir,
+                                           jobs_shard_size=0))
+        rng = np.random.default_rng(0)
+        accepted = []
+        with pytest.raises(QueueUnavailable, match="full"):
+            for _ in range(200):  # each upload is ~0.5 MB of incompressible pixels
+                buffer = io.BytesIO()
+                np.savez(buffer, images=rng.random((160, 1, 28, 28)).astype(np.float32))
+                accepted.append(jobs.submit(JobRequest(type="attack", model=MODEL),
+                                            [("x.npz", buffer.getvalue())]).id)
+        assert accepted, "the first jobs fit"
+        assert {job.id for job in jobs.list(500)} == set(accepted)
+    finally:
+        server.terminate()
+        server.wait(10)

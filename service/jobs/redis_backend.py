@@ -109,6 +109,10 @@ class RedisJobQueue:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise QueueUnavailable(f"the job queue (Redis at {redis_host(self.url)}) is unreachable: {exc}") from exc
+        except redis.exceptions.OutOfMemoryError as exc:
+            # maxmemory with noeviction: Redis refuses writes rather than evict queued jobs
+            raise QueueUnavailable(f"the job queue (Redis at {redis_host(self.url)}) is full: it refuses new "
+                                   "jobs until some finish and expire (raise its maxmemory)") from exc
 
     def ping(self) -> None:
         with self._available():
@@ -123,15 +127,28 @@ class RedisJobQueue:
         ttl = self.settings.jobs_result_ttl_s
         check_deadline(deadline)
         with self._available():
-            if upload is not None:
-                # kept until the job ends (deleted then), at most while a job may wait and run
-                self.conn.set(self.keys.upload(spec.id), upload, ex=ttl + self.settings.jobs_timeout_s * 2 + 7 * 86400)
-            shards = [self._enqueue(shard) for shard in self._shards(spec)]
-            spec.shards = [shard.id for shard in shards]
-            # a sharded job's parent waits (deferred) until every shard succeeded, then merges their outputs
-            job = self._enqueue(spec, depends_on=shards or None)
-            self.conn.zadd(self.keys.jobs, {spec.id: spec.created_at})
+            try:
+                if upload is not None:
+                    # kept until the job ends (deleted then), at most while a job may wait and run
+                    self.conn.set(self.keys.upload(spec.id), upload,
+                                  ex=ttl + self.settings.jobs_timeout_s * 2 + 7 * 86400)
+                shards = [self._enqueue(shard) for shard in self._shards(spec)]
+                spec.shards = [shard.id for shard in shards]
+                # a sharded job's parent waits (deferred) until every shard succeeded, then merges their outputs
+                job = self._enqueue(spec, depends_on=shards or None)
+                self.conn.zadd(self.keys.jobs, {spec.id: spec.created_at})
+            except redis.exceptions.OutOfMemoryError:
+                self._undo(spec)  # refused, so nothing of it may stay or run (deletes free memory: allowed)
+                raise
             return self._info(job)
+
+    def _undo(self, spec: JobSpec) -> None:
+        """Remove what a refused submission has written."""
+        for each_id in [*(shard.id for shard in self._shards(spec)), spec.id]:
+            with contextlib.suppress(NoSuchJobError):
+                Job.fetch(each_id, connection=self.conn, serializer=JSONSerializer).delete()
+        self.conn.delete(self.keys.upload(spec.id))
+        self.conn.zrem(self.keys.jobs, spec.id)
 
     def _shards(self, spec: JobSpec) -> list[JobSpec]:
         """The shards of a large image job (settings.jobs_shard_size valid images each), or none."""
