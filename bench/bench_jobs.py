@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from service.config import Settings, get_settings  # noqa: E402
 from service.data.mnist import load_mnist  # noqa: E402
-from service.jobs.redis_backend import RedisJobQueue  # noqa: E402
+from service.jobs.redis_queue import RedisJobQueue  # noqa: E402
 from service.jobs.types import JobRequest, JobStatus  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "jobs-cpu.md"

@@ -199,7 +199,7 @@ def test_api_serves_from_cuda(shipped):
 def test_jobs_on_a_cuda_worker(shipped, tmp_path):
     """A real redis-server and a real `fisher-guard worker` on the GPU: screening (the engine's scores),
     least-norm, attack and detector-training jobs all succeed there."""
-    from service.jobs.redis_backend import RedisJobQueue
+    from service.jobs.redis_queue import RedisJobQueue
     from service.jobs.types import JobRequest, JobStatus
 
     server = shutil.which("redis-server")

@@ -249,7 +249,7 @@ def test_a_submission_that_times_out_creates_no_job(api_models_dir, redis_url, t
         deadline = time.monotonic() + 60
         while True:
             listed = {m.decode() for m in client.zrange(f"{queue}:jobs", 0, -1)}
-            stored = {k.decode().removeprefix("rq:job:") for k in client.scan_iter("rq:job:*")
+            stored = {k.decode().removeprefix("rq:job:") for k in client.scan_iter("rq:job:*", _type="hash")
                       if client.hget(k, "origin") == queue.encode()}
             if listed == accepted and stored == accepted:
                 break
@@ -365,7 +365,7 @@ def test_a_worker_reconnects_after_redis_restarts(api_models_dir, tmp_path):
               "the worker did not notice that Redis went away")
         server = start_redis(port)  # an empty Redis (no persistence here): the worker's registration is gone too
         from service.config import Settings
-        from service.jobs.redis_backend import RedisJobQueue
+        from service.jobs.redis_queue import RedisJobQueue
         from service.jobs.types import JobRequest
 
         jobs = RedisJobQueue(url, Settings(redis_url=url, jobs_queue=queue, models_dir=api_models_dir))
@@ -396,7 +396,7 @@ def test_a_full_redis_refuses_jobs_with_503_and_loses_none(api_models_dir):
     """With maxmemory and noeviction (as docker-compose.yml runs Redis), a full queue refuses new jobs with
     QueueUnavailable (503) instead of a server error, and every job it accepted is still there."""
     from service.config import Settings
-    from service.jobs.redis_backend import RedisJobQueue
+    from service.jobs.redis_queue import RedisJobQueue
     from service.jobs.types import JobRequest, QueueUnavailable
 
     port = free_port()

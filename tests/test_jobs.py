@@ -30,7 +30,7 @@ from PIL import Image
 from service.config import Settings, get_settings
 from service.jobs import model_cache
 from service.jobs.local_backend import InProcessJobQueue
-from service.jobs.redis_backend import RedisJobQueue
+from service.jobs.redis_queue import RedisJobQueue
 from service.jobs.types import (
     JobInfo,
     JobInputError,

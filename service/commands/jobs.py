@@ -71,7 +71,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
     from service.jobs import model_cache
-    from service.jobs.redis_backend import run_worker as work
+    from service.jobs.redis_worker import run_worker as work
     from service.observability import configure_logging
 
     settings = get_settings()

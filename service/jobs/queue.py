@@ -58,7 +58,7 @@ class JobQueue(Protocol):
 def get_job_queue(settings: Settings) -> JobQueue:
     """Redis backend when settings.redis_url is set, else the in-process backend."""
     if settings.redis_url:
-        from service.jobs.redis_backend import RedisJobQueue
+        from service.jobs.redis_queue import RedisJobQueue
 
         return RedisJobQueue(settings.redis_url, settings)
     from service.jobs.local_backend import InProcessJobQueue
