@@ -1,5 +1,7 @@
-"""The micro-batcher and the model worker (service.api.batching) on their own: grouping, waiting, capacity,
-abandoned work and closing, and CPU-kernel sizing; deterministic, driven by events rather than timings."""
+"""The micro-batcher, the model worker and its CPU-kernel policy (service.api.micro_batcher, model_worker,
+cpu_kernels) on their own: grouping, waiting, capacity, abandoned work and closing, and CPU-kernel sizing;
+deterministic, driven by events rather than timings."""
+
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 import pytest
 import torch
 
-from service.api.batching import Arrival, ModelWorker, QueueFullError, WorkerClosedError, current_arrival
+from service.api.micro_batcher import Arrival, QueueFullError, WorkerClosedError, current_arrival
+from service.api.model_worker import ModelWorker
 
 
 def test_micro_batcher_groups_waiting_requests():
@@ -176,7 +179,7 @@ def test_abandoned_work_failures_and_closing_never_jam_the_model():
 def test_model_worker_sizes_torch_threads_to_the_batch():
     import torch
 
-    from service.api.batching import ModelWorker
+    from service.api.model_worker import ModelWorker
 
     before = torch.get_num_threads()
     worker = ModelWorker("m", capacity=8, max_batch=8, max_wait_ms=1, threads=1, large_batch_threads=2,

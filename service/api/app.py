@@ -25,10 +25,10 @@ import torch
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.batching import ModelWorker
 from service.api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContextMiddleware
+from service.api.model_worker import ModelWorker
 from service.api.routers import ROUTER_MODULES
 from service.api.runtime import discover_cards, load_served_model
 from service.api.security import accepted_keys, require_api_key

@@ -14,9 +14,9 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.batching import Arrival, current_arrival
 from service.api.errors import ProblemError, problem_response
 from service.api.metrics import Metrics
+from service.api.micro_batcher import Arrival, current_arrival
 from service.observability import request_id
 
 log = logging.getLogger("service.api.access")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from service import serving
-from service.api.batching import ModelWorker
+from service.api.model_worker import ModelWorker
 from service.config import Settings
 from service.data.images import encode_png, vector_png
 from service.detect.detector import Detector

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from torch import Tensor
 
-from service.api.batching import QueueFullError, WorkerClosedError
 from service.api.dependencies import decode_json_images, decode_upload, require_json, require_multipart, served_model
 from service.api.errors import ProblemError, problem_responses
 from service.api.json_body import OffLoopJSONRoute
+from service.api.micro_batcher import QueueFullError, WorkerClosedError
 from service.api.runtime import ServedModel
 from service.api.schemas import (
     MAX_CLASS,

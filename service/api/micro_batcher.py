@@ -1,7 +1,8 @@
 """Dynamic micro-batching: concurrent requests for one model are joined into one forward/Jacobian batch.
 
-Each model has one `ModelWorker`: a single worker thread where all of that model's torch work runs (so the
-event loop never blocks and models never fight over one module), a count of images in flight bounded by
+Each model has one `ModelWorker` (service.api.model_worker): a single worker thread where all of that model's
+torch work runs (so the event loop never blocks and models never fight over one module), a count of images in
+flight bounded by
 `capacity` (beyond it: `QueueFullError`, which the API answers with 503 + Retry-After), and one
 `MicroBatcher` per kind of work (screen, spectrum with given k/method, ...). A batcher takes the first waiting
 request, then keeps adding waiting requests until `max_batch` images or `max_wait` seconds, runs the joined
@@ -19,20 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import functools
 import logging
-from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from service.api.model_worker import ModelWorker
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 BatchFn = Callable[[Tensor], list[Any]]  # (N, ...) images -> N per-image results
 
@@ -215,116 +215,3 @@ class MicroBatcher:
                 item.future.set_exception(exc)
 
 
-class ModelWorker:
-    """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
-
-    def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
-                 on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
-                 on_pending: Callable[[int], None] | None = None,
-                 large_batch_threads: int | None = None, large_batch: int = 48,
-                 small_batch_onednn: bool = True) -> None:
-        self.name = name
-        self.threads = threads
-        self.small_batch_onednn = small_batch_onednn
-        self.large_batch_threads = large_batch_threads or threads
-        self.large_batch = large_batch
-        self.capacity = capacity
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        # Held from the moment work is handed to the thread until it is done there: so nothing waits in the
-        # executor's own queue, where it could no longer be dropped when its request is abandoned.
-        self.model_free = asyncio.Lock()
-        self.pending = 0
-        self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
-        self.closed = False
-        self._on_batch = on_batch
-        self._on_pending = on_pending  # told the count of images in flight each time it changes (a metrics gauge)
-        self._batchers: dict[Hashable, MicroBatcher] = {}
-
-    def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
-        """Run fn(batch) with CPU kernels sized to the batch: a single image gains nothing from a second thread
-        on a busy machine and runs small convolutions faster without oneDNN; a large batch gains from both."""
-        large = batch.shape[0] >= self.large_batch
-        threads = self.large_batch_threads if large else self.threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        previous = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = large or self.small_batch_onednn
-        try:
-            return fn(batch)
-        finally:
-            torch.backends.mkldnn.enabled = previous
-
-    def _admit(self, images: int) -> None:
-        if self.closed:
-            raise WorkerClosedError("the service is shutting down")
-        if self.pending + images > self.capacity and self.pending > 0:
-            raise QueueFullError(self.name, self.capacity)
-        self.pending += images
-        if self._on_pending is not None:
-            self._on_pending(self.pending)
-
-    def release(self, images: int) -> None:
-        """Images whose work is finished (or dropped) leave the count; only called on the event loop."""
-        if images == 0:
-            return
-        self.pending -= images
-        if self._on_pending is not None:
-            self._on_pending(self.pending)
-
-    def batcher(self, key: Hashable, fn: BatchFn) -> MicroBatcher:
-        """The batcher for one kind of work (`key`), made on first use."""
-        if key not in self._batchers:
-            kind = str(key[0]) if isinstance(key, tuple) else str(key)
-            on_batch = functools.partial(self._on_batch, kind) if self._on_batch else None
-            self._batchers[key] = MicroBatcher(self, fn, self.max_batch, self.max_wait, on_batch)
-        return self._batchers[key]
-
-    async def submit(self, key: Hashable, fn: BatchFn, images: Tensor) -> list[Any]:
-        """Micro-batched work: `fn` over a batch that holds `images` (and other requests' images with the same key)."""
-        self._admit(int(images.shape[0]))  # released by the batcher when the batch is done
-        return await self.batcher(key, fn).submit(images)
-
-    async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
-        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work. A
-        request abandoned while it waits for the thread (timeout, client gone) never runs."""
-        self._admit(images)
-        try:
-            await self.model_free.acquire()
-        except BaseException:
-            self.release(images)
-            raise
-        try:
-            if self.closed:
-                raise WorkerClosedError("the service is shutting down")
-            work = self._start(images, fn, *args)
-        except BaseException:
-            self.model_free.release()
-            self.release(images)
-            raise
-        return await asyncio.wrap_future(work)
-
-    def _start(self, images: int, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-        """Hand work to the model's thread (`model_free` held). When it is really over there (a request that
-        times out leaves it running), its images leave the count and the thread is free again."""
-        loop = asyncio.get_running_loop()
-        work = self.executor.submit(fn, *args)
-
-        def done(_: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._work_done, images)
-
-        work.add_done_callback(done)
-        return work
-
-    def _work_done(self, images: int) -> None:
-        self.release(images)
-        self.model_free.release()
-
-    async def close(self) -> None:
-        """Refuse new work, fail what still waits, and let the running batch finish."""
-        self.closed = True
-        for batcher in self._batchers.values():
-            await batcher.close()
-        await asyncio.to_thread(self.executor.shutdown, wait=True)

@@ -1,0 +1,126 @@
+"""One model's worker thread: where all of that model's torch work runs (so the event loop never blocks and models
+never fight over one module), with a bounded count of images in flight (beyond it: QueueFullError, answered with
+503 + Retry-After) and one micro-batcher per kind of work (service.api.micro_batcher)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from service.api.cpu_kernels import KernelPolicy, with_kernels
+from service.api.micro_batcher import BatchFn, MicroBatcher, QueueFullError, WorkerClosedError
+
+T = TypeVar("T")
+
+
+class ModelWorker:
+    """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
+
+    def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
+                 on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
+                 on_pending: Callable[[int], None] | None = None,
+                 large_batch_threads: int | None = None, large_batch: int = 48,
+                 small_batch_onednn: bool = True) -> None:
+        self.name = name
+        self.kernels = KernelPolicy(threads, large_batch_threads or threads, large_batch, small_batch_onednn)
+        self.capacity = capacity
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        # Held from the moment work is handed to the thread until it is done there: so nothing waits in the
+        # executor's own queue, where it could no longer be dropped when its request is abandoned.
+        self.model_free = asyncio.Lock()
+        self.pending = 0
+        self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
+        self.closed = False
+        self._on_batch = on_batch
+        self._on_pending = on_pending  # told the count of images in flight each time it changes (a metrics gauge)
+        self._batchers: dict[Hashable, MicroBatcher] = {}
+
+    @property
+    def large_batch(self) -> int:
+        return self.kernels.large_batch
+
+    def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
+        """fn(batch) with CPU kernels sized to the batch (service.api.cpu_kernels)."""
+        return with_kernels(fn, batch, self.kernels)
+
+    def _admit(self, images: int) -> None:
+        if self.closed:
+            raise WorkerClosedError("the service is shutting down")
+        if self.pending + images > self.capacity and self.pending > 0:
+            raise QueueFullError(self.name, self.capacity)
+        self.pending += images
+        if self._on_pending is not None:
+            self._on_pending(self.pending)
+
+    def release(self, images: int) -> None:
+        """Images whose work is finished (or dropped) leave the count; only called on the event loop."""
+        if images == 0:
+            return
+        self.pending -= images
+        if self._on_pending is not None:
+            self._on_pending(self.pending)
+
+    def batcher(self, key: Hashable, fn: BatchFn) -> MicroBatcher:
+        """The batcher for one kind of work (`key`), made on first use."""
+        if key not in self._batchers:
+            kind = str(key[0]) if isinstance(key, tuple) else str(key)
+            on_batch = functools.partial(self._on_batch, kind) if self._on_batch else None
+            self._batchers[key] = MicroBatcher(self, fn, self.max_batch, self.max_wait, on_batch)
+        return self._batchers[key]
+
+    async def submit(self, key: Hashable, fn: BatchFn, images: Tensor) -> list[Any]:
+        """Micro-batched work: `fn` over a batch that holds `images` (and other requests' images with the same key)."""
+        self._admit(int(images.shape[0]))  # released by the batcher when the batch is done
+        return await self.batcher(key, fn).submit(images)
+
+    async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
+        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work. A
+        request abandoned while it waits for the thread (timeout, client gone) never runs."""
+        self._admit(images)
+        try:
+            await self.model_free.acquire()
+        except BaseException:
+            self.release(images)
+            raise
+        try:
+            if self.closed:
+                raise WorkerClosedError("the service is shutting down")
+            work = self._start(images, fn, *args)
+        except BaseException:
+            self.model_free.release()
+            self.release(images)
+            raise
+        return await asyncio.wrap_future(work)
+
+    def _start(self, images: int, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Hand work to the model's thread (`model_free` held). When it is really over there (a request that
+        times out leaves it running), its images leave the count and the thread is free again."""
+        loop = asyncio.get_running_loop()
+        work = self.executor.submit(fn, *args)
+
+        def done(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._work_done, images)
+
+        work.add_done_callback(done)
+        return work
+
+    def _work_done(self, images: int) -> None:
+        self.release(images)
+        self.model_free.release()
+
+    async def close(self) -> None:
+        """Refuse new work, fail what still waits, and let the running batch finish."""
+        self.closed = True
+        for batcher in self._batchers.values():
+            await batcher.close()
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
