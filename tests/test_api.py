@@ -361,3 +361,19 @@ def test_concurrent_requests_are_batched_and_correct(client, app, digits, refere
     assert app.state.metrics.batch_size.labels(MODEL, "screen")._sum.get() - before == len(images)
 
 
+
+
+def test_requests_to_micro_batched_endpoints_are_announced_to_their_model(client, app):
+    """The endpoints marked `micro_batched` (and only they) count a request as arriving at its model."""
+    from service.api.app import arrival_announcer
+
+    announce = arrival_announcer(app)
+    worker = app.state.models[MODEL].worker
+    for path in (f"/v1/models/{MODEL}/screen", f"/v1/models/{MODEL}/screen/upload", f"/v1/models/{MODEL}/spectrum",
+                 f"/v2/models/{MODEL}/infer"):
+        arrival = announce({"method": "POST", "path": path})
+        assert arrival is not None and arrival.worker is worker and worker.arriving >= 1, path
+        arrival.close()
+    for method, path in (("POST", f"/v1/models/{MODEL}/attack"), ("GET", f"/v1/models/{MODEL}"),
+                         ("POST", "/v1/models/nope/screen"), ("POST", "/v1/jobs")):
+        assert announce({"method": method, "path": path}) is None, path

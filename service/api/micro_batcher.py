@@ -66,6 +66,13 @@ class Arrival:
 current_arrival: ContextVar[Arrival | None] = ContextVar("current_arrival", default=None)
 
 
+def micro_batched(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks an endpoint whose work a model's micro-batcher groups: the app counts its requests as arriving
+    while they are read and decoded (`Arrival`), so that a batch waits for them."""
+    endpoint.micro_batched = True  # type: ignore[attr-defined]
+    return endpoint
+
+
 @dataclass
 class _Item:
     images: Tensor

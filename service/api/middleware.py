@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,19 +23,7 @@ from service.observability import request_id
 log = logging.getLogger("service.api.access")
 REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNMATCHED = "unmatched"
-BATCHED = {("v1", "screen"), ("v1", "screen", "upload"), ("v1", "spectrum"), ("v1", "spectrum", "upload"),
-           ("v2", "infer")}
-
-
-def announce(scope: Scope) -> Arrival | None:
-    """For a request to a micro-batched endpoint of a loaded model, count it as arriving at that model."""
-    parts = scope.get("path", "").strip("/").split("/")
-    if len(parts) < 4 or parts[1] != "models" or (parts[0], *parts[3:]) not in BATCHED:
-        return None
-    app = scope.get("app")
-    models = getattr(getattr(app, "state", None), "models", {})
-    served = models.get(parts[2])
-    return Arrival(served.worker) if served is not None else None
+Announce = Callable[[Scope], Arrival | None]  # a request's arrival at its model's batcher, or None
 
 
 # when the current request times out (time.monotonic()): work in threads can stop before it instead of after
@@ -51,8 +40,9 @@ class RequestContextMiddleware:
     clients that time out and retry would otherwise cause. Job submissions are left to finish."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, timeout: float, metrics: Metrics,
-                 known_models: set[str], max_job_body: int | None = None) -> None:
+                 known_models: set[str], announce: Announce, max_job_body: int | None = None) -> None:
         self.app = app
+        self.announce = announce  # counts a request to a micro-batched endpoint as arriving at its model
         self.max_body = max_body
         self.max_job_body = max_job_body or max_body  # job submissions carry archives: their own limit
         self.timeout = timeout
@@ -72,7 +62,7 @@ class RequestContextMiddleware:
         status = {"code": 500, "started": False, "gone": False}
         path = scope.get("path", "")
         max_body = self.max_job_body if path.startswith("/v1/jobs") else self.max_body
-        arrival = announce(scope)
+        arrival = self.announce(scope)
         arrival_token = current_arrival.set(arrival)
 
         async def send_with_id(message: Message) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from service.api.dependencies import decode_json_images, decode_upload, require_json, require_multipart, served_model
 from service.api.errors import ProblemError, problem_responses
 from service.api.json_body import OffLoopJSONRoute
-from service.api.micro_batcher import QueueFullError, WorkerClosedError
+from service.api.micro_batcher import QueueFullError, WorkerClosedError, micro_batched
 from service.api.runtime import ServedModel
 from service.api.schemas import (
     MAX_CLASS,
@@ -98,6 +98,7 @@ async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch
 
 @router.post("/screen", response_model=ScreenResponse, responses=ERRORS, dependencies=[Depends(require_json)],
              summary="Screen images: adversarial score, verdict, the eigenvalues used, prediction.")
+@micro_batched
 async def screen(body: ScreenRequest, request: Request, model: ModelDep) -> ScreenResponse:
     batch = await decode_json_images(body, model, settings_of(request))
     return await screen_batch(request, model, batch, body.threshold)
@@ -105,6 +106,7 @@ async def screen(body: ScreenRequest, request: Request, model: ModelDep) -> Scre
 
 @router.post("/screen/upload", response_model=ScreenResponse, responses=ERRORS,
              dependencies=[Depends(require_multipart)], summary="Screen uploaded image files (multipart).")
+@micro_batched
 async def screen_upload(request: Request, files: Files, model: ModelDep,
                         threshold: Annotated[float | None, Form(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
                         resize: Annotated[bool, Form()] = False) -> ScreenResponse:
@@ -139,6 +141,7 @@ async def spectrum_batch(request: Request, model: ServedModel, batch: DecodedBat
 
 @router.post("/spectrum", response_model=SpectrumResponse, responses=ERRORS, dependencies=[Depends(require_json)],
              summary="Top-k eigenvalues of the Fisher information G_x (and eigenvectors), prediction, probabilities.")
+@micro_batched
 async def spectrum(body: SpectrumRequest, request: Request, model: ModelDep) -> SpectrumResponse:
     batch = await decode_json_images(body, model, settings_of(request))
     return await spectrum_batch(request, model, batch, body.k, body.method, body.vectors)
@@ -146,6 +149,7 @@ async def spectrum(body: SpectrumRequest, request: Request, model: ModelDep) -> 
 
 @router.post("/spectrum/upload", response_model=SpectrumResponse, responses=ERRORS,
              dependencies=[Depends(require_multipart)], summary="The spectrum of uploaded image files (multipart).")
+@micro_batched
 async def spectrum_upload(request: Request, files: Files, model: ModelDep,
                           k: Annotated[int, Form(ge=1)] = 10, method: Annotated[SpectrumMethod, Form()] = "auto",
                           vectors: Annotated[VectorFormat, Form()] = "none",

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from service.api.dependencies import check_ready, input_limits, lookup_model, require_json
 from service.api.errors import ProblemError, problem_responses
 from service.api.json_body import OffLoopJSONRoute
+from service.api.micro_batcher import micro_batched
 from service.api.routers.inference import run_batched
 from service.api.runtime import ServedModel
 from service.api.schemas import (
@@ -127,6 +128,7 @@ def input_array(tensor: InferTensor) -> np.ndarray:
 @router.post("/models/{model_name}/infer", response_model=InferResponse, dependencies=[Depends(require_json)],
                     responses=problem_responses(400, 401, 404, 413, 415, 422, 503),
                     summary="OIP v2 inference: logits, probabilities, predictions and the adversarial score.")
+@micro_batched
 async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> InferResponse:
     tensor, limits = body.inputs[0], input_limits(request.app.state.settings)
     if math.prod(max(d, 0) for d in tensor.shape) <= INLINE_VALUES:
