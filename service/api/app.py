@@ -118,8 +118,10 @@ def arrival_announcer(app: FastAPI) -> Callable[[dict], Arrival | None]:
     patterns: list[re.Pattern] = []
 
     def announce(scope: dict) -> Arrival | None:
-        if not patterns:  # the routes are all mounted by the first request
-            patterns.extend(route.path_regex for route in app.routes
+        if not patterns:  # the routers are all included by the first request
+            routes = [route for module in app.state.router_modules for name in ("router", "public_router")
+                      for route in getattr(getattr(module, name, None), "routes", [])]
+            patterns.extend(route.path_regex for route in routes
                             if getattr(getattr(route, "endpoint", None), "micro_batched", False))
         if scope.get("method") != "POST":
             return None
