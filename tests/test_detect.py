@@ -23,6 +23,7 @@ from service.detect.detector import (
     train_detector,
 )
 from service.detect.features import (
+    DARK,
     EIGENVALUE_FLOOR,
     FINE_STEPS,
     KL_STEPS,
@@ -95,6 +96,28 @@ def test_richer_sets_extend_plain(lenet, val_slice):
         feats = fisher_features(lenet.module, x, name)
         assert feats.matrix.shape == (4, len(feature_names(name))) and np.isfinite(feats.matrix).all()
         np.testing.assert_allclose(feats.matrix[:, :22], probs.matrix, atol=1e-9)
+
+
+def test_spectral_features_follow_their_definition(lenet, val_slice):
+    x = val_slice[0][:3]
+    feats = fisher_features(lenet.module, x, "spectral")
+    col = lambda name: feats.matrix[:, feats.names.index(name)]  # noqa: E731
+    for i in range(3):
+        g, _, p = dense_fisher(lenet.module, x[i])  # float64 G_x from the full Jacobian
+        v = torch.linalg.eigh(g)[1].flip(-1)[:, :3].T  # top-3 eigenvectors, unit norm (signs do not matter here)
+        xi = x[i].flatten().double()
+        np.testing.assert_allclose(col("entropy")[i], float(-(p * p.log()).sum()), atol=1e-6)
+        for j in range(3):
+            np.testing.assert_allclose(col(f"v{j + 1}_abs_cos_x")[i], float((v[j] @ xi).abs() / xi.norm()), atol=1e-5)
+            np.testing.assert_allclose(col(f"v{j + 1}_dark_energy")[i], float((v[j] ** 2)[xi < DARK].sum()), atol=1e-5)
+            np.testing.assert_allclose(col(f"v{j + 1}_l1")[i], float(v[j].abs().sum()), rtol=1e-5)
+        with torch.no_grad():
+            p = torch.softmax(lenet.module(x[i:i + 1]).double(), -1)[0]
+            for t in KL_STEPS:
+                sides = [(x[i] + s * t * v[0].view_as(x[i]).float()).clamp(0, 1) for s in (1.0, -1.0)]
+                kl = max(_log10_kl(p, torch.softmax(lenet.module(side[None]).double(), -1)[0]) for side in sides)
+                # frozen-twin rounding, as for the other probes
+                np.testing.assert_allclose(col(f"step{t}_max_log10_kl")[i], kl, atol=0.01)
 
 
 def _column(name: str) -> int:

@@ -371,7 +371,7 @@ def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | Non
     card = {
         "kind": "fisher-guard detector",
         "model": {"name": model_name, "sha256": model_sha256},
-        "features": {"feature_set": feature_set, "k": k, "definition": FEATURE_SETS[feature_set],
+        "features": {"feature_set": feature_set, "k": k, "definition": FEATURE_SETS[feature_set].description,
                      "spectrum": "service.fisher.fisher_spectrum(method='exact')"},
         "classifier": {"name": classifier, "definition": CLASSIFIERS[classifier], "seed": seed},
         "training_data": {"description": data_description, "attacks": list(attacks),

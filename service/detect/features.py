@@ -3,11 +3,20 @@
 `plain` is the paper's feature set (section 4): log10 of the top-k eigenvalues of G_x (k = 20; a K-class model
 has only K-1 non-zero ones, the rest are floored at EIGENVALUE_FLOOR). The other sets add features derived
 from the same Fisher geometry; each is selectable by name and recorded in the detector card.
+
+A feature set is a list of blocks (`Block`): each names its columns, builds the probe images it needs, and turns
+their output probabilities plus the spectrum into its columns. `fisher_features` runs every block's probes in one
+round of forward passes and hands each block its own share. A new block is one `Block` subclass plus one row of
+`FEATURE_SETS`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,48 +41,6 @@ SQUEEZE_LEVELS = (0.3, 0.5, 0.7)  # 1-bit squeezings: pixels at or above the lev
 SQUEEZE_STEPS = (1.0, 2.0, 4.0)  # L2 steps along each squeezing direction (the "+squeeze" set)
 PROBE_CHUNK = 256  # probe images per forward pass
 
-FEATURE_SETS: dict[str, str] = {
-    "plain": "log10 of the top-k eigenvalues of G_x (the paper's features)",
-    "plain+probs": "plain, plus the entropy and the top probability of the model's output (same spectrum call)",
-    "spectral": "plain+probs, plus, for each of the top-3 eigenvectors v_i of G_x: |cos(v_i, x)|, the share of "
-                f"|v_i|^2 on dark pixels (x < {DARK}) and ||v_i||_1 (where the vulnerable directions lie), and "
-                f"log10 KL(p(x) || p(x +/- t v_1)), larger side, for t in {KL_STEPS} (how fast the output moves along "
-                "the top eigenvector); one spectrum call (with eigenvectors) plus forward passes",
-    "spectral+noise": "spectral, plus how the output moves off the top eigenvectors: for isotropic probes of L2 norm "
-                      f"r in {NOISE_NORMS} ({NOISE_DRAWS} seeded directions per norm, the same for every image) the "
-                      "mean, max and min of log10 KL(p(x) || p(x + r u)) and the share of probes that change the "
-                      "prediction (locally KL ~ r^2 u^T G_x u / 2, whose mean over u is r^2 tr(G_x) / 2D), and the "
-                      "margin to the runner-up class: logit gap, log10 of its gradient norm, log10 of the linearised "
-                      f"distance d = gap / norm, and log10 KL and whether the prediction changes after steps of "
-                      f"{MARGIN_STEPS} x d toward that class; one spectrum call (one more backward product for the "
-                      "margin) plus forward passes",
-    "spectral+noise+ratios": "spectral+noise, plus ratios that a depth-5 tree cannot form itself (no extra pass): "
-                             "log10 lambda_1 / lambda_2 and lambda_2 / lambda_3, log10 tr(G_x) (the sum of the top-k "
-                             "eigenvalues), the effective rank exp(H(lambda / sum lambda)), how far each measured KL "
-                             "departs from its Fisher quadratic form (log10 KL - log10(t^2 lambda_1 / 2) for the steps "
-                             "t along v_1, log10 mean KL - log10(r^2 tr(G_x) / 2D) for the isotropic probes of norm r),"
-                             " and log10(lambda_1 d^2) for the margin's linearised distance d",
-    "spectral+noise+fine": "spectral+noise+ratios, plus the Fisher geometry of the image's own fine-scale direction "
-                           "u = (blur(x) - x) / ||blur(x) - x|| (blur: 3x3 box mean): the Rayleigh quotient "
-                           "log10 u^T G_x u, the share of u in the top-3 eigenvectors, and, after steps of "
-                           f"t in {FINE_STEPS} along u, log10 KL, its departure from the quadratic form "
-                           "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
-                           "length is left out, so the features do not tell noisy images by their noise energy",
-    "spectral+noise+fine+squeeze": "spectral+noise+fine, plus the same Fisher geometry along the image's own "
-                                   "squeezing directions w_l = (s_l(x) - x) / ||s_l(x) - x||, s_l the 1-bit squeezing "
-                                   "of Xu et al. 2018 at level l (pixels >= l to 1, the rest to 0; it suits digit-like "
-                                   f"images) for l in {SQUEEZE_LEVELS}: log10 w^T G_x w, the share of w in the top-3 "
-                                   f"eigenvectors, and, after steps of t in {SQUEEZE_STEPS} along w, log10 KL, its "
-                                   "departure from t^2 w^T G_x w / 2 and whether the prediction changes (w's length is "
-                                   "left out too)",
-}
-
-SQUEEZE_SETS = ("spectral+noise+fine+squeeze",)  # the image's squeezing directions
-FINE_SETS = ("spectral+noise+fine", *SQUEEZE_SETS)  # its fine-scale direction
-RATIO_SETS = ("spectral+noise+ratios", *FINE_SETS)
-NOISE_SETS = ("spectral+noise", *RATIO_SETS)  # isotropic probes and the margin
-VECTOR_SETS = ("spectral", *NOISE_SETS)  # eigenvectors and forward probes
-
 
 @dataclass
 class FisherFeatures:
@@ -85,10 +52,43 @@ class FisherFeatures:
     names: list[str]
 
 
-def check_feature_set(feature_set: str) -> str:
-    if feature_set not in FEATURE_SETS:
-        raise ValueError(f"feature_set: must be one of {', '.join(FEATURE_SETS)}; got {feature_set!r}")
-    return feature_set
+@dataclass(frozen=True)
+class BlockInput:
+    """What a block computes its columns from, for one batch."""
+
+    images: Tensor  # (N, ...), on the spectrum's device
+    spectrum: FisherSpectrum
+    p: Tensor | None  # (N, K) float64 probabilities of the images themselves in the probe round (None: no probes)
+    q: Tensor | None  # (N, P, K) float64 probabilities of the block's own probes, in its order (None: it has none)
+    earlier: dict[str, np.ndarray]  # the columns of the set's blocks before this one, by name
+
+
+class Block(ABC):
+    """One block of a feature set: its column names, the probe images it needs, and its columns."""
+
+    vectors: ClassVar[bool] = False  # it needs the eigenvectors of G_x
+    margin: ClassVar[bool] = False  # it needs the runner-up margin and its gradient
+
+    @abstractmethod
+    def names(self, k: int) -> list[str]:
+        """Its column names (k: the eigenvalues asked for)."""
+
+    def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor | None:
+        """(N, P, ...) probe images, whose output probabilities `columns` gets as `q`; None: none."""
+        return None
+
+    @abstractmethod
+    def columns(self, data: BlockInput) -> np.ndarray:
+        """(N, len(names)) float64."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A named list of blocks; the description is what the detector card records."""
+
+    name: str
+    description: str
+    blocks: tuple[Block, ...]
 
 
 def log_eigenvalues(eigenvalues: Tensor | np.ndarray, floor: float = EIGENVALUE_FLOOR) -> np.ndarray:
@@ -104,78 +104,82 @@ def probability_features(probabilities: Tensor) -> np.ndarray:
     return torch.stack([entropy, p.max(-1).values], 1).numpy()
 
 
-def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
-    names = [f"log10_lambda_{i + 1}" for i in range(k)]
-    if feature_set != "plain":
-        names += ["entropy", "max_prob"]
-    if feature_set in VECTOR_SETS:
-        names += [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
-        names += [f"step{t}_max_log10_kl" for t in KL_STEPS]
-    if feature_set in NOISE_SETS:
-        names += [f"noise{r}_{what}" for r in NOISE_NORMS for what in ("mean_log10_kl", "max_log10_kl",
-                                                                         "min_log10_kl", "flip_share")]
-        names += ["margin_logit_gap", "margin_log10_grad_norm", "margin_log10_distance"]
-        names += [f"margin{c}d_{what}" for c in MARGIN_STEPS for what in ("log10_kl", "flips")]
-    if feature_set in RATIO_SETS:
-        names += ["log10_lambda1_over_lambda2", "log10_lambda2_over_lambda3", "log10_trace", "effective_rank"]
-        names += [f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS]
-        names += [f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS]
-        names += ["margin_log10_lambda1_d2"]
-    if feature_set in FINE_SETS:
-        names += _direction_names("fine", "fine", FINE_STEPS)
-    if feature_set in SQUEEZE_SETS:
-        for level in SQUEEZE_LEVELS:
-            names += _direction_names(f"squeeze{level}", f"squeeze{level}_step", SQUEEZE_STEPS)
-    return names
-
-
-def _direction_names(head: str, step: str, steps: tuple[float, ...]) -> list[str]:
-    return [f"{head}_log10_rayleigh", f"{head}_top3_share"] + [
-        f"{step}{t}_{what}" for t in steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
-
-
 def log10_kl(p: Tensor, q: Tensor) -> Tensor:
     """log10 KL(p || q) over the last axis (broadcasting), floored."""
     p, q = p.double().clamp(min=1e-300), q.double().clamp(min=1e-300)
     return (p * (p.log() - q.log())).sum(-1).clamp(min=KL_FLOOR).log10()
 
 
-def _probe_probabilities(model: nn.Module, probes: Tensor) -> Tensor:
-    """(N, P, K) float64 output probabilities of (N, P, ...) probe images, PROBE_CHUNK images per forward pass
-    (on CPU, LeNet-5 ran 1792 probes 1.6x faster in chunks of 256 than in one call: they stay in cache), on the
-    model's frozen twin where there is one (2-3x faster on CPU, see `frozen_twin`)."""
-    flat = probes.flatten(0, 1)
-    with torch.no_grad():
-        forward = frozen_twin(model, flat)
-        logits = torch.cat([forward(chunk) for chunk in flat.split(PROBE_CHUNK)])
-    return torch.softmax(logits.double(), -1).view(*probes.shape[:2], -1)
+def _flips(p: Tensor, q: Tensor) -> Tensor:
+    """1.0 where the probe's prediction differs from the image's (q: (N, P, K)), else 0.0."""
+    return (q.argmax(-1) != p.argmax(-1)[:, None]).double()
 
 
-def _eigenvector_shape(images: Tensor, spectrum: FisherSpectrum) -> np.ndarray:
+def _direction_probes(images: Tensor, direction: Tensor, steps: tuple[float, ...]) -> Tensor:
+    """(N, len(steps), ...): x + t u for each step t along the direction u, clipped to [0, 1]."""
+    t = torch.tensor(steps, dtype=images.dtype, device=images.device).view(1, -1, *[1] * (images.ndim - 1))
+    return (images.unsqueeze(1) + t * direction.unsqueeze(1)).clamp(0, 1)
+
+
+class Eigenvalues(Block):
+    """log10 of the top-k eigenvalues of G_x, floored (the paper's features)."""
+
+    def names(self, k: int) -> list[str]:
+        return [f"log10_lambda_{i + 1}" for i in range(k)]
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        return log_eigenvalues(data.spectrum.eigenvalues)
+
+
+class OutputProbabilities(Block):
+    """The entropy and the top probability of the model's output (from the spectrum call)."""
+
+    def names(self, k: int) -> list[str]:
+        return ["entropy", "max_prob"]
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        return probability_features(data.spectrum.probabilities)
+
+
+class EigenvectorShape(Block):
     """|cos with the image|, energy on dark pixels and L1 norm of the top VECTORS eigenvectors."""
-    n = images.shape[0]
-    v = spectrum.eigenvectors[:, :VECTORS].flatten(2).to(images.dtype)  # (N, r, D), unit norm (zeros past rank)
-    if v.shape[1] < VECTORS:
-        v = torch.cat([v, v.new_zeros(n, VECTORS - v.shape[1], v.shape[2])], 1)
-    x = images.flatten(1)
-    unit = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    cos = (v * unit[:, None]).sum(-1).abs()
-    dark = ((v * v) * (x < DARK).to(v.dtype)[:, None]).sum(-1)
-    l1 = v.abs().sum(-1)
-    return torch.cat([cos, dark, l1], 1).double().cpu().numpy()
+
+    vectors = True
+
+    def names(self, k: int) -> list[str]:
+        return [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        images = data.images
+        n = images.shape[0]
+        v = data.spectrum.eigenvectors[:, :VECTORS].flatten(2).to(images.dtype)  # (N, r, D), unit (zeros past rank)
+        if v.shape[1] < VECTORS:
+            v = torch.cat([v, v.new_zeros(n, VECTORS - v.shape[1], v.shape[2])], 1)
+        x = images.flatten(1)
+        unit = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        cos = (v * unit[:, None]).sum(-1).abs()
+        dark = ((v * v) * (x < DARK).to(v.dtype)[:, None]).sum(-1)
+        l1 = v.abs().sum(-1)
+        return torch.cat([cos, dark, l1], 1).double().cpu().numpy()
 
 
-def _eigenvector_probes(images: Tensor, spectrum: FisherSpectrum) -> Tensor:
-    """(N, 2 * len(KL_STEPS), ...): x + t v_1 and x - t v_1 for each step t, clipped to [0, 1]."""
-    top = spectrum.eigenvectors[:, 0].to(images.dtype).reshape(images.shape)
-    steps = torch.tensor([s * t for t in KL_STEPS for s in (1.0, -1.0)], dtype=images.dtype, device=images.device)
-    return (images.unsqueeze(1) + steps.view(1, -1, *([1] * (images.ndim - 1))) * top.unsqueeze(1)).clamp(0, 1)
+class TopEigenvectorSteps(Block):
+    """log10 KL(p(x) || p(x +/- t v_1)), the larger side, per step t in KL_STEPS."""
 
+    vectors = True
 
-def _eigenvector_kl(p: Tensor, q: Tensor) -> np.ndarray:
-    """log10 KL(p(x) || p(x +/- t v_1)), the larger side, per step: (N, len(KL_STEPS))."""
-    q = q.view(q.shape[0], len(KL_STEPS), 2, -1)
-    return torch.maximum(log10_kl(p[:, None], q[:, :, 0]), log10_kl(p[:, None], q[:, :, 1])).cpu().numpy()
+    def names(self, k: int) -> list[str]:
+        return [f"step{t}_max_log10_kl" for t in KL_STEPS]
+
+    def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
+        """x + t v_1 and x - t v_1 for each step t."""
+        top = spectrum.eigenvectors[:, 0].to(images.dtype).reshape(images.shape)
+        return _direction_probes(images, top, tuple(s * t for t in KL_STEPS for s in (1.0, -1.0)))
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        q = data.q.view(data.q.shape[0], len(KL_STEPS), 2, -1)
+        p = data.p[:, None]
+        return torch.maximum(log10_kl(p, q[:, :, 0]), log10_kl(p, q[:, :, 1])).cpu().numpy()
 
 
 def noise_directions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -185,66 +189,91 @@ def noise_directions(shape: torch.Size, dtype: torch.dtype, device: torch.device
     return (u / u.flatten(1).norm(dim=1).view(-1, *([1] * len(shape)))).to(device=device, dtype=dtype)
 
 
-def _noise_probes(images: Tensor) -> Tensor:
-    """(N, len(NOISE_NORMS) * NOISE_DRAWS, ...): x + r u for each norm r and fixed direction u, clipped."""
-    u = noise_directions(images.shape[1:], images.dtype, images.device)
-    norms = torch.tensor(NOISE_NORMS, dtype=images.dtype, device=images.device)
-    directions = (norms.view(-1, *([1] * images.ndim)) * u.unsqueeze(0)).flatten(0, 1)
-    return (images.unsqueeze(1) + directions.unsqueeze(0)).clamp(0, 1)
+class IsotropicNoise(Block):
+    """Per probe norm r: mean, max and min of log10 KL(p(x) || p(x + r u)) over the fixed directions u, and the
+    share of them that change the prediction."""
+
+    def names(self, k: int) -> list[str]:
+        return [f"noise{r}_{what}" for r in NOISE_NORMS
+                for what in ("mean_log10_kl", "max_log10_kl", "min_log10_kl", "flip_share")]
+
+    def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
+        """x + r u for each norm r and fixed direction u, clipped."""
+        u = noise_directions(images.shape[1:], images.dtype, images.device)
+        norms = torch.tensor(NOISE_NORMS, dtype=images.dtype, device=images.device)
+        directions = (norms.view(-1, *([1] * images.ndim)) * u.unsqueeze(0)).flatten(0, 1)
+        return (images.unsqueeze(1) + directions.unsqueeze(0)).clamp(0, 1)
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        q = data.q.view(data.q.shape[0], len(NOISE_NORMS), NOISE_DRAWS, -1)
+        kl = log10_kl(data.p[:, None, None], q)
+        flips = (q.argmax(-1) != data.p.argmax(-1)[:, None, None]).double().mean(-1)
+        return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1).cpu().numpy()
 
 
-def _noise_statistics(p: Tensor, q: Tensor) -> np.ndarray:
-    """Per probe norm: mean, max and min of log10 KL over the directions, and the share that change the
-    prediction: (N, 4 * len(NOISE_NORMS))."""
-    q = q.view(q.shape[0], len(NOISE_NORMS), NOISE_DRAWS, -1)
-    kl = log10_kl(p[:, None, None], q)
-    flips = (q.argmax(-1) != p.argmax(-1)[:, None, None]).double().mean(-1)
-    return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1).cpu().numpy()
-
-
-def _margin_probes(images: Tensor, spectrum: FisherSpectrum) -> tuple[Tensor, Tensor, Tensor]:
-    """Steps of c * d toward the runner-up class, d = gap / ||grad|| the linearised distance, for c in MARGIN_STEPS:
-    (probes (N, len(MARGIN_STEPS), ...) clipped to [0, 1], gradient norms (N,), distances (N,)), float64 norms."""
-    gap, grad = spectrum.margin.to(images.device), spectrum.margin_gradient.to(images.dtype)
-    shape = (-1, *([1] * (images.ndim - 1)))
+def _margin_distance(images: Tensor, spectrum: FisherSpectrum) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient of the margin z_1 - z_2 (images' dtype), its float64 norm (floored) and the linearised distance
+    d = gap / norm to the runner-up class."""
+    grad = spectrum.margin_gradient.to(images.dtype)
     norm = grad.flatten(1).norm(dim=1).double().clamp(min=1e-30)
-    distance = gap.clamp(min=0) / norm
-    toward = -grad / norm.view(shape).to(grad.dtype)
-    c = torch.tensor(MARGIN_STEPS, dtype=images.dtype, device=images.device).view(1, -1, *([1] * (images.ndim - 1)))
-    step = (distance.view(shape).to(images.dtype) * toward).unsqueeze(1)
-    return (images.unsqueeze(1) + c * step).clamp(0, 1), norm, distance
+    return grad, norm, spectrum.margin.to(images.device).clamp(min=0) / norm
 
 
-def _margin_features(p: Tensor, q: Tensor, gap: Tensor, norm: Tensor, distance: Tensor) -> np.ndarray:
+class Margin(Block):
     """The margin to the runner-up class: logit gap z_1 - z_2, log10 ||grad_x (z_1 - z_2)||, log10 of the
-    linearised distance d, then log10 KL and prediction change after each step toward it (q: (N, steps, K))."""
-    kl = log10_kl(p[:, None], q)
-    flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
-    head = torch.stack([gap.double(), norm.log10(), distance.clamp(min=1e-30).log10()], 1)
-    return torch.cat([head, torch.stack([kl, flips], -1).flatten(1)], 1).cpu().numpy()
+    linearised distance d, then log10 KL and prediction change after steps of c * d toward it, c in MARGIN_STEPS."""
+
+    margin = True
+
+    def names(self, k: int) -> list[str]:
+        return ["margin_logit_gap", "margin_log10_grad_norm", "margin_log10_distance"] + [
+            f"margin{c}d_{what}" for c in MARGIN_STEPS for what in ("log10_kl", "flips")]
+
+    def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
+        grad, norm, distance = _margin_distance(images, spectrum)
+        shape = (-1, *([1] * (images.ndim - 1)))
+        toward = -grad / norm.view(shape).to(grad.dtype)
+        return _direction_probes(images, distance.view(shape).to(images.dtype) * toward, MARGIN_STEPS)
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        _, norm, distance = _margin_distance(data.images, data.spectrum)
+        kl = log10_kl(data.p[:, None], data.q)
+        head = torch.stack([data.spectrum.margin.double(), norm.log10(), distance.clamp(min=1e-30).log10()], 1)
+        return torch.cat([head, torch.stack([kl, _flips(data.p, data.q)], -1).flatten(1)], 1).cpu().numpy()
 
 
-def _ratio_features(eigenvalues: Tensor, step_kl: np.ndarray, noise: np.ndarray, distance: Tensor,
-                    dim: int) -> np.ndarray:
-    """Ratios of quantities the other features hold (see FEATURE_SETS["spectral+noise+ratios"]): the Fisher
-    quadratic form is the local KL, so log10 KL minus its log10 measures how non-quadratic the output is there."""
-    lam = eigenvalues.detach().double().cpu().clamp(min=0).numpy()
-    if lam.shape[1] < 3:
-        lam = np.pad(lam, ((0, 0), (0, 3 - lam.shape[1])))
-    log_lam = np.log10(np.maximum(lam, EIGENVALUE_FLOOR))
-    trace = np.maximum(lam.sum(1), EIGENVALUE_FLOOR)
-    share = lam / trace[:, None]
-    effective_rank = np.exp(-(share * np.log(np.maximum(share, 1e-300))).sum(1))
-    steps = np.asarray(KL_STEPS) ** 2 / 2
-    norms = np.asarray(NOISE_NORMS) ** 2 / (2 * dim)
-    mean_noise_kl = noise.reshape(len(noise), len(NOISE_NORMS), -1)[:, :, 0]  # (mean, max, min, flips) per norm
-    d = distance.detach().double().cpu().clamp(min=1e-30).numpy()
-    return np.concatenate([
-        np.stack([log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], np.log10(trace), effective_rank], 1),
-        step_kl - np.log10(np.maximum(steps[None] * lam[:, :1], EIGENVALUE_FLOOR)),
-        mean_noise_kl - np.log10(np.maximum(norms[None] * trace[:, None], EIGENVALUE_FLOOR)),
-        np.log10(np.maximum(lam[:, 0] * d * d, EIGENVALUE_FLOOR))[:, None],
-    ], 1)
+class Ratios(Block):
+    """Ratios of quantities the earlier blocks hold (see the "spectral+noise+ratios" set; it reads the
+    TopEigenvectorSteps and IsotropicNoise columns): the Fisher quadratic form is the local KL, so log10 KL minus
+    its log10 measures how non-quadratic the output is there."""
+
+    margin = True
+
+    def names(self, k: int) -> list[str]:
+        return ["log10_lambda1_over_lambda2", "log10_lambda2_over_lambda3", "log10_trace", "effective_rank",
+                *[f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS],
+                *[f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS], "margin_log10_lambda1_d2"]
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        lam = data.spectrum.eigenvalues.detach().double().cpu().clamp(min=0).numpy()
+        if lam.shape[1] < 3:
+            lam = np.pad(lam, ((0, 0), (0, 3 - lam.shape[1])))
+        log_lam = np.log10(np.maximum(lam, EIGENVALUE_FLOOR))
+        trace = np.maximum(lam.sum(1), EIGENVALUE_FLOOR)
+        share = lam / trace[:, None]
+        effective_rank = np.exp(-(share * np.log(np.maximum(share, 1e-300))).sum(1))
+        steps = np.asarray(KL_STEPS) ** 2 / 2
+        norms = np.asarray(NOISE_NORMS) ** 2 / (2 * data.images[0].numel())
+        step_kl = np.stack([data.earlier[f"step{t}_max_log10_kl"] for t in KL_STEPS], 1)
+        mean_noise_kl = np.stack([data.earlier[f"noise{r}_mean_log10_kl"] for r in NOISE_NORMS], 1)
+        d = _margin_distance(data.images, data.spectrum)[2].detach().double().cpu().clamp(min=1e-30).numpy()
+        spread = [log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], np.log10(trace), effective_rank]
+        return np.concatenate([
+            np.stack(spread, 1),
+            step_kl - np.log10(np.maximum(steps[None] * lam[:, :1], EIGENVALUE_FLOOR)),
+            mean_noise_kl - np.log10(np.maximum(norms[None] * trace[:, None], EIGENVALUE_FLOOR)),
+            np.log10(np.maximum(lam[:, 0] * d * d, EIGENVALUE_FLOOR))[:, None],
+        ], 1)
 
 
 def box_blur(images: Tensor) -> Tensor:
@@ -268,65 +297,149 @@ def squeeze_direction(images: Tensor, level: float) -> Tensor:
     return _unit((images >= level).to(images.dtype) - images)
 
 
-def _direction_probes(images: Tensor, direction: Tensor, steps: tuple[float, ...]) -> Tensor:
-    """(N, len(steps), ...): x + t u for each step t along the unit direction u, clipped to [0, 1]."""
-    t = torch.tensor(steps, dtype=images.dtype, device=images.device).view(1, -1, *[1] * (images.ndim - 1))
-    return (images.unsqueeze(1) + t * direction.unsqueeze(1)).clamp(0, 1)
+@dataclass(frozen=True)
+class Direction(Block):
+    """The Fisher geometry of the image's own unit direction u: the Rayleigh quotient u^T G_x u from the eigenpairs,
+    the share of u in the top-3 eigenvectors, then per step t log10 KL, its departure from the quadratic form
+    t^2 u^T G_x u / 2 and the prediction change."""
+
+    head: str  # name of the direction's columns
+    step: str  # prefix of its per-step columns
+    direction: Callable[[Tensor], Tensor]  # (N, ...) images -> (N, ...) unit directions
+    steps: tuple[float, ...]
+
+    vectors = True
+
+    def names(self, k: int) -> list[str]:
+        return [f"{self.head}_log10_rayleigh", f"{self.head}_top3_share"] + [
+            f"{self.step}{t}_{what}" for t in self.steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
+
+    def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
+        return _direction_probes(images, self.direction(images), self.steps)
+
+    def columns(self, data: BlockInput) -> np.ndarray:
+        spectrum, q = data.spectrum, data.q
+        v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
+        projections = (v * self.direction(data.images).flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
+        rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
+        kl = log10_kl(data.p[:, None], q)
+        t = torch.tensor(self.steps, dtype=torch.float64, device=kl.device)
+        quadratic = t ** 2 / 2 * rayleigh[:, None].to(kl.device)
+        head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
+        per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), _flips(data.p, q)], -1)
+        return torch.cat([head, per_step.flatten(1)], 1).cpu().numpy()
 
 
-def _direction_features(p: Tensor, q: Tensor, direction: Tensor, spectrum: FisherSpectrum,
-                        steps: tuple[float, ...]) -> np.ndarray:
-    """The Fisher geometry of a unit direction u: the Rayleigh quotient u^T G_x u from the eigenpairs, the share of
-    u in the top-3 eigenvectors, then per step t log10 KL, its departure from the quadratic form t^2 u^T G_x u / 2
-    and the prediction change (q: the probes' probabilities, (N, len(steps), K))."""
-    v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
-    projections = (v * direction.flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
-    rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
-    kl = log10_kl(p[:, None], q)
-    quadratic = torch.tensor(steps, dtype=torch.float64, device=kl.device) ** 2 / 2 * rayleigh[:, None].to(kl.device)
-    flips = (q.argmax(-1) != p.argmax(-1)[:, None]).double()
-    head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
-    per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), flips], -1).flatten(1)
-    return torch.cat([head, per_step], 1).cpu().numpy()
+def _table(*rows: tuple[str, str | None, str, tuple[Block, ...]]) -> dict[str, FeatureSet]:
+    """The feature sets from rows (name, the earlier set it extends or None, description, its own blocks)."""
+    table: dict[str, FeatureSet] = {}
+    for name, base, description, blocks in rows:
+        table[name] = FeatureSet(name, description, (*(table[base].blocks if base else ()), *blocks))
+    return table
+
+
+FEATURE_SETS: dict[str, FeatureSet] = _table(
+    ("plain", None, "log10 of the top-k eigenvalues of G_x (the paper's features)", (Eigenvalues(),)),
+    ("plain+probs", "plain",
+     "plain, plus the entropy and the top probability of the model's output (same spectrum call)",
+     (OutputProbabilities(),)),
+    ("spectral", "plain+probs",
+     "plain+probs, plus, for each of the top-3 eigenvectors v_i of G_x: |cos(v_i, x)|, the share of "
+     f"|v_i|^2 on dark pixels (x < {DARK}) and ||v_i||_1 (where the vulnerable directions lie), and "
+     f"log10 KL(p(x) || p(x +/- t v_1)), larger side, for t in {KL_STEPS} (how fast the output moves along "
+     "the top eigenvector); one spectrum call (with eigenvectors) plus forward passes",
+     (EigenvectorShape(), TopEigenvectorSteps())),
+    ("spectral+noise", "spectral",
+     "spectral, plus how the output moves off the top eigenvectors: for isotropic probes of L2 norm "
+     f"r in {NOISE_NORMS} ({NOISE_DRAWS} seeded directions per norm, the same for every image) the "
+     "mean, max and min of log10 KL(p(x) || p(x + r u)) and the share of probes that change the "
+     "prediction (locally KL ~ r^2 u^T G_x u / 2, whose mean over u is r^2 tr(G_x) / 2D), and the "
+     "margin to the runner-up class: logit gap, log10 of its gradient norm, log10 of the linearised "
+     f"distance d = gap / norm, and log10 KL and whether the prediction changes after steps of "
+     f"{MARGIN_STEPS} x d toward that class; one spectrum call (one more backward product for the "
+     "margin) plus forward passes",
+     (IsotropicNoise(), Margin())),
+    ("spectral+noise+ratios", "spectral+noise",
+     "spectral+noise, plus ratios that a depth-5 tree cannot form itself (no extra pass): "
+     "log10 lambda_1 / lambda_2 and lambda_2 / lambda_3, log10 tr(G_x) (the sum of the top-k "
+     "eigenvalues), the effective rank exp(H(lambda / sum lambda)), how far each measured KL "
+     "departs from its Fisher quadratic form (log10 KL - log10(t^2 lambda_1 / 2) for the steps "
+     "t along v_1, log10 mean KL - log10(r^2 tr(G_x) / 2D) for the isotropic probes of norm r),"
+     " and log10(lambda_1 d^2) for the margin's linearised distance d",
+     (Ratios(),)),
+    ("spectral+noise+fine", "spectral+noise+ratios",
+     "spectral+noise+ratios, plus the Fisher geometry of the image's own fine-scale direction "
+     "u = (blur(x) - x) / ||blur(x) - x|| (blur: 3x3 box mean): the Rayleigh quotient "
+     "log10 u^T G_x u, the share of u in the top-3 eigenvectors, and, after steps of "
+     f"t in {FINE_STEPS} along u, log10 KL, its departure from the quadratic form "
+     "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
+     "length is left out, so the features do not tell noisy images by their noise energy",
+     (Direction("fine", "fine", fine_direction, FINE_STEPS),)),
+    ("spectral+noise+fine+squeeze", "spectral+noise+fine",
+     "spectral+noise+fine, plus the same Fisher geometry along the image's own "
+     "squeezing directions w_l = (s_l(x) - x) / ||s_l(x) - x||, s_l the 1-bit squeezing "
+     "of Xu et al. 2018 at level l (pixels >= l to 1, the rest to 0; it suits digit-like "
+     f"images) for l in {SQUEEZE_LEVELS}: log10 w^T G_x w, the share of w in the top-3 "
+     f"eigenvectors, and, after steps of t in {SQUEEZE_STEPS} along w, log10 KL, its "
+     "departure from t^2 w^T G_x w / 2 and whether the prediction changes (w's length is "
+     "left out too)",
+     tuple(Direction(f"squeeze{level}", f"squeeze{level}_step", partial(squeeze_direction, level=level), SQUEEZE_STEPS)
+           for level in SQUEEZE_LEVELS)),
+)
+
+
+def check_feature_set(feature_set: str) -> str:
+    """`feature_set` when it names a set of FEATURE_SETS, else a ValueError that lists them."""
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"feature_set: must be one of {', '.join(FEATURE_SETS)}; got {feature_set!r}")
+    return feature_set
+
+
+def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
+    """The set's column names, block by block."""
+    return [name for block in FEATURE_SETS[check_feature_set(feature_set)].blocks for name in block.names(k)]
+
+
+def _probe_round(model: nn.Module, images: Tensor,
+                 probes: list[Tensor | None]) -> tuple[Tensor | None, list[Tensor | None]]:
+    """One round of forward passes over the images and every block's probes: p (N, K) and each block's q
+    (N, P, K), float64 probabilities. PROBE_CHUNK images per pass (on CPU, LeNet-5 ran 1792 probes 1.6x faster
+    in chunks of 256 than in one call: they stay in cache), on the model's frozen twin where there is one (2-3x
+    faster on CPU, see `frozen_twin`)."""
+    own = [probe for probe in probes if probe is not None]
+    if not own:
+        return None, [None] * len(probes)
+    # the image itself comes first: KL(p || q) compares outputs of the same forward implementation, so a
+    # probe that changes nothing gives exactly 0, whatever rounding the probe passes have (`frozen_twin`)
+    everything = torch.cat([images.unsqueeze(1), *own], 1)
+    flat = everything.flatten(0, 1)
+    with torch.no_grad():
+        forward = frozen_twin(model, flat)
+        logits = torch.cat([forward(chunk) for chunk in flat.split(PROBE_CHUNK)])
+    q = torch.softmax(logits.double(), -1).view(*everything.shape[:2], -1)
+    shares = iter(q[:, 1:].split([probe.shape[1] for probe in own], 1))
+    return q[:, 0], [None if probe is None else next(shares) for probe in probes]
 
 
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
-    """Features of one batch: ONE exact spectrum call (for the `spectral+noise` sets with the margin's gradient from
-    the same forward pass), then one round of forward-only probe passes."""
-    check_feature_set(feature_set)
-    vectors = feature_set in VECTOR_SETS
-    noise = feature_set in NOISE_SETS
-    spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=vectors, return_margin=noise)
-    base = log_eigenvalues(spectrum.eigenvalues)
-    parts = [base]
-    if feature_set != "plain":
-        parts.append(probability_features(spectrum.probabilities))
-    if vectors:  # every probe of every image shares the forward passes
-        images = images.to(spectrum.eigenvectors.device)
-        # the image itself comes first: KL(p || q) compares outputs of the same forward implementation, so a
-        # probe that changes nothing gives exactly 0, whatever rounding the probe passes have (`frozen_twin`)
-        probes = [images.unsqueeze(1), _eigenvector_probes(images, spectrum)]
-        if noise:
-            margin_probes, norm, distance = _margin_probes(images, spectrum)
-            probes += [_noise_probes(images), margin_probes]
-        directions = []  # (direction, steps) of the image's own directions: fine scale, squeezing
-        if feature_set in FINE_SETS:
-            directions.append((fine_direction(images), FINE_STEPS))
-        if feature_set in SQUEEZE_SETS:
-            directions += [(squeeze_direction(images, level), SQUEEZE_STEPS) for level in SQUEEZE_LEVELS]
-        probes += [_direction_probes(images, direction, steps) for direction, steps in directions]
-        q = _probe_probabilities(model, torch.cat(probes, 1)).split([probe.shape[1] for probe in probes], 1)
-        p = q[0][:, 0]
-        step_kl = _eigenvector_kl(p, q[1])
-        parts += [_eigenvector_shape(images, spectrum), step_kl]
-        if noise:
-            noise_stats = _noise_statistics(p, q[2])
-            parts += [noise_stats, _margin_features(p, q[3], spectrum.margin, norm, distance)]
-        if feature_set in RATIO_SETS:
-            parts.append(_ratio_features(spectrum.eigenvalues, step_kl, noise_stats, distance, images[0].numel()))
-        parts += [_direction_features(p, q_dir, direction, spectrum, steps)
-                  for (direction, steps), q_dir in zip(directions, q[4:], strict=True)]
-    return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
+    """Features of one batch: ONE exact spectrum call (with the eigenvectors and the margin's gradient from the same
+    forward pass where a block needs them), then one round of forward-only probe passes for all blocks."""
+    blocks = FEATURE_SETS[check_feature_set(feature_set)].blocks
+    spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=any(b.vectors for b in blocks),
+                               return_margin=any(b.margin for b in blocks))
+    images = images.to(spectrum.eigenvalues.device)
+    p, shares = _probe_round(model, images, [block.probes(images, spectrum) for block in blocks])
+    names: list[str] = []
+    parts: list[np.ndarray] = []
+    earlier: dict[str, np.ndarray] = {}
+    for block, q in zip(blocks, shares, strict=True):
+        block_names = block.names(k)
+        columns = block.columns(BlockInput(images, spectrum, p, q, earlier))
+        assert columns.shape == (images.shape[0], len(block_names)), (type(block).__name__, columns.shape)
+        names += block_names
+        parts.append(columns)
+        earlier.update(zip(block_names, columns.T, strict=True))
+    return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, names)
 
 
 def batched_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K,

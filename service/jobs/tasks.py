@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from service.jobs.catalogue import JOB_TYPES, JobType
+from service.jobs.catalogue import JOB_TYPES
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext, csv_bytes, errors_summary, rows_with_errors
 from service.jobs.types import JobSpec
 

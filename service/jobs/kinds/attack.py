@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.jobs import model_cache
-from service.jobs.catalogue import JobType
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext, batches, debug_delay, job_images
 from service.jobs.types import JobInputError, JobSpec, one_of
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from service.jobs.catalogue import JobType
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext
 from service.jobs.types import JobSpec
 

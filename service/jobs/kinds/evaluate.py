@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs.catalogue import JobType
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext
 from service.jobs.types import JobSpec
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import serving
 from service.jobs import model_cache
-from service.jobs.catalogue import JobType
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext, batches, debug_delay, job_images
 from service.jobs.types import JobSpec
 

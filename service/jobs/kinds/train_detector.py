@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.config import Settings
 from service.jobs import inputs, model_cache
-from service.jobs.catalogue import JobType
 from service.jobs.inputs import load_dataset
+from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext
 from service.jobs.types import JobSpec, one_of
 
