@@ -3,6 +3,7 @@ one-step attack fools the model, by binary search along the attack's fixed direc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,19 @@ from service.attacks.ossa import signed_step, top_direction
 from service.fisher.validation import check_epsilon
 
 ONE_STEP_ATTACKS = ("ossa", "fgm")
+
+
+def direction_attack(model: nn.Module, x: Tensor, labels: Tensor, attack: str = "ossa",
+                     method: str = "auto") -> Callable[[float | Tensor], Tensor]:
+    """A one-step attack's direction computed once, as `epsilon -> adversarial images` (FGM: the loss gradient;
+    OSSA: the top eigenvector of G_x, signed to raise the loss)."""
+    if attack not in ONE_STEP_ATTACKS:
+        raise ValueError(f"attack: must be one of {', '.join(ONE_STEP_ATTACKS)}, got {attack!r}")
+    if attack == "fgm":
+        direction = fgm_direction(model, x, labels)
+        return lambda eps: step(x, direction, eps)
+    direction, _ = top_direction(model, x, method)  # type: ignore[arg-type]
+    return lambda eps: signed_step(model, x, direction, labels, eps)
 
 
 @dataclass
@@ -41,12 +55,7 @@ def least_norm_search(model: nn.Module, images: Tensor, labels: Tensor | None = 
     if not (high > low and tol > 0):
         raise ValueError(f"high, low, tol: need high > low and tol > 0, got low={low}, high={high}, tol={tol}")
     x, labels, original = setup(model, images, labels)
-    if attack == "fgm":
-        direction = fgm_direction(model, x, labels)
-        attack_at = lambda eps: step(x, direction, eps)  # noqa: E731
-    else:
-        direction, _ = top_direction(model, x, method)  # type: ignore[arg-type]
-        attack_at = lambda eps: signed_step(model, x, direction, labels, eps)  # noqa: E731
+    attack_at = direction_attack(model, x, labels, attack, method)
     fools = lambda eps: predict(model, attack_at(eps)).argmax(-1) != labels  # noqa: E731
     n = x.shape[0]
     lo = torch.full((n,), low, dtype=x.dtype, device=x.device)

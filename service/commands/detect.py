@@ -76,10 +76,12 @@ def train_detector_command(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     import torch
 
-    from service.detect.evaluation import EvalConfig, run_evaluation
+    from service.reproduce.protocol import EvalConfig
+    from service.reproduce.report import write_report
+    from service.reproduce.run import run_evaluation
 
     torch.set_num_threads(args.threads)
     cfg = EvalConfig.make(args.out, quick=args.quick, seed=args.seed, command=_command_line())
-    path = run_evaluation(cfg)
+    path = write_report(cfg, run_evaluation(cfg))
     print(f"wrote {path} ({cfg.timings.get('total', 0):.0f} s)")
     return 0

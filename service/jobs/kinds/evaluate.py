@@ -24,15 +24,17 @@ class EvaluateParams(BaseModel):
 
 
 def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
-    """The reproduction report (service.detect.evaluation.run_evaluation), zipped as the artifact."""
-    from service.detect.evaluation import EvalConfig, run_evaluation
+    """The reproduction report (service.reproduce), zipped as the artifact."""
+    from service.reproduce.protocol import EvalConfig
+    from service.reproduce.report import write_report
+    from service.reproduce.run import run_evaluation
 
     ctx.progress(0, 1)
     with tempfile.TemporaryDirectory(prefix=f"fisher-guard-report-{spec.id}-") as tmp:
         out = Path(tmp) / "report"
         cfg = EvalConfig.make(out, quick=spec.params["quick"], seed=spec.params["seed"],
                               command=f"job {spec.id}: evaluate {json.dumps(spec.params, sort_keys=True)}")
-        report = run_evaluation(cfg)
+        report = write_report(cfg, run_evaluation(cfg))
         archive = shutil.make_archive(str(Path(tmp) / "report"), "zip", root_dir=out)
         files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         ctx.save_artifact(f"report-{spec.id}.zip", "application/zip", Path(archive).read_bytes())

@@ -1,26 +1,18 @@
-"""The reproduction of the paper's MNIST experiments (Tables 2-5, Figures 2a, 3, 4a, ROC curves) as one run.
-
-Protocol (also written into the report): budgets are chosen on the validation split, everything reported is
-measured on the held-out test split; detectors are fitted on the validation split's detection set and tested
-on the test split's. Only correctly classified clean images are attacked; only successful adversarial images
-count as positives. All randomness is seeded.
-"""
+"""The run of the paper's MNIST reproduction (Tables 2-5, Figures 2a, 3, 4a, ROC curves; protocol.py says
+how): `run_evaluation` returns the results and the arrays behind the figures; report.py writes them."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.attacks import ATTACK_SPECS, least_norm_search
-from service.attacks.common import predict, step
-from service.attacks.gradient import fgm_direction
-from service.attacks.ossa import signed_step, top_direction
+from service.attacks import direction_attack, least_norm_search
 from service.detect.baselines import KernelDensityScorer, bayesian_uncertainty
 from service.detect.dataset import (
     DEFAULT_ATTACKS,
@@ -31,68 +23,31 @@ from service.detect.dataset import (
     run_attack,
 )
 from service.detect.detector import auc_score, fit_classifier, out_of_fold_scores, threshold_at_fpr
-from service.detect.features import SHIPPED_FEATURE_SET, batched_features, log_eigenvalues
-
-PAPER_TABLE4 = {"fgm": 96.11, "otcm": 98.47, "opt": 95.67, "bim": 99.10, "ossa": 93.13}
-PAPER_KDBU = {"fgm": 82.43, "otcm": 95.78, "opt": 95.35, "bim": 98.81, "ossa": 85.97}
-PAPER_TABLE2 = {"fgm": (2.11, 94.98), "ossa": (1.80, 95.68)}
-PAPER_TABLE3 = {"lenet5": [100.0, 62.02, 88.49, 82.20], "vgg-shallow": [53.64, 100.0, 76.93, 74.45],
-                "lenet5-adv": [27.92, 17.83, 100.0, 90.04], "vgg-shallow-adv": [15.06, 29.24, 94.15, 100.0]}
-PAPER_TABLE5 = {"fgm": [94.31, 91.92, 90.78, 91.87, 92.13], "otcm": [98.55, 98.96, 98.26, 97.78, 98.57],
-                "opt": [95.18, 95.30, 96.90, 97.15, 96.11], "bim": [98.10, 96.00, 97.09, 98.57, 96.35],
-                "ossa": [91.17, 91.47, 89.77, 89.47, 89.67]}
-ATTACK_TITLES = {name: ATTACK_SPECS[name].title for name in DEFAULT_ATTACKS}
-MODELS = ("lenet5", "vgg-shallow", "lenet5-adv", "vgg-shallow-adv")
-EPS_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
-SELECT_RATE = 0.80  # the budget rule: smallest grid epsilon whose validation fooling rate reaches this
-TABLE3_EPSILON = 2.0
-FEATURE_SETS_COMPARED = ("plain", "plain+probs", "spectral", "spectral+noise", "spectral+noise+ratios",
-                         "spectral+noise+fine", "spectral+noise+fine+squeeze")
+from service.detect.features import batched_features, log_eigenvalues
+from service.reproduce.protocol import (
+    EPS_GRID,
+    FEATURE_SETS_COMPARED,
+    MODELS,
+    SELECT_RATE,
+    TABLE3_EPSILON,
+    EvalConfig,
+)
 
 
-@dataclass
-class EvalConfig:
-    """Sizes and seeds of one run; `quick` is a small slice for the tests."""
-
-    out: Path
-    quick: bool = False
-    seed: int = 0
-    detector_model: str = "lenet5"
-    n_detect: int = 1000  # images per split (val: fit, test: test) for the detection tables
-    n_select: int = 500  # validation images for the budget selection
-    n_table2: int = 1000  # test images per model for Table 2 (LeNet); VGG uses n_table2_vgg
-    n_table2_vgg: int = 300
-    n_table3: int = 500
-    n_fig3: int = 800
-    n_kd_train: int = 3000  # training images for the KD densities
-    opt_steps: int = 100
-    feature_sets: tuple[str, ...] = FEATURE_SETS_COMPARED
-    ours: str = SHIPPED_FEATURE_SET
-    command: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def make(cls, out: Path, quick: bool = False, **kw) -> EvalConfig:
-        if quick:
-            kw = {"n_detect": 30, "n_select": 20, "n_table2": 30, "n_table2_vgg": 8, "n_table3": 16, "n_fig3": 30,
-                  "n_kd_train": 300, "opt_steps": 30, **kw}
-        return cls(out=Path(out), quick=quick, **kw)
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's logits, without gradients."""
+    with torch.no_grad():
+        return model(x)
 
 
 def _correct(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        ok = predict(model, images).argmax(-1) == labels
+    ok = predict(model, images).argmax(-1) == labels
     return images[ok], labels[ok]
 
 
 def one_step_curve(model: nn.Module, images: Tensor, labels: Tensor, attack: str, grid=EPS_GRID) -> list[float]:
     """Fooling rate of FGM or OSSA at each epsilon (the direction is computed once)."""
-    if attack == "fgm":
-        d = fgm_direction(model, images, labels)
-        at = lambda e: step(images, d, e)  # noqa: E731
-    else:
-        d, _ = top_direction(model, images, "exact")
-        at = lambda e: signed_step(model, images, d, labels, e)  # noqa: E731
+    at = direction_attack(model, images, labels, attack, "exact")
     return [float((predict(model, at(e)).argmax(-1) != labels).float().mean()) for e in grid]
 
 
@@ -249,15 +204,25 @@ def operating_point(fit: DetectionData, test: DetectionData, feature_set: str, s
     return {"threshold": thr, "tpr": float((s[y] >= thr).mean()), "fpr": float((s[~y] >= thr).mean())}
 
 
-def run_evaluation(cfg: EvalConfig) -> Path:
-    """Run everything, write `<out>/report.md`, the figures and `results.json`; return the report path."""
+@dataclass
+class Reproduction:
+    """What a run measured: the results (JSON-ready; `results.json`) and the arrays behind the figures."""
+
+    results: dict
+    roc: dict
+    log_top_eigenvalue: np.ndarray  # Figure 3: log10 lambda_1 of the images whose least norm was found
+    least_norm: np.ndarray  # and their least OSSA norm
+    fig4: dict[str, np.ndarray]
+
+
+def run_evaluation(cfg: EvalConfig) -> Reproduction:
+    """Run every table and figure of the reproduction (`cfg.timings` gets each stage's seconds)."""
     from tqdm.auto import tqdm
 
     from service.data.mnist import load_mnist
     from service.zoo.registry import load_model
 
     torch.manual_seed(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     loaded = {}
     for name in MODELS:
@@ -328,9 +293,6 @@ def run_evaluation(cfg: EvalConfig) -> Path:
                            "pearson_log10_lambda1_vs_least_norm": corr}
         fig4 = _fig4_data(tst)
         results["fig4a"] = {k: {"median_log10_lambda1": float(np.median(v))} for k, v in fig4.items()}
-        from service.detect import report as rep
-
-        rep.figures(cfg.out, results, roc, top[found], least[found], fig4)
     stages.update()
     stages.close()
     shipped = Path(loaded[cfg.detector_model].card_path).parent / f"{cfg.detector_model}.detector.json" \
@@ -338,12 +300,7 @@ def run_evaluation(cfg: EvalConfig) -> Path:
     results["shipped_detector"] = json.loads(shipped.read_text()) if shipped and shipped.is_file() else None
     cfg.timings["total"] = round(time.perf_counter() - start, 1)
     results["timings"] = cfg.timings
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
-    from service.detect import report as rep
-
-    path = cfg.out / "report.md"
-    path.write_text(rep.markdown(results, cfg))
-    return path
+    return Reproduction(results, roc, top[found], least[found], fig4)
 
 
 def _fig4_data(tst: DetectionData) -> dict[str, np.ndarray]:
@@ -351,11 +308,3 @@ def _fig4_data(tst: DetectionData) -> dict[str, np.ndarray]:
     rows = tst.data.attack == "fgm"
     lam = tst.fisher["plain"][:, 0]
     return {k: lam[rows & (tst.data.kind == k)] for k in ("clean", "noisy", "adversarial")}
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

@@ -1,14 +1,26 @@
-"""The evaluation's Markdown report and PNG figures (matplotlib, Agg backend: no display needed)."""
+"""The reproduction's report: `results.json`, the Markdown report and the PNG figures (matplotlib, Agg backend:
+no display needed), written from what `run.run_evaluation` measured."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.detect.dataset import BIM_STEPS, DEFAULT_ATTACKS
 from service.detect.detector import RF_DEPTH, RF_MAX_FEATURES, RF_TREES
-from service.detect.evaluation import (
+from service.detect.features import (
+    FINE_STEPS,
+    KL_STEPS,
+    MARGIN_STEPS,
+    NOISE_DRAWS,
+    NOISE_NORMS,
+    SQUEEZE_LEVELS,
+    SQUEEZE_STEPS,
+)
+from service.reproduce.protocol import (
     ATTACK_TITLES,
     EPS_GRID,
     PAPER_KDBU,
@@ -20,15 +32,28 @@ from service.detect.evaluation import (
     TABLE3_EPSILON,
     EvalConfig,
 )
-from service.detect.features import (
-    FINE_STEPS,
-    KL_STEPS,
-    MARGIN_STEPS,
-    NOISE_DRAWS,
-    NOISE_NORMS,
-    SQUEEZE_LEVELS,
-    SQUEEZE_STEPS,
-)
+
+if TYPE_CHECKING:
+    from service.reproduce.run import Reproduction
+
+
+def write_report(cfg: EvalConfig, run: Reproduction) -> Path:
+    """Write `<out>/results.json`, the figures and `<out>/report.md`; return the report's path."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    figures(cfg.out, run.results, run.roc, run.log_top_eigenvalue, run.least_norm, run.fig4)
+    (cfg.out / "results.json").write_text(json.dumps(run.results, indent=1, default=_jsonable) + "\n")
+    path = cfg.out / "report.md"
+    path.write_text(markdown(run.results, cfg))
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
 
 FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
            "roc_curves.png")

@@ -1,0 +1,1 @@
+"""The paper's MNIST reproduction: protocol.py (what and how), run.py (measures), report.py (writes)."""
