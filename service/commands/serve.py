@@ -57,6 +57,7 @@ def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.api.connections import http_protocol
     from service.config import get_settings
     from service.observability import configure_logging
 
@@ -80,5 +81,7 @@ def serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level.lower(),
             access_log=False,  # the API logs one line per request itself, with its request id
             timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+            timeout_keep_alive=settings.keep_alive_timeout_s,  # typed int, used as a float (call_later)
+            http=http_protocol(settings.request_head_timeout_s),  # uvicorn's "auto" choice, with a head timeout
         )
     return 0
