@@ -38,7 +38,7 @@ EXPOSE 8000
 # Readiness of the API (models loaded and warmed up, not just a live process); the worker service in
 # docker-compose.yml replaces this check with its own.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('FISHER_GUARD_PORT', '8000') + '/health/ready', timeout=4)"]
 
 ENTRYPOINT ["fisher-guard"]
 CMD ["serve"]

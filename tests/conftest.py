@@ -159,36 +159,11 @@ API_MODEL = "lenet5"
 API_MODEL_BARE = "lenet5-bare"  # the same weights without a detector
 
 
-def _quick_detector(card_path, sha256: str, out_path) -> None:
-    """A real detector fitted in a second or two (logistic regression on the paper's features of clean and
-    OSSA images); used only when the shipped detector is missing or belongs to other weights."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    from service.attacks import ossa
-    from service.data.mnist import load_mnist
-    from service.detect.detector import Detector, auc_score
-    from service.detect.features import fisher_features
-    from service.zoo.registry import load_model
-
-    module = load_model(card_path, device="cpu").module
-    images, labels = load_mnist("val")
-    images, labels = images[:96], labels[:96]
-    adversarial = ossa(module, images, labels, epsilon=3.0).adversarial
-    x = np.concatenate([fisher_features(module, images).matrix, fisher_features(module, adversarial).matrix])
-    y = np.r_[np.zeros(len(images)), np.ones(len(images))]
-    classifier = LogisticRegression(max_iter=1000).fit(x, y)
-    auc = auc_score(y.astype(bool), classifier.predict_proba(x)[:, 1])
-    card = {"kind": "fisher-guard detector", "model": {"name": API_MODEL, "sha256": sha256},
-            "classifier": {"name": "logreg"}, "validation": {"auc": auc}, "test": None,
-            "notes": "fitted by tests/conftest.py because no matching shipped detector was found"}
-    Detector(classifier, "plain", 20, 0.5, card).save(out_path)
-
-
 @pytest.fixture(scope="session")
 def api_models_dir(tmp_path_factory):
-    """A model folder for the API tests: the shipped lenet5 (card + weights) with its detector (the shipped
-    one when it matches the weights, else one fitted here), and `lenet5-bare`: the same weights, no detector."""
+    """A model folder for the API tests: the shipped lenet5 (card + weights) with its shipped detector, and
+    `lenet5-bare`: the same weights, no detector. A shipped detector that is missing or does not load for the
+    shipped weights fails the tests: it is what the service ships."""
     import json
     import shutil
     from pathlib import Path
@@ -208,10 +183,10 @@ def api_models_dir(tmp_path_factory):
     source, target = detector_path(shipped, API_MODEL), detector_path(folder, API_MODEL)
     try:
         load_detector(source, sha)
-        shutil.copy(source, target)
-        shutil.copy(card_path_for(source), card_path_for(target))
-    except DetectorLoadError:
-        _quick_detector(folder / f"{API_MODEL}.json", sha, detector_path(folder, API_MODEL))
+    except DetectorLoadError as exc:
+        pytest.fail(f"the shipped detector of {API_MODEL} does not load: {exc}")
+    shutil.copy(source, target)
+    shutil.copy(card_path_for(source), card_path_for(target))
     return folder
 
 

@@ -89,6 +89,22 @@ def test_every_compose_variable_is_a_setting() -> None:
                     assert key in known, f"{file}: {name} sets {key}, which is not a setting"
 
 
+# ${VARS} that compose itself reads (from .env or the shell), not the service: image tag, published port, the
+# host folder of user models and Redis' password (the service gets it inside FISHER_GUARD_REDIS_URL).
+COMPOSE_ONLY_VARIABLES = {"FISHER_GUARD_IMAGE", "FISHER_GUARD_PUBLISH_PORT", "FISHER_GUARD_USER_MODELS",
+                          "FISHER_GUARD_REDIS_PASSWORD"}
+
+
+def test_every_interpolated_compose_variable_is_a_setting_or_compose_only() -> None:
+    """A typo in a ${FISHER_GUARD_...} (compose substitutes an empty string and only warns) fails here."""
+    known = setting_env_vars()
+    for file in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        used = set(re.findall(r"\$\{(FISHER_GUARD_\w+)", (ROOT / file).read_text()))
+        unknown = used - known - COMPOSE_ONLY_VARIABLES
+        assert not unknown, f"{file} uses {sorted(unknown)}: neither a setting nor a compose-only variable"
+    assert not COMPOSE_ONLY_VARIABLES & known, "a compose-only variable is also a setting: drop it from the list"
+
+
 def test_dockerfile_entry_points_exist() -> None:
     text = (ROOT / "Dockerfile").read_text()
     user = re.search(r"^USER (\d+)(?::(\d+))?$", text, re.M)
@@ -212,6 +228,9 @@ def test_compose_redis_needs_a_password_and_never_evicts() -> None:
     password = command[command.index("--requirepass") + 1]
     assert password.startswith("${FISHER_GUARD_REDIS_PASSWORD:?"), "the password comes from .env, and must be set"
     assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${FISHER_GUARD_REDIS_PASSWORD:?")
+    health = " ".join(services["redis"]["healthcheck"]["test"])
+    assert "PONG" in health, "redis-cli exits 0 on a NOAUTH reply: the healthcheck must look for PONG"
+    assert "PASSWORD" not in health and " -a " not in health, "the password stays off the command line"
     for name in ("api", "worker"):
         url = services[name]["environment"]["FISHER_GUARD_REDIS_URL"]
         assert url.startswith("redis://:${FISHER_GUARD_REDIS_PASSWORD:?") and url.endswith("@redis:6379/0")
@@ -235,6 +254,22 @@ def test_the_env_file_is_never_committed_nor_copied_into_the_image() -> None:
     for ignore in (".gitignore", ".dockerignore"):
         assert ".env" in (ROOT / ignore).read_text().split(), f"{ignore} must list .env"
     example = (ROOT / ".env.example").read_text()
-    assert "FISHER_GUARD_REDIS_PASSWORD=" in example
+    assert re.search(r"^FISHER_GUARD_REDIS_PASSWORD=$", example, re.M), "empty: compose refuses to start unset"
     for key in re.findall(r"^(FISHER_GUARD_\w+)=", example, re.M):
         assert key in setting_env_vars() | {"FISHER_GUARD_REDIS_PASSWORD"}, key
+
+
+def test_git_ignores_the_env_file_but_not_its_example() -> None:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    check = ["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index"]
+    assert subprocess.run([*check, ".env"]).returncode == 0, ".env must be ignored by git"
+    assert subprocess.run([*check, ".env.example"]).returncode == 1, ".env.example must be committable"
+
+
+def test_dockerfile_healthcheck_follows_the_serve_port() -> None:
+    """The image's check is for its default command, `serve`, which listens on FISHER_GUARD_PORT."""
+    text = (ROOT / "Dockerfile").read_text()
+    check = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", text, re.M | re.S).group(1)
+    assert "/health/ready" in check and "FISHER_GUARD_PORT" in check
+    assert re.search(r"^CMD \[\"serve\"\]$", text, re.M)

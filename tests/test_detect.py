@@ -318,8 +318,7 @@ def test_kd_and_bu_give_finite_scores(lenet, detection):
 
 def test_shipped_detector_matches_shipped_model(lenet):
     path = detector_path(lenet.card_path.parent, "lenet5")
-    if not path.is_file():
-        pytest.skip("no shipped detector yet")
+    assert path.is_file(), f"the shipped detector {path} is missing"
     detector = load_detector(path, lenet.sha256)
     assert detector.card["test"]["auc"] > 0.8
 

@@ -231,8 +231,13 @@ def test_metrics_add_up_over_worker_processes(api_models_dir, digits, tmp_path):
     base, process = start_server(api_models_dir, tmp_path / "server.log", "--workers", "2",
                                  FISHER_GUARD_METRICS_MULTIPROC_DIR=str(shared))
     try:
-        deadline = time.monotonic() + 120  # /health/ready answered by one process: wait for both
-        while metric_value(httpx.get(f"{base}/metrics").text, "fisher_guard_ready") < 1:
+        # /health/ready was answered by one process: wait for both. Readiness is the minimum over the processes
+        # that have started (each writes ready=0 as it starts), so it means both only once both have started.
+        deadline = time.monotonic() + 180
+        while True:
+            text = httpx.get(f"{base}/metrics", headers={"Connection": "close"}).text
+            if metric_value(text, "fisher_guard_processes") == 2 and metric_value(text, "fisher_guard_ready") == 1:
+                break
             assert time.monotonic() < deadline, "both worker processes did not become ready"
             time.sleep(0.5)
         images = digits[0]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.fisher.validation import check_labels, num_classes_of, prepare_inputs
+from service.fisher.checks import check_labels, num_classes_of, prepare_inputs
 
 
 @dataclass

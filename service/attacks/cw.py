@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks.common import AttackResult, finish, project_l2, setup
-from service.fisher.validation import check_epsilon
+from service.fisher.checks import check_epsilon
 
 
 def cw_l2(model: nn.Module, images: Tensor, labels: Tensor | None = None, *, c: float = 1.0,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks.common import AttackResult, finish, l2_normalize, loss_gradient, project_l2, setup, step
-from service.fisher.validation import check_epsilon
+from service.fisher.checks import check_epsilon
 
 
 def fgm_direction(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from service.attacks.common import AttackResult, predict, setup, step
 from service.attacks.gradient import fgm_direction
 from service.attacks.ossa import signed_step, top_direction
-from service.fisher.validation import check_epsilon
+from service.fisher.checks import check_epsilon
 
 ONE_STEP_ATTACKS = ("ossa", "fgm")
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks.common import AttackResult, finish, per_image_loss, project_l2, setup, step
+from service.fisher.checks import check_epsilon
 from service.fisher.spectrum import Method, fisher_spectrum
-from service.fisher.validation import check_epsilon
 
 
 def top_direction(model: nn.Module, x: Tensor, method: Method = "auto") -> tuple[Tensor, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from service.config import Settings, settings_markdown
 
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         for secret in ("api_keys", "admin_api_keys"):
             if values.get(secret):
                 values[secret] = "***"
+        if values.get("redis_url"):  # its password, if it has one
+            values["redis_url"] = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", values["redis_url"])
         print(json.dumps(values, indent=2))
     else:
         print(settings_markdown(), end="")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks import AttackResult, attack_spec
-from service.fisher.validation import model_device_dtype
+from service.fisher.checks import model_device_dtype
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgm", "otcm", "opt", "bim", "ossa")
 

@@ -7,11 +7,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from service.fisher.checks import check_k, num_classes_of, prepare_inputs
 from service.fisher.gram import DEFAULT_MEMORY_BUDGET, factor_rows, gram_eigenpairs, images_per_chunk
 from service.fisher.lanczos import fisher_matvec, lanczos_eigenpairs
 from service.fisher.power import power_iteration_top
 from service.fisher.result import FisherSpectrum
-from service.fisher.validation import check_k, num_classes_of, prepare_inputs
 
 Method = Literal["auto", "exact", "lanczos", "truncated", "power", "power-alias"]
 METHODS: tuple[str, ...] = ("auto", "exact", "lanczos", "truncated", "power", "power-alias")

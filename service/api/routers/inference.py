@@ -70,7 +70,7 @@ def settings_of(request: Request) -> Settings:
 
 # ---- screen ----
 
-async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch,
+async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatch,
                        threshold: float | None) -> ScreenResponse:
     try:
         detector = model.bundle.require_detector()
@@ -101,7 +101,7 @@ async def screen_batch(request: Request, model: ServedModel, batch: DecodedBatch
 @micro_batched
 async def screen(body: ScreenRequest, request: Request, model: ModelDep) -> ScreenResponse:
     batch = await decode_json_images(body, model, settings_of(request))
-    return await screen_batch(request, model, batch, body.threshold)
+    return await screen_answer(request, model, batch, body.threshold)
 
 
 @router.post("/screen/upload", response_model=ScreenResponse, responses=ERRORS,
@@ -111,12 +111,12 @@ async def screen_upload(request: Request, files: Files, model: ModelDep,
                         threshold: Annotated[float | None, Form(ge=0.0, le=1.0, allow_inf_nan=False)] = None,
                         resize: Annotated[bool, Form()] = False) -> ScreenResponse:
     batch = await decode_upload(files, model, settings_of(request), resize)
-    return await screen_batch(request, model, batch, threshold)
+    return await screen_answer(request, model, batch, threshold)
 
 
 # ---- spectrum ----
 
-async def spectrum_batch(request: Request, model: ServedModel, batch: DecodedBatch, k: int, method: str,
+async def spectrum_answer(request: Request, model: ServedModel, batch: DecodedBatch, k: int, method: str,
                          vectors: str) -> SpectrumResponse:
     settings = settings_of(request)
     if not 1 <= k <= settings.max_k:
@@ -144,7 +144,7 @@ async def spectrum_batch(request: Request, model: ServedModel, batch: DecodedBat
 @micro_batched
 async def spectrum(body: SpectrumRequest, request: Request, model: ModelDep) -> SpectrumResponse:
     batch = await decode_json_images(body, model, settings_of(request))
-    return await spectrum_batch(request, model, batch, body.k, body.method, body.vectors)
+    return await spectrum_answer(request, model, batch, body.k, body.method, body.vectors)
 
 
 @router.post("/spectrum/upload", response_model=SpectrumResponse, responses=ERRORS,
@@ -155,7 +155,7 @@ async def spectrum_upload(request: Request, files: Files, model: ModelDep,
                           vectors: Annotated[VectorFormat, Form()] = "none",
                           resize: Annotated[bool, Form()] = False) -> SpectrumResponse:
     batch = await decode_upload(files, model, settings_of(request), resize)
-    return await spectrum_batch(request, model, batch, k, method, vectors)
+    return await spectrum_answer(request, model, batch, k, method, vectors)
 
 
 # ---- attack ----
@@ -169,7 +169,7 @@ def attack_options(body: AttackRequest) -> dict[str, Any]:
     return {**given, **body.options}
 
 
-async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch,
+async def attack_answer(request: Request, model: ServedModel, batch: DecodedBatch,
                        body: AttackRequest) -> AttackResponse:
     settings = settings_of(request)
     n = int(batch.images.shape[0])
@@ -205,7 +205,7 @@ async def attack_batch(request: Request, model: ServedModel, batch: DecodedBatch
              summary="Attack images (OSSA and others): adversarial image, perturbation norm, predictions, fooled.")
 async def attack(body: AttackRequest, request: Request, model: ModelDep) -> AttackResponse:
     batch = await decode_json_images(body, model, settings_of(request))
-    return await attack_batch(request, model, batch, body)
+    return await attack_answer(request, model, batch, body)
 
 
 @router.post("/attack/upload", response_model=AttackResponse, responses=ERRORS,
@@ -224,4 +224,4 @@ async def attack_upload(request: Request, files: Files, model: ModelDep,
     labels = None if label is None else [label] * int(batch.images.shape[0])
     body = AttackRequest(tensor=[], attack=attack, epsilon=epsilon, labels=labels, steps=steps, step_size=step_size,
                          output=output)
-    return await attack_batch(request, model, batch, body)
+    return await attack_answer(request, model, batch, body)
