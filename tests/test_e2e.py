@@ -4,7 +4,6 @@ graceful shutdown that finishes the request in flight."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from support import free_port, png
 
 from service.data.mnist import load_mnist
 from service.zoo.registry import sha256_file
@@ -29,16 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = "lenet5"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((image[0] * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def start_server(models_dir: Path, log: Path, *args: str, **env: str) -> tuple[str, subprocess.Popen]:

@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.parse
 import uuid
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import start_redis
-from PIL import Image
+from support import png, zip_of
 from test_e2e import MODEL, free_port, start_server, stop_server
 
 FISHER_GUARD = Path(sys.executable).with_name("fisher-guard")
@@ -39,10 +38,6 @@ def npy_header(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body
 
 
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((image * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_head(width: int, height: int) -> bytes:
@@ -55,12 +50,6 @@ def png_head(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib data") + chunk(b"IEND", b"")
 
 
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
 
 
 def digit() -> np.ndarray:

@@ -12,12 +12,10 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from PIL import Image
+from support import free_port, png, zip_of
 
 from service.config import Settings, get_settings
 from service.jobs import model_cache
@@ -47,10 +45,6 @@ FISHER_GUARD = Path(sys.executable).with_name("fisher-guard")
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +217,8 @@ def csv_rows(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(data.decode())))
 
 
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((image[0] * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
 
 
 def test_images() -> tuple[np.ndarray, np.ndarray]:
