@@ -1,6 +1,7 @@
 """Candidate detector features on one attack's validation rows: out-of-fold AUC of `spectral+noise+fine` alone
 and with each candidate added, and of the shipped `spectral+noise+fine+squeeze` set. The evidence behind the
-choice of the squeezing direction (README's note on OTCM, the attack where the earlier sets fell short).
+choice of the squeezing direction (docs/decisions/detector-feature-set.md, on OTCM, the attack where the
+earlier sets fell short).
 
 The detection set is built on the validation split for this attack alone (`build_detection_set`, seed 0), so its
 rows differ slightly from `evaluate`'s (there each attack's seeds depend on its place in the attack list).

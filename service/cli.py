@@ -12,8 +12,8 @@ Handler = Callable[[argparse.Namespace], int]
 # Iterations an idle OpenMP worker thread spins before it sleeps (libgomp's default: 300000, up to about a
 # millisecond of a core after every parallel region). The API's model thread runs batches on 2 torch threads; the
 # spinning worker took ~75% of a core from the event loop on a 2-core machine, and 10000 raised micro-batched
-# throughput at concurrency 32 by ~6-10% (README, "Benchmark"; 1000, 3000, 30000 and 100000 did less) and cost
-# 64-image requests at concurrency 4 ~6%.
+# throughput at concurrency 32 by ~6-10% (docs/decisions/gomp-spincount.md; 1000, 3000, 30000 and 100000 did
+# less) and cost 64-image requests at concurrency 4 ~6%.
 OPENMP_SPIN_COUNT = "10000"
 
 

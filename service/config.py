@@ -1,6 +1,6 @@
 """Every setting of the service in one place, read from FISHER_GUARD_* environment variables.
 
-README's settings table is generated from this class (`fisher-guard settings --markdown`), so the two agree.
+docs/settings.md is generated from this class (`fisher-guard settings`), so the two agree.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def env_var(field_name: str) -> str:
 
 
 def settings_markdown() -> str:
-    """A Markdown table of every setting: variable, default, meaning (README's table is this output)."""
+    """A Markdown table of every setting: variable, default, meaning (docs/settings.md is this output)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default

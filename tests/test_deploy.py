@@ -123,11 +123,11 @@ def test_dockerfile_entry_points_exist() -> None:
         assert (ROOT / path).exists(), f"Dockerfile copies {path}, which does not exist"
 
 
-def test_readme_settings_table_is_generated_from_the_class() -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- settings:begin -->\n(.*?)<!-- settings:end -->", readme, re.S)
-    assert block, "README.md needs the generated settings table between settings:begin/end markers"
-    assert block.group(1) == settings_markdown(), "README's settings table is stale: run `fisher-guard settings`"
+def test_docs_settings_table_is_generated_from_the_class() -> None:
+    page = (ROOT / "docs" / "settings.md").read_text()
+    block = re.search(r"<!-- settings:begin -->\n(.*?)<!-- settings:end -->", page, re.S)
+    assert block, "docs/settings.md needs the generated settings table between settings:begin/end markers"
+    assert block.group(1) == settings_markdown(), "docs/settings.md's table is stale: run `fisher-guard settings`"
 
 
 def test_serve_shares_metrics_between_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from service.config import Settings, settings_markdown
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("settings", help="list the settings (environment variables, defaults, meanings)",
-                            description="Print every setting as a Markdown table (the README's table), or the "
+                            description="Print every setting as a Markdown table (docs/settings.md), or the "
                             "values this environment gives them with --current.")
     parser.add_argument("--current", action="store_true", help="print the values in effect here, as JSON "
                         "(API keys are hidden)")
