@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from service.zoo.architectures import LeNet5
 
 torch.set_num_threads(1)
+pytest.register_assert_rewrite("jobs_support", "api_support", "support")
 
 
 @dataclass

@@ -1,31 +1,29 @@
-"""Jobs against a real redis-server (started here on a free port) and real `fisher-guard worker` processes, and the
-in-process backend through the same behavioural tests; the HTTP router through the app.
-
-Timings are shortened by settings: heartbeat 1 s, lease 3 s, batches of 50 images with a debug sleep per batch
-(FISHER_GUARD_JOBS_DEBUG_DELAY_S) so that running jobs can be watched, cancelled and killed mid-way.
-"""
+"""Jobs against a real redis-server and real `fisher-guard worker` processes, and the in-process backend
+through the same behavioural tests; crash recovery on Redis (fixtures: tests/jobs_support.py)."""
 
 from __future__ import annotations
 
-import csv
 import io
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
-import torch
+from jobs_support import (
+    BATCH,
+    HEARTBEAT_S,
+    LEASE_S,
+    Workers,
+    csv_rows,
+    queue_settings,
+    sample_images,
+    wait_for,
+)
 from support import free_port, png, zip_of
 
-from service.config import Settings, get_settings
+from service.config import get_settings
 from service.jobs import model_cache
 from service.jobs.local_backend import InProcessJobQueue
 from service.jobs.redis_queue import RedisJobQueue
@@ -39,197 +37,7 @@ from service.jobs.types import (
     QueueUnavailable,
 )
 
-HEARTBEAT_S, LEASE_S, BATCH, DELAY_S = 1, 3, 50, 0.15
-FISHER_GUARD = Path(sys.executable).with_name("fisher-guard")
-
-
-# ----------------------------------------------------------------------------------------------- fixtures
-
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Iterator[Path]:
-    """A model folder with a seeded LeNet-5 and a small detector for it (logistic regression on random features:
-    fast to make; what is tested is the plumbing, not detection quality). The process settings point at it."""
-    from sklearn.linear_model import LogisticRegression
-
-    from service.detect.detector import Detector, detector_path
-    from service.zoo.architectures import LeNet5
-    from service.zoo.cards import ModelCard
-    from service.zoo.registry import sha256_file
-
-    folder = tmp_path_factory.mktemp("job-models")
-    torch.manual_seed(3)
-    torch.save(LeNet5().state_dict(), folder / "lenet5.pt")
-    sha = sha256_file(folder / "lenet5.pt")
-    ModelCard(name="lenet5", architecture="lenet5", activation="relu", weights="lenet5.pt", sha256=sha,
-              input_shape=[1, 28, 28], mean=[0.1307], std=[0.3081], class_names=[str(i) for i in range(10)],
-              num_classes=10).write(folder / "lenet5.json")
-    rng = np.random.default_rng(0)
-    features = rng.normal(-3, 1, size=(200, 20))
-    labels = (features[:, 0] > -3).astype(int)
-    Detector(LogisticRegression().fit(features, labels), "plain", 20, 0.5,
-             {"model": {"name": "lenet5", "sha256": sha}}).save(detector_path(folder, "lenet5"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers run (FISHER_GUARD_JOBS_WORKER_THREADS): much faster on busy cores
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FISHER_GUARD_MODELS_DIR", str(folder))
-        mp.delenv("FISHER_GUARD_REDIS_URL", raising=False)
-        get_settings.cache_clear()
-        model_cache.configure([folder], "cpu")
-        yield folder
-    get_settings.cache_clear()
-    model_cache.configure(get_settings().model_folders(), "auto")
-    torch.set_num_threads(threads)
-
-
-class Workers:
-    """Real `fisher-guard worker` subprocesses on one queue; each in its own session, killed by pid only."""
-
-    def __init__(self, url: str, queue: str, models: Path, log_dir: Path, delay_s: float = DELAY_S) -> None:
-        self.url, self.queue, self.log_dir = url, queue, log_dir
-        self.env = {**os.environ, "FISHER_GUARD_REDIS_URL": url, "FISHER_GUARD_MODELS_DIR": str(models),
-                    "FISHER_GUARD_JOBS_QUEUE": queue, "FISHER_GUARD_JOBS_HEARTBEAT_S": str(HEARTBEAT_S),
-                    "FISHER_GUARD_JOBS_LEASE_S": str(LEASE_S), "FISHER_GUARD_JOBS_BATCH_SIZE": str(BATCH),
-                    "FISHER_GUARD_JOBS_DEBUG": "true", "FISHER_GUARD_JOBS_DEBUG_DELAY_S": str(delay_s),
-                    "FISHER_GUARD_DEVICE": "cpu"}
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, preload: bool = True) -> None:
-        cmd = [str(FISHER_GUARD), "worker", "--name", name, "--threads", "1"] + (["--preload", "lenet5"] if preload
-                                                                                  else [])
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-
-    def wait_ready(self, *names: str, timeout: float = 60) -> None:
-        """Until each worker is registered with rq on our queue."""
-        from rq import Queue, Worker
-
-        conn = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout
-        while True:
-            live = {w.name for w in Worker.all(queue=Queue(self.queue, connection=conn))}
-            if set(names) <= live:
-                return
-            for name in names:
-                if self.procs[name].poll() is not None:
-                    raise AssertionError(f"worker {name} exited: {self.log(name)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"workers {set(names) - live} did not start in {timeout} s")
-            time.sleep(0.1)
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text()[-3000:]
-
-    def kill(self, name: str) -> None:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait(10)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-def queue_settings(**overrides) -> Settings:
-    base = {"jobs_batch_size": BATCH, "jobs_debug": True, "jobs_debug_delay_s": DELAY_S, "jobs_local_threads": 2,
-            "jobs_max_items": 64, "jobs_max_attempts": 2, "jobs_heartbeat_s": HEARTBEAT_S, "jobs_lease_s": LEASE_S,
-            "jobs_shard_size": 0}  # no sharding unless a test asks for it
-    return Settings(**{**base, **overrides})
-
-
-class Pool:
-    """The module's worker processes, all started at once (their start-up dominates the run time): two serve the
-    behavioural tests' queue, four the crash tests' queue (a crash test kills one, the poison job two more)."""
-
-    def __init__(self, url: str, models: Path, log_dir: Path) -> None:
-        self.behaviour = Workers(url, f"fg-test-{uuid.uuid4().hex[:8]}", models, log_dir)
-        self.crash = Workers(url, f"fg-crash-{uuid.uuid4().hex[:8]}", models, log_dir, delay_s=0.3)
-        for name in ("w1", "w2"):
-            self.behaviour.start(name)
-        for name in ("c1", "c2", "c3", "c4"):
-            self.crash.start(name, preload=False)  # they load the model at their first job: less start-up CPU
-
-    def stop(self) -> None:
-        self.behaviour.stop()
-        self.crash.stop()
-
-
-@pytest.fixture(scope="module")
-def pool(redis_url, models_dir, tmp_path_factory) -> Iterator[Pool]:
-    workers = Pool(redis_url, models_dir, tmp_path_factory.mktemp("workers"))
-    try:
-        yield workers
-    finally:
-        workers.stop()
-
-
-@pytest.fixture(scope="module", params=["redis", "in-process"])
-def make_queue(request, models_dir) -> Iterator[Callable[..., object]]:
-    """A factory of queues of one backend (settings overridable); for Redis, two workers serve the queue."""
-    made: list = []
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-        workers = request.getfixturevalue("pool").behaviour
-        workers.wait_ready("w1", "w2")
-
-        def factory(**overrides):
-            queue = RedisJobQueue(url, queue_settings(redis_url=url, jobs_queue=workers.queue, **overrides))
-            made.append(queue)
-            return queue
-    else:
-        def factory(**overrides):
-            queue = InProcessJobQueue(queue_settings(**overrides))
-            made.append(queue)
-            return queue
-    yield factory
-    for queue in made:
-        queue.close()
-
-
-@pytest.fixture
-def queue(make_queue):
-    return make_queue()
-
-
-def wait_for(queue, job_id: str, until: Callable[[JobInfo], bool] = lambda i: i.status.finished,
-             timeout: float = 60, seen: list | None = None) -> JobInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = queue.status(job_id)
-        if seen is not None:
-            seen.append(info)
-        if until(info):
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {info.status.value} after {timeout} s: {info}")
-        time.sleep(0.05)
-
-
-def csv_rows(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode())))
-
-
-
-
-
-
-def test_images() -> tuple[np.ndarray, np.ndarray]:
-    from service.data.mnist import load_mnist
-
-    images, labels = load_mnist("test")
-    return images[:8].numpy(), labels[:8].numpy()
-
-
-test_images.__test__ = False  # a helper, not a test
-
+pytest_plugins = ["jobs_support"]  # its fixtures: models_dir, pool, make_queue, queue
 
 # ------------------------------------------------------------------------- behaviour, both backends
 
@@ -259,7 +67,7 @@ def test_submit_progress_result_artifact(queue):
 
 
 def test_uploads_keep_valid_items_and_report_bad_ones(queue):
-    images, labels = test_images()
+    images, labels = sample_images()
     members = {f"digits/{i}.png": png(images[i]) for i in range(3)}
     members["digits/broken.png"] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
     members["digits/notes.txt"] = b"not an image"
@@ -314,7 +122,7 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
     ({"type": "attack", "model": "lenet5"}, [("x.npz", "label-99")], 422, "invalid_labels"),
 ])
 def test_bad_input_is_refused_at_submission(queue, request_, files, status, code):
-    image = png(test_images()[0][0])
+    image = png(sample_images()[0][0])
     special = {"escape": zip_of({"ok.png": image, "../../evil.png": image}),
                "absolute": zip_of({"/etc/evil.png": image}),
                "many": zip_of({f"{i}.png": image for i in range(65)})}  # over jobs_max_items = 64
@@ -435,7 +243,7 @@ def test_a_sharded_job_gives_the_unsharded_answer(make_queue):
     """Redis splits big jobs into shards that free workers run in parallel; the in-process backend never splits.
     Either way the result is the same, bad items included."""
     plain, sharded = make_queue(), make_queue(jobs_shard_size=3)
-    images, labels = test_images()
+    images, labels = sample_images()
     images[2, 0, 0, 0] = np.nan  # a bad item: the shards see 7 valid images (3 + 3 + 1)
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels)
@@ -568,132 +376,3 @@ def test_redis_down_means_queue_unavailable(models_dir):
         assert caught.value.status == 503 and "unreachable" in caught.value.detail
 
 
-# ---------------------------------------------------------------------------------------------- HTTP
-
-def api_client(settings: Settings):
-    from fastapi.testclient import TestClient
-
-    from service.api.app import create_app
-
-    return TestClient(create_app(settings))
-
-
-def wait_ready(client, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the app did not become ready"
-        time.sleep(0.1)
-
-
-def http_wait(client, url: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(url).json()
-        if body["status"] in ("succeeded", "failed", "cancelled"):
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
-
-
-def test_http_jobs_need_redis_with_several_api_processes(models_dir):
-    """With workers > 1 and no Redis, a job taken by one process would be unknown to the others (404 on its
-    status): the job endpoints refuse with 503 and say what to set, and nothing is accepted."""
-    with api_client(queue_settings(models_dir=models_dir, workers=2)) as client:
-        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
-                                                 "limit": 4})
-        assert response.status_code == 503 and response.headers["retry-after"]
-        body = response.json()
-        assert body["code"] == "queue_unavailable" and "FISHER_GUARD_REDIS_URL" in body["detail"]
-        assert client.get("/v1/jobs").status_code == 503
-        assert client.get(f"/v1/jobs/{uuid.uuid4().hex}").json()["code"] == "queue_unavailable"
-        assert client.get("/health/live").status_code == 200
-
-
-def test_http_jobs_in_process(models_dir):
-    with api_client(queue_settings(models_dir=models_dir)) as client:
-        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
-                                                 "limit": 8})
-        assert response.status_code == 202, response.text
-        job = response.json()
-        assert response.headers["location"] == job["status_url"] == f"/v1/jobs/{job['id']}"
-        assert http_wait(client, job["status_url"])["status"] == "succeeded"
-        result = client.get(job["result_url"]).json()
-        assert result["summary"]["screened"] == 8 and result["job"]["artifact_url"]
-        artifact = client.get(result["job"]["artifact_url"])
-        assert artifact.status_code == 200 and artifact.headers["content-type"].startswith("text/csv")
-        assert "attachment" in artifact.headers["content-disposition"]
-        # a job and a request give the same answer
-        wait_ready(client)
-        images = test_images()[0]
-        sync = client.post("/v1/models/lenet5/screen", json={"tensor": images.tolist()})
-        assert sync.status_code == 200, sync.text
-        scores = [item["score"] for item in sync.json()["results"]]
-        np.testing.assert_allclose([float(r["score"]) for r in csv_rows(artifact.content)], scores, rtol=1e-5)
-        listed = client.get("/v1/jobs", params={"limit": 5}).json()["jobs"]
-        assert listed[0]["id"] == job["id"]
-        assert client.delete(job["status_url"]).json()["status"] == "succeeded"  # nothing left to cancel
-
-        # multipart with files; a running job has no result yet (409); cancel through POST
-        response = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5", "params": '{"k": 3}'},
-                               files=[("files", ("a.png", png(images[0]), "image/png")),
-                                      ("files", ("b.png", png(images[1]), "image/png"))])
-        assert response.status_code == 202, response.text
-        assert http_wait(client, response.json()["status_url"])["items"] == 2
-        long = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test"}).json()
-        early = client.get(long["result_url"])
-        assert early.status_code == 409 and early.headers["content-type"] == "application/problem+json"
-        assert client.post(f"{long['status_url']}/cancel").status_code == 202
-        assert http_wait(client, long["status_url"])["status"] == "cancelled"
-
-        # refusals are problem documents
-        bad = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5"},
-                          files={"files": ("x.zip", zip_of({"../up.png": png(images[0])}), "application/zip")})
-        assert bad.status_code == 400 and bad.json()["code"] == "unsafe_archive"
-        assert client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
-        assert client.post("/v1/jobs", json={"type": "screen", "bogus": 1}).status_code == 422
-        missing = client.get(f"/v1/jobs/{uuid.uuid4().hex}")
-        assert missing.status_code == 404 and missing.json()["code"] == "job_not_found"
-
-
-def test_http_jobs_through_each_backend(make_queue, models_dir):
-    queue = make_queue()
-    redis_backend = isinstance(queue, RedisJobQueue)
-    with api_client(queue.settings.model_copy(update={"models_dir": models_dir})) as client:
-        response = client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test",
-                                                 "limit": 60})
-        assert response.status_code == 202, response.text
-        final = http_wait(client, response.json()["status_url"])
-        assert final["status"] == "succeeded"
-        assert final["worker"] in (("w1", "w2") if redis_backend else ("in-process",))
-        assert client.get(final["artifact_url"]).content.count(b"\n") == 61
-
-
-def test_http_redis_down_is_503_and_sync_endpoints_keep_working(models_dir):
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    with api_client(queue_settings(models_dir=models_dir, redis_url=url)) as client:
-        for response in (client.post("/v1/jobs", json={"type": "screen", "model": "lenet5", "dataset": "mnist:test"}),
-                         client.get("/v1/jobs"), client.get(f"/v1/jobs/{uuid.uuid4().hex}")):
-            assert response.status_code == 503, response.text
-            body = response.json()
-            assert response.headers["content-type"] == "application/problem+json"
-            assert body["code"] == "queue_unavailable" and "unreachable" in body["detail"]
-        wait_ready(client)
-        sync = client.post("/v1/models/lenet5/screen", json={"tensor": test_images()[0][:2].tolist()})
-        assert sync.status_code == 200, sync.text
-
-
-def test_job_uploads_have_their_own_body_limit(models_dir):
-    """An archive over the synchronous endpoints' body limit is still accepted by /v1/jobs (jobs_max_upload_mb),
-    while the same bytes sent to a synchronous endpoint get 413."""
-    images = test_images()[0]
-    archive = np.random.default_rng(0).bytes(4096)  # incompressible padding member keeps the zip over 2 KiB
-    body = zip_of({"a.png": png(images[0]), "b.png": png(images[1]), "padding.bin": archive})
-    assert len(body) > 2048
-    settings = queue_settings(models_dir=models_dir, max_payload_bytes=2048, jobs_max_upload_mb=1)
-    with api_client(settings) as client:
-        sync = client.post("/v1/models/lenet5/screen/upload", files=[("files", ("a.zip", body, "application/zip"))])
-        assert sync.status_code == 413 and sync.json()["code"] == "payload_too_large"
-        job = client.post("/v1/jobs", data={"type": "screen", "model": "lenet5"},
-                          files=[("files", ("batch.zip", body, "application/zip"))])
-        assert job.status_code != 413, job.text
-        assert job.status_code in (202, 422), job.text  # accepted, or refused for its content, not its size
