@@ -5,7 +5,8 @@ every registered model (and its detector) once, in the background, warms each up
 then turns readiness on. What other routers can use on `app.state`:
 
 - `settings`: the Settings; `metrics`: service.api.metrics.Metrics (its `registry` is what /metrics shows);
-- `models`: dict name -> service.api.runtime.ServedModel (`.bundle`, `.detector`, `.worker`); `ready`: bool;
+- `models`: dict name -> service.api.runtime.ServedModel (a service.serving.ModelBundle with its `.worker`);
+  `ready`: bool;
 - dependencies in service.api.dependencies (`require_ready`, `served_model`, `lookup_model`, `decode_*`) and
   service.api.security.require_api_key; errors: raise service.api.errors.ProblemError(status, code, detail).
 """

@@ -16,7 +16,6 @@ from service import serving
 from service.api.model_worker import ModelWorker
 from service.config import Settings
 from service.data.images import encode_png, vector_png
-from service.detect.detector import Detector
 from service.serving import ModelBundle
 from service.zoo.cards import ModelCard
 from service.zoo.registry import cards_by_name
@@ -24,56 +23,19 @@ from service.zoo.registry import cards_by_name
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServedModel:
+@dataclass(kw_only=True)
+class ServedModel(ModelBundle):
     """A model bundle as the API serves it: with its worker thread, and each use case's answer formatted as one
     plain dict per image (the use cases themselves are service.serving's, which the job workers call too)."""
 
-    bundle: ModelBundle
     worker: ModelWorker
     memory_budget: int = 1 << 30  # bytes of Jacobian the spectrum may hold at once (setting memory_budget_mb)
-
-    @property
-    def name(self) -> str:
-        return self.bundle.name
-
-    @property
-    def card(self) -> ModelCard:
-        return self.bundle.card
-
-    @property
-    def sha256(self) -> str:
-        return self.bundle.sha256
-
-    @property
-    def device(self) -> torch.device:
-        return self.bundle.device
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.bundle.shape
-
-    @property
-    def detector(self) -> Detector | None:
-        return self.bundle.detector
-
-    @property
-    def detector_file(self) -> Path | None:
-        return self.bundle.detector_file
-
-    @property
-    def detector_error(self) -> str | None:
-        return self.bundle.detector_error
-
-    @property
-    def detector_auc(self) -> tuple[float | None, str | None]:
-        return self.bundle.detector_auc
 
     # ---- work that runs in the worker thread; each returns one plain dict per image ----
 
     def screen_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
         """The detector's score, verdict at its own threshold, eigenvalues, prediction and probabilities."""
-        result = serving.screen(self.bundle, images)
+        result = serving.screen(self, images)
         return [
             {"score": float(result.scores[i]), "eigenvalues": result.eigenvalues[i].tolist(),
              "prediction": int(result.predictions[i]), "probabilities": result.probabilities[i].tolist()}
@@ -82,7 +44,7 @@ class ServedModel:
 
     def spectrum_batch(self, images: torch.Tensor, k: int, method: str, vectors: str) -> list[dict[str, Any]]:
         """Top-k eigenvalues (and eigenvectors as PNG and/or nested lists when asked) per image."""
-        spec = serving.spectrum(self.bundle, images, k, method, vectors != "none", self.memory_budget)
+        spec = serving.spectrum(self, images, k, method, vectors != "none", self.memory_budget)
         out = []
         for i in range(spec.eigenvalues.shape[0]):
             item: dict[str, Any] = {
@@ -102,7 +64,7 @@ class ServedModel:
 
     def infer_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
         """Logits and probabilities, and the detector's score when there is one (Open Inference Protocol)."""
-        logits = serving.logits(self.bundle, images)
+        logits = serving.logits(self, images)
         screen = self.screen_batch(images) if self.detector is not None else None
         out = []
         for i in range(logits.shape[0]):
@@ -117,13 +79,13 @@ class ServedModel:
                options: dict[str, Any], output: str) -> list[dict[str, Any]]:
         """Run one attack on a small batch; per image the adversarial image (PNG and/or tensor) and the outcome."""
         label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.long)
-        result = serving.attack(self.bundle, images, attack, epsilon, label_tensor, options)
+        result = serving.attack(self, images, attack, epsilon, label_tensor, options)
         adversarial, norms, labels_out = result.adversarial, result.perturbation_norm, result.labels
         before, after, fooled = result.original_prediction, result.adversarial_prediction, result.fooled
         top = result.extras.get("top_eigenvalue")
         found = result.extras.get("found")  # a search's outcome (least-norm)
         if top is None:
-            top = serving.spectrum(self.bundle, images, 1).eigenvalues[:, 0]
+            top = serving.spectrum(self, images, 1).eigenvalues[:, 0]
         out = []
         for i in range(adversarial.shape[0]):
             item: dict[str, Any] = {
@@ -173,7 +135,7 @@ def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) 
     """Load one model bundle (service.serving.load_bundle) and warm it up in its worker."""
     bundle = serving.load_bundle(card_path, settings.device, settings.model_folders(),
                                  settings.allow_pickled_detectors)
-    served = ServedModel(bundle, worker, memory_budget=settings.memory_budget_mb << 20)
+    served = ServedModel(**vars(bundle), worker=worker, memory_budget=settings.memory_budget_mb << 20)
     seconds = served.warm_up()
     log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", bundle.name, bundle.device,
              bundle.sha256[:12], "yes" if bundle.detector else "no", seconds)

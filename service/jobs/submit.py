@@ -9,7 +9,7 @@ from typing import Any
 from service.config import Settings
 from service.jobs import inputs
 from service.jobs.catalogue import job_type
-from service.jobs.types import Caller, JobInputError, JobRequest, JobSpec, check_deadline
+from service.jobs.types import Caller, JobInputError, JobRequest, JobSpec
 from service.zoo.cards import ModelCard
 
 
@@ -39,7 +39,6 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
         spec.items = len(images)
         return spec, None
     staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit, card.num_classes, deadline)
-    check_deadline(deadline)
     spec.has_upload = True
     spec.items = len(staged.names)
     spec.item_names = staged.names

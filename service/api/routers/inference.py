@@ -73,7 +73,7 @@ def settings_of(request: Request) -> Settings:
 async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatch,
                        threshold: float | None) -> ScreenResponse:
     try:
-        detector = model.bundle.require_detector()
+        detector = model.require_detector()
     except NoDetectorError as exc:
         raise ProblemError(404, "no_detector", str(exc)) from exc
     results = await run_batched(model, ("screen",), model.screen_batch, batch.images)
