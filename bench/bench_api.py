@@ -201,7 +201,7 @@ def engine_ms(args: argparse.Namespace, images: np.ndarray) -> dict[int, float]:
 
     from service.api.runtime import discover_cards
     from service.config import Settings
-    from service.detect.detector import detector_path, load_detector
+    from service.detect.files import detector_path, load_detector
     from service.zoo.registry import load_model
 
     torch.set_num_threads(args.threads)

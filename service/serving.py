@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from service.attacks import AttackResult, attack_spec
-from service.detect.detector import Detector, ScreenResult, find_detector, load_detector
+from service.detect.detector import Detector, ScreenResult
+from service.detect.files import find_detector, load_detector
 from service.fisher import FisherSpectrum, fisher_spectrum
 from service.fisher.spectrum import DEFAULT_MEMORY_BUDGET
 from service.zoo.cards import ModelCard

@@ -169,7 +169,7 @@ def api_models_dir(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from service.detect.detector import DetectorLoadError, card_path_for, detector_path, load_detector
+    from service.detect.files import DetectorLoadError, card_path_for, detector_path, load_detector
     from service.zoo.registry import sha256_file
 
     shipped = Path(__file__).resolve().parent.parent / "models"
@@ -229,7 +229,7 @@ def engine(api_models_dir):
     """The same model and detector, loaded outside the app: the reference answers."""
     from api_support import MODEL
 
-    from service.detect.detector import detector_path, load_detector
+    from service.detect.files import detector_path, load_detector
     from service.zoo.registry import load_model
 
     loaded = load_model(api_models_dir / f"{MODEL}.json", device="cpu")

@@ -45,7 +45,8 @@ def models_dir(tmp_path_factory) -> Iterator[Path]:
     fast to make; what is tested is the plumbing, not detection quality). The process settings point at it."""
     from sklearn.linear_model import LogisticRegression
 
-    from service.detect.detector import Detector, detector_path
+    from service.detect.detector import Detector
+    from service.detect.files import detector_path, save_detector
     from service.zoo.architectures import LeNet5
     from service.zoo.cards import ModelCard
     from service.zoo.registry import sha256_file
@@ -60,8 +61,8 @@ def models_dir(tmp_path_factory) -> Iterator[Path]:
     rng = np.random.default_rng(0)
     features = rng.normal(-3, 1, size=(200, 20))
     labels = (features[:, 0] > -3).astype(int)
-    Detector(LogisticRegression().fit(features, labels), "plain", 20, 0.5,
-             {"model": {"name": "lenet5", "sha256": sha}}).save(detector_path(folder, "lenet5"))
+    save_detector(Detector(LogisticRegression().fit(features, labels), "plain", 20, 0.5,
+                           {"model": {"name": "lenet5", "sha256": sha}}), detector_path(folder, "lenet5"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run (FISHER_GUARD_JOBS_WORKER_THREADS): much faster on busy cores
     with pytest.MonkeyPatch.context() as mp:

@@ -23,7 +23,7 @@ import torch
 from service.attacks import bim, cw_l2, fgm, iterative_ossa, least_norm_search, ossa, otcm
 from service.config import Settings
 from service.data.mnist import load_mnist
-from service.detect.detector import detector_path, load_detector
+from service.detect.files import detector_path, load_detector
 from service.fisher import dense_fisher, dense_spectrum, fisher_spectrum
 from service.zoo.registry import load_model, resolve_device, use_full_float32
 

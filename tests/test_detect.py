@@ -14,14 +14,7 @@ import torch
 from service.data.mnist import load_mnist
 from service.detect.baselines import KernelDensityScorer, bayesian_uncertainty
 from service.detect.dataset import build_detection_set
-from service.detect.detector import (
-    DetectorLoadError,
-    card_path_for,
-    detector_path,
-    load_detector,
-    threshold_at_fpr,
-    train_detector,
-)
+from service.detect.detector import threshold_at_fpr, train_detector
 from service.detect.features import (
     DARK,
     EIGENVALUE_FLOOR,
@@ -38,6 +31,7 @@ from service.detect.features import (
     noise_directions,
     squeeze_direction,
 )
+from service.detect.files import DetectorLoadError, card_path_for, detector_path, load_detector, save_detector
 from service.fisher import dense_fisher, fisher_spectrum
 from service.zoo.registry import load_model
 
@@ -291,7 +285,7 @@ def test_detector_trains_scores_and_holds_its_fpr(lenet, detector):
 
 
 def test_save_load_round_trip_and_refusals(lenet, detector, tmp_path):
-    path, card = detector.save(detector_path(tmp_path, "lenet5"))
+    path, card = save_detector(detector, detector_path(tmp_path, "lenet5"))
     assert path.name == "lenet5.detector.npz" and card == card_path_for(path) and card.name == "lenet5.detector.json"
     assert json.loads(card.read_text())["threshold"]["value"] == detector.threshold
     loaded = load_detector(path, lenet.sha256)

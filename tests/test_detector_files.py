@@ -22,14 +22,15 @@ from sklearn.svm import SVC
 from service.cli import main as cli_main
 from service.config import REPO_ROOT, Settings, get_settings
 from service.detect.compiled import compile_classifier
-from service.detect.detector import (
+from service.detect.detector import Detector
+from service.detect.files import (
     FILE_KEY,
-    Detector,
     DetectorLoadError,
     card_path_for,
     detector_path,
     find_detector,
     load_detector,
+    save_detector,
 )
 from service.jobs import model_cache
 from service.zoo.registry import find_card, sha256_file, weights_path
@@ -61,7 +62,7 @@ def fitted(name: str):
 
 
 def saved(tmp_path: Path, name: str = "random_forest") -> Path:
-    path, _ = Detector(fitted(name), "plain", 20, 0.375, dict(CARD)).save(detector_path(tmp_path, "m"))
+    path, _ = save_detector(Detector(fitted(name), "plain", 20, 0.375, dict(CARD)), detector_path(tmp_path, "m"))
     return path
 
 

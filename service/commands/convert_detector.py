@@ -24,12 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def convert_detector_command(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from service.detect.detector import load_detector, load_legacy_detector
+    from service.detect.files import load_detector, load_legacy_detector, save_detector
 
     out = args.out or args.path.with_suffix(".npz")
     try:
         legacy = load_legacy_detector(args.path)
-        path, card = legacy.save(out)
+        path, card = save_detector(legacy, out)
         converted = load_detector(path, legacy.model_sha256)
     except ValueError as exc:  # DetectorLoadError included
         print(f"convert-detector: {exc}", file=sys.stderr)

@@ -47,7 +47,8 @@ def train_detector_command(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
     from service.data.mnist import load_mnist
-    from service.detect.detector import detector_path, train_detector
+    from service.detect.detector import train_detector
+    from service.detect.files import detector_path, save_detector
     from service.zoo.registry import load_model
 
     torch.set_num_threads(args.threads)
@@ -64,7 +65,7 @@ def train_detector_command(args: argparse.Namespace) -> int:
     )
     detector.card["wall_time_s"] = round(time.perf_counter() - start, 1)
     out_dir = args.models_dir or get_settings().models_dir
-    path, card = detector.save(detector_path(out_dir, loaded.name))
+    path, card = save_detector(detector, detector_path(out_dir, loaded.name))
     val, test = detector.card["validation"], detector.card["test"]
     print(f"wrote {path} and {card}")
     print(f"threshold {detector.threshold:.4f} (FPR {args.fpr} on out-of-fold validation scores); "

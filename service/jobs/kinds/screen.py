@@ -57,7 +57,7 @@ def summarise(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check(spec: JobSpec, card_path: Any, settings: Any) -> None:
     """The model's active detector lies next to its card (as the API and the workers load it)."""
-    from service.detect.detector import find_detector
+    from service.detect.files import find_detector
     from service.jobs.types import JobInputError
 
     path = find_detector(card_path.parent, spec.model or "")

@@ -52,6 +52,7 @@ def candidate_path(settings: Settings, model_name: str, job_id: str) -> Path:
 def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
     """Train a detector for the model and write it (+ card) as a candidate; JSON card artifact."""
     from service.detect.detector import train_detector
+    from service.detect.files import save_detector
 
     model = model_cache.get_bundle(spec.model or "").loaded
     p = dict(spec.params)
@@ -70,7 +71,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
         test_labels=None if test_y is None else torch.from_numpy(test_y),
         command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}",
         data_description=f"fit: {spec.params['fit_dataset']}, test: {test_name}", **p)
-    path, card_path = detector.save(candidate_path(ctx.settings, model.name, spec.id))
+    path, card_path = save_detector(detector, candidate_path(ctx.settings, model.name, spec.id))
     ctx.progress(1, 1)
     ctx.save_artifact(card_path.name, "application/json", card_path.read_bytes())
     return {"model": model.name, "detector_path": str(path), "card_path": str(card_path), "active": False,
@@ -84,7 +85,7 @@ def activate_detector(path: str | Path, folders: Sequence[Path]) -> Path:
     `<model>.detector.npz` / `.json` next to the model's card (where the API and the workers load it from), after
     checking it (sha256 against its card, trained for the model's current weights). API and workers pick it up on
     restart."""
-    from service.detect.detector import card_path_for, detector_path, load_detector
+    from service.detect.files import card_path_for, detector_path, load_detector
     from service.zoo.registry import find_card, sha256_file, weights_path
 
     path = Path(path)
