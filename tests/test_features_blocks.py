@@ -1,6 +1,8 @@
 """The feature sets against golden matrices: 16 MNIST test images and their OSSA adversarials (epsilon 3), every
-set on the shipped LeNet-5 and the shipped set on the shipped VGG, one thread. Regenerate (only when a feature's
-definition changes on purpose) with `python tests/test_features_blocks.py`."""
+set on the shipped LeNet-5 and the shipped set on the shipped VGG, in float64 (float32 kernels differ from one CPU
+to the next by more than a refactoring should: up to 2% on some KL columns between two x86 machines; in float64
+they agree to ~1e-12). Regenerate (only when a feature's definition changes on purpose) with
+`python tests/test_features_blocks.py`."""
 
 from __future__ import annotations
 
@@ -44,15 +46,15 @@ def golden_images() -> torch.Tensor:
 
 
 def compute(images: torch.Tensor) -> dict[str, np.ndarray]:
-    """Every case's feature matrix (float64) and names, one thread."""
+    """Every case's feature matrix and names, model and images in float64, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = {}
         for model_name in dict.fromkeys(model for model, _ in CASES):
-            module = load_model(model_name, device="cpu").module
+            module = load_model(model_name, device="cpu").module.double()
             for feature_set in (name for model, name in CASES if model == model_name):
-                feats = fisher_features(module, images, feature_set)
+                feats = fisher_features(module, images.double(), feature_set)
                 out[f"matrix:{_key(model_name, feature_set)}"] = feats.matrix.astype(np.float64)
                 out[f"names:{_key(model_name, feature_set)}"] = np.asarray(feats.names, dtype=NAME_DTYPE)
         return out
@@ -72,14 +74,14 @@ def computed(golden) -> dict[str, np.ndarray]:
 
 
 def test_golden_images_are_the_ossa_slice(golden):
-    np.testing.assert_array_equal(golden_images().numpy(), golden["images"])
+    np.testing.assert_allclose(golden_images().numpy(), golden["images"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("model", "feature_set"), CASES)
-def test_features_are_bit_identical_to_golden(golden, computed, model, feature_set):
+def test_features_equal_the_golden_ones(golden, computed, model, feature_set):
     key = _key(model, feature_set)
     np.testing.assert_array_equal(computed[f"names:{key}"], golden[f"names:{key}"])
-    np.testing.assert_array_equal(computed[f"matrix:{key}"], golden[f"matrix:{key}"])
+    np.testing.assert_allclose(computed[f"matrix:{key}"], golden[f"matrix:{key}"], rtol=1e-9, atol=1e-9)
     assert list(golden[f"names:{key}"]) == feature_names(feature_set)
 
 

@@ -18,7 +18,7 @@ ONE_STEP_ATTACKS = ("ossa", "fgm")
 
 
 def direction_attack(model: nn.Module, x: Tensor, labels: Tensor, attack: str = "ossa",
-                     method: str = "auto") -> Callable[[float | Tensor], Tensor]:
+                     method: str = "auto", max_classes: int | None = None) -> Callable[[float | Tensor], Tensor]:
     """A one-step attack's direction computed once, as `epsilon -> adversarial images` (FGM: the loss gradient;
     OSSA: the top eigenvector of G_x, signed to raise the loss)."""
     if attack not in ONE_STEP_ATTACKS:
@@ -26,7 +26,7 @@ def direction_attack(model: nn.Module, x: Tensor, labels: Tensor, attack: str = 
     if attack == "fgm":
         direction = fgm_direction(model, x, labels)
         return lambda eps: step(x, direction, eps)
-    direction, _ = top_direction(model, x, method)  # type: ignore[arg-type]
+    direction, _ = top_direction(model, x, method, max_classes)  # type: ignore[arg-type]
     return lambda eps: signed_step(model, x, direction, labels, eps)
 
 

@@ -10,9 +10,11 @@ from service.fisher.checks import check_epsilon
 from service.fisher.spectrum import Method, fisher_spectrum
 
 
-def top_direction(model: nn.Module, x: Tensor, method: Method = "auto") -> tuple[Tensor, Tensor]:
-    """The unit top eigenvector of G_x per image (unsigned) and its eigenvalue."""
-    spectrum = fisher_spectrum(model, x, k=1, method=method, return_vectors=True)
+def top_direction(model: nn.Module, x: Tensor, method: Method = "auto",
+                  max_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """The unit top eigenvector of G_x per image (unsigned) and its eigenvalue (`max_classes`: the truncated
+    route's cap on the classes it keeps)."""
+    spectrum = fisher_spectrum(model, x, k=1, method=method, return_vectors=True, max_classes=max_classes)
     return spectrum.eigenvectors[:, 0], spectrum.eigenvalues[:, 0]
 
 
@@ -28,17 +30,18 @@ def signed_step(model: nn.Module, x: Tensor, direction: Tensor, labels: Tensor, 
 
 
 def ossa(model: nn.Module, images: Tensor, labels: Tensor | None = None, epsilon: float = 1.0, *,
-         method: Method = "auto") -> AttackResult:
+         method: Method = "auto", max_classes: int | None = None) -> AttackResult:
     """One step of L2 size epsilon along the top eigenvector of G_x, signed to raise the loss."""
     epsilon = check_epsilon(epsilon)
     x, labels, original = setup(model, images, labels)
-    direction, top = top_direction(model, x, method)
+    direction, top = top_direction(model, x, method, max_classes)
     adversarial = signed_step(model, x, direction, labels, epsilon)
     return finish(model, x, adversarial, labels, original, top_eigenvalue=top)
 
 
 def iterative_ossa(model: nn.Module, images: Tensor, labels: Tensor | None = None, epsilon: float = 2.0, *,
-                   step_size: float = 0.05, steps: int = 50, method: Method = "auto") -> AttackResult:
+                   step_size: float = 0.05, steps: int = 50, method: Method = "auto",
+                   max_classes: int | None = None) -> AttackResult:
     """Repeated OSSA steps of size `step_size`, each along the top eigenvector at the current point,
     projected onto the epsilon ball around the original and into the box."""
     epsilon, step_size = check_epsilon(epsilon), check_epsilon(step_size, "step_size")
@@ -48,7 +51,7 @@ def iterative_ossa(model: nn.Module, images: Tensor, labels: Tensor | None = Non
     adv = x.clone()
     top0 = None
     for _ in range(steps):
-        direction, top = top_direction(model, adv, method)
+        direction, top = top_direction(model, adv, method, max_classes)
         top0 = top if top0 is None else top0
         moved = signed_step(model, adv, direction, labels, step_size)
         adv = (x + project_l2(moved - x, epsilon)).clamp(0.0, 1.0)

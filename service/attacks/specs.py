@@ -37,6 +37,8 @@ class NoOptions(Options):
 
 class OssaOptions(Options):
     method: SpectrumRoute = Field("auto", description="Route to the top eigenvector (service.fisher).")
+    max_classes: int | None = Field(None, ge=2, description="The truncated route's cap on the classes it keeps "
+                                    "(bounds its cost for a large K).")
 
 
 class IterativeOssaOptions(OssaOptions):

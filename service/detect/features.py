@@ -12,6 +12,7 @@ round of forward passes and hands each block its own share. A new block is one `
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,40 @@ MARGIN_STEPS = (1.0, 1.5, 2.0)  # steps toward the runner-up class, in units of 
 FINE_STEPS = (1.0, 2.0)  # L2 steps along the image's own fine-scale direction (the "spectral+noise+fine" set)
 SQUEEZE_LEVELS = (0.3, 0.5, 0.7)  # 1-bit squeezings: pixels at or above the level go to 1, the rest to 0
 SQUEEZE_STEPS = (1.0, 2.0, 4.0)  # L2 steps along each squeezing direction (the "+squeeze" set)
+BIT_DEPTHS = (4, 5)  # per-channel bit-depth squeezings of the "+natural" set (Xu et al. 2018: 5 bits for CIFAR-10)
+MEDIAN_SIZES = (2, 3)  # median smoothings of the "+natural" set (Xu et al.: 2x2 for CIFAR-10 and ImageNet)
+PROBE_REFERENCE_DIM = 784  # probe norms are stated for images of this many values, and scaled to keep their RMS
 PROBE_CHUNK = 256  # probe images per forward pass
+TRUNCATED_CLASSES = 20  # the truncated route's classes for models above EXACT_MAX_CLASSES (bounded screening cost)
+
+
+@dataclass(frozen=True)
+class SpectrumRoute:
+    """How the features get G_x's spectrum: the exact Gram route (K-1 backward passes), or the truncated one over
+    at most `max_classes` most probable classes (a bounded cost for a large K: its eigenvalues are lower bounds, off
+    by at most the discarded probability mass times the largest squared class gradient; service.fisher.gram)."""
+
+    method: str = "exact"
+    max_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "truncated"):
+            raise ValueError(f"spectrum route: method must be 'exact' or 'truncated', got {self.method!r}")
+        if self.method == "truncated" and not (type(self.max_classes) is int and self.max_classes >= 2):
+            raise ValueError(f"spectrum route: truncated needs max_classes >= 2, got {self.max_classes!r}")
+
+    @classmethod
+    def for_classes(cls, num_classes: int) -> SpectrumRoute:
+        """Exact up to EXACT_MAX_CLASSES classes, else truncated to TRUNCATED_CLASSES."""
+        from service.fisher.spectrum import EXACT_MAX_CLASSES
+
+        return cls() if num_classes <= EXACT_MAX_CLASSES else cls("truncated", TRUNCATED_CLASSES)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "max_classes": self.max_classes}
+
+
+EXACT = SpectrumRoute()
 
 
 @dataclass
@@ -89,6 +123,8 @@ class FeatureSet:
     name: str
     description: str
     blocks: tuple[Block, ...]
+    channels: tuple[int, ...] | None = None  # the image channels it suits (None: any)
+    candidate: bool = False  # compared by a training run that chooses the feature set (`candidate_sets`)
 
 
 def log_eigenvalues(eigenvalues: Tensor | np.ndarray, floor: float = EIGENVALUE_FLOOR) -> np.ndarray:
@@ -113,6 +149,12 @@ def log10_kl(p: Tensor, q: Tensor) -> Tensor:
 def _flips(p: Tensor, q: Tensor) -> Tensor:
     """1.0 where the probe's prediction differs from the image's (q: (N, P, K)), else 0.0."""
     return (q.argmax(-1) != p.argmax(-1)[:, None]).double()
+
+
+def probe_scale(images: Tensor) -> float:
+    """The factor on every probe's L2 norm: sqrt(D / PROBE_REFERENCE_DIM), so that a probe changes each of an
+    image's D values by the same RMS whatever its size (1 for 28x28 digits)."""
+    return math.sqrt(images[0].numel() / PROBE_REFERENCE_DIM)
 
 
 def _direction_probes(images: Tensor, direction: Tensor, steps: tuple[float, ...]) -> Tensor:
@@ -174,7 +216,8 @@ class TopEigenvectorSteps(Block):
     def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
         """x + t v_1 and x - t v_1 for each step t."""
         top = spectrum.eigenvectors[:, 0].to(images.dtype).reshape(images.shape)
-        return _direction_probes(images, top, tuple(s * t for t in KL_STEPS for s in (1.0, -1.0)))
+        scale = probe_scale(images)
+        return _direction_probes(images, top, tuple(s * t * scale for t in KL_STEPS for s in (1.0, -1.0)))
 
     def columns(self, data: BlockInput) -> np.ndarray:
         q = data.q.view(data.q.shape[0], len(KL_STEPS), 2, -1)
@@ -200,7 +243,7 @@ class IsotropicNoise(Block):
     def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
         """x + r u for each norm r and fixed direction u, clipped."""
         u = noise_directions(images.shape[1:], images.dtype, images.device)
-        norms = torch.tensor(NOISE_NORMS, dtype=images.dtype, device=images.device)
+        norms = torch.tensor(NOISE_NORMS, dtype=images.dtype, device=images.device) * probe_scale(images)
         directions = (norms.view(-1, *([1] * images.ndim)) * u.unsqueeze(0)).flatten(0, 1)
         return (images.unsqueeze(1) + directions.unsqueeze(0)).clamp(0, 1)
 
@@ -262,8 +305,9 @@ class Ratios(Block):
         trace = np.maximum(lam.sum(1), EIGENVALUE_FLOOR)
         share = lam / trace[:, None]
         effective_rank = np.exp(-(share * np.log(np.maximum(share, 1e-300))).sum(1))
-        steps = np.asarray(KL_STEPS) ** 2 / 2
-        norms = np.asarray(NOISE_NORMS) ** 2 / (2 * data.images[0].numel())
+        scale = probe_scale(data.images)
+        steps = (np.asarray(KL_STEPS) * scale) ** 2 / 2
+        norms = (np.asarray(NOISE_NORMS) * scale) ** 2 / (2 * data.images[0].numel())
         step_kl = np.stack([data.earlier[f"step{t}_max_log10_kl"] for t in KL_STEPS], 1)
         mean_noise_kl = np.stack([data.earlier[f"noise{r}_mean_log10_kl"] for r in NOISE_NORMS], 1)
         d = _margin_distance(data.images, data.spectrum)[2].detach().double().cpu().clamp(min=1e-30).numpy()
@@ -297,6 +341,28 @@ def squeeze_direction(images: Tensor, level: float) -> Tensor:
     return _unit((images >= level).to(images.dtype) - images)
 
 
+def bit_depth_direction(images: Tensor, bits: int) -> Tensor:
+    """The unit direction from each image to its per-channel squeezing to `bits` bits (Xu et al. 2018)."""
+    levels = 2 ** bits - 1
+    return _unit(torch.round(images * levels) / levels - images)
+
+
+def median_smooth(images: Tensor, size: int) -> Tensor:
+    """The per-channel median over each size x size window of (N, C, H, W) images, same size out (edges
+    replicated; an even window takes the lower middle value, as torch.median does)."""
+    if images.ndim != 4:
+        raise ValueError(f"images: median smoothing needs (N, C, H, W) images, got shape {tuple(images.shape)}")
+    before, after = (size - 1) // 2, size // 2
+    padded = torch.nn.functional.pad(images, (before, after, before, after), mode="replicate")
+    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # (N, C, H, W, size, size)
+    return windows.flatten(-2).median(-1).values
+
+
+def median_direction(images: Tensor, size: int) -> Tensor:
+    """The unit direction from each image to its size x size median smoothing (Xu et al. 2018)."""
+    return _unit(median_smooth(images, size) - images)
+
+
 @dataclass(frozen=True)
 class Direction(Block):
     """The Fisher geometry of the image's own unit direction u: the Rayleigh quotient u^T G_x u from the eigenpairs,
@@ -315,7 +381,8 @@ class Direction(Block):
             f"{self.step}{t}_{what}" for t in self.steps for what in ("log10_kl", "log10_kl_over_quadratic", "flips")]
 
     def probes(self, images: Tensor, spectrum: FisherSpectrum) -> Tensor:
-        return _direction_probes(images, self.direction(images), self.steps)
+        scale = probe_scale(images)
+        return _direction_probes(images, self.direction(images), tuple(t * scale for t in self.steps))
 
     def columns(self, data: BlockInput) -> np.ndarray:
         spectrum, q = data.spectrum, data.q
@@ -323,23 +390,26 @@ class Direction(Block):
         projections = (v * self.direction(data.images).flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
         rayleigh = (spectrum.eigenvalues[:, :v.shape[1]].to(v.device) * projections).sum(-1).clamp(min=EIGENVALUE_FLOOR)
         kl = log10_kl(data.p[:, None], q)
-        t = torch.tensor(self.steps, dtype=torch.float64, device=kl.device)
+        t = torch.tensor(self.steps, dtype=torch.float64, device=kl.device) * probe_scale(data.images)
         quadratic = t ** 2 / 2 * rayleigh[:, None].to(kl.device)
         head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
         per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), _flips(data.p, q)], -1)
         return torch.cat([head, per_step.flatten(1)], 1).cpu().numpy()
 
 
-def _table(*rows: tuple[str, str | None, str, tuple[Block, ...]]) -> dict[str, FeatureSet]:
-    """The feature sets from rows (name, the earlier set it extends or None, description, its own blocks)."""
+def _table(*rows: tuple) -> dict[str, FeatureSet]:
+    """The feature sets from rows (name, the earlier set it extends or None, description, its own blocks, and
+    optionally the channels it suits and whether a training run compares it)."""
     table: dict[str, FeatureSet] = {}
-    for name, base, description, blocks in rows:
-        table[name] = FeatureSet(name, description, (*(table[base].blocks if base else ()), *blocks))
+    for name, base, description, blocks, *rest in rows:
+        channels, candidate = (rest + [None, False])[:2] if rest else (None, False)
+        table[name] = FeatureSet(name, description, (*(table[base].blocks if base else ()), *blocks), channels,
+                                 candidate)
     return table
 
 
 FEATURE_SETS: dict[str, FeatureSet] = _table(
-    ("plain", None, "log10 of the top-k eigenvalues of G_x (the paper's features)", (Eigenvalues(),)),
+    ("plain", None, "log10 of the top-k eigenvalues of G_x (the paper's features)", (Eigenvalues(),), None, True),
     ("plain+probs", "plain",
      "plain, plus the entropy and the top probability of the model's output (same spectrum call)",
      (OutputProbabilities(),)),
@@ -358,7 +428,7 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      f"distance d = gap / norm, and log10 KL and whether the prediction changes after steps of "
      f"{MARGIN_STEPS} x d toward that class; one spectrum call (one more backward product for the "
      "margin) plus forward passes",
-     (IsotropicNoise(), Margin())),
+     (IsotropicNoise(), Margin()), None, True),
     ("spectral+noise+ratios", "spectral+noise",
      "spectral+noise, plus ratios that a depth-5 tree cannot form itself (no extra pass): "
      "log10 lambda_1 / lambda_2 and lambda_2 / lambda_3, log10 tr(G_x) (the sum of the top-k "
@@ -374,7 +444,7 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      f"t in {FINE_STEPS} along u, log10 KL, its departure from the quadratic form "
      "(log10 KL - log10(t^2 u^T G_x u / 2)) and whether the prediction changes; the direction's "
      "length is left out, so the features do not tell noisy images by their noise energy",
-     (Direction("fine", "fine", fine_direction, FINE_STEPS),)),
+     (Direction("fine", "fine", fine_direction, FINE_STEPS),), None, True),
     ("spectral+noise+fine+squeeze", "spectral+noise+fine",
      "spectral+noise+fine, plus the same Fisher geometry along the image's own "
      "squeezing directions w_l = (s_l(x) - x) / ||s_l(x) - x||, s_l the 1-bit squeezing "
@@ -384,7 +454,17 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      "departure from t^2 w^T G_x w / 2 and whether the prediction changes (w's length is "
      "left out too)",
      tuple(Direction(f"squeeze{level}", f"squeeze{level}_step", partial(squeeze_direction, level=level), SQUEEZE_STEPS)
-           for level in SQUEEZE_LEVELS)),
+           for level in SQUEEZE_LEVELS), (1,), True),
+    ("spectral+noise+fine+natural", "spectral+noise+fine",
+     "spectral+noise+fine, plus the same Fisher geometry along the squeezings that Xu et al. 2018 use for "
+     f"natural images (CIFAR-10, ImageNet), per channel: bit-depth reduction to b bits for b in {BIT_DEPTHS} "
+     f"and median smoothing over s x s windows for s in {MEDIAN_SIZES}; per squeezing w: log10 w^T G_x w, the "
+     f"share of w in the top-3 eigenvectors, and, after steps of t in {SQUEEZE_STEPS} along w, log10 KL, its "
+     "departure from t^2 w^T G_x w / 2 and whether the prediction changes",
+     (*(Direction(f"bits{b}", f"bits{b}_step", partial(bit_depth_direction, bits=b), SQUEEZE_STEPS)
+        for b in BIT_DEPTHS),
+      *(Direction(f"median{s}", f"median{s}_step", partial(median_direction, size=s), SQUEEZE_STEPS)
+        for s in MEDIAN_SIZES)), None, True),
 )
 
 
@@ -421,36 +501,66 @@ def _probe_round(model: nn.Module, images: Tensor,
     return q[:, 0], [None if probe is None else next(shares) for probe in probes]
 
 
-def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K) -> FisherFeatures:
-    """Features of one batch: ONE exact spectrum call (with the eigenvectors and the margin's gradient from the same
-    forward pass where a block needs them), then one round of forward-only probe passes for all blocks."""
-    blocks = FEATURE_SETS[check_feature_set(feature_set)].blocks
-    spectrum = fisher_spectrum(model, images, k=k, method="exact", return_vectors=any(b.vectors for b in blocks),
+def _block_columns(model: nn.Module, images: Tensor, blocks: tuple[Block, ...], k: int,
+                   route: SpectrumRoute) -> tuple[FisherSpectrum, list[np.ndarray]]:
+    """Each block's columns for one batch: ONE spectrum call on `route` (with the eigenvectors and the margin's
+    gradient from the same forward pass where a block needs them), then one round of forward-only probe passes."""
+    spectrum = fisher_spectrum(model, images, k=k, method=route.method,  # type: ignore[arg-type]
+                               max_classes=route.max_classes, return_vectors=any(b.vectors for b in blocks),
                                return_margin=any(b.margin for b in blocks))
     images = images.to(spectrum.eigenvalues.device)
     p, shares = _probe_round(model, images, [block.probes(images, spectrum) for block in blocks])
-    names: list[str] = []
     parts: list[np.ndarray] = []
     earlier: dict[str, np.ndarray] = {}
     for block, q in zip(blocks, shares, strict=True):
         block_names = block.names(k)
         columns = block.columns(BlockInput(images, spectrum, p, q, earlier))
         assert columns.shape == (images.shape[0], len(block_names)), (type(block).__name__, columns.shape)
-        names += block_names
         parts.append(columns)
         earlier.update(zip(block_names, columns.T, strict=True))
-    return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, names)
+    return spectrum, parts
+
+
+def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K,
+                    route: SpectrumRoute = EXACT) -> FisherFeatures:
+    """Features of one batch: one spectrum call, then one round of forward-only probe passes for all blocks."""
+    blocks = FEATURE_SETS[check_feature_set(feature_set)].blocks
+    spectrum, parts = _block_columns(model, images, blocks, k, route)
+    return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
 
 
 def batched_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K,
-                     batch_size: int = 256, progress: bool = False, desc: str = "features") -> np.ndarray:
+                     batch_size: int = 256, progress: bool = False, desc: str = "features",
+                     route: SpectrumRoute = EXACT) -> np.ndarray:
     """Feature matrix of many images, batch by batch (bounded memory), with an optional progress bar."""
+    return candidate_features(model, images, (feature_set,), k, batch_size, progress, desc, route)[feature_set]
+
+
+def candidate_sets(image_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The feature sets a training run compares for images of this [C, H, W] shape: the candidates that suit its
+    channels (the 1-bit squeezing suits one-channel, digit-like images; the natural-image squeezings any)."""
+    return tuple(name for name, fs in FEATURE_SETS.items()
+                 if fs.candidate and (fs.channels is None or image_shape[0] in fs.channels))
+
+
+def candidate_features(model: nn.Module, images: Tensor, feature_sets: tuple[str, ...], k: int = DEFAULT_K,
+                       batch_size: int = 256, progress: bool = False, desc: str = "features",
+                       route: SpectrumRoute = EXACT) -> dict[str, np.ndarray]:
+    """The feature matrix of each set, from ONE pass over the union of their blocks (sets share the blocks of the
+    sets they extend), batch by batch with bounded memory."""
     from tqdm.auto import tqdm
 
-    out = []
-    starts = range(0, images.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        out.append(fisher_features(model, images[start:start + batch_size], feature_set, k).matrix)
-    if not out:
-        return np.zeros((0, len(feature_names(feature_set, k))))
-    return np.concatenate(out, 0)
+    union: list[Block] = []
+    for name in feature_sets:
+        union += [block for block in FEATURE_SETS[check_feature_set(name)].blocks
+                  if not any(block is seen for seen in union)]
+    blocks = tuple(union)
+    per_block: list[list[np.ndarray]] = [[] for _ in blocks]
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        _, parts = _block_columns(model, images[start:start + batch_size], blocks, k, route)
+        for store, part in zip(per_block, parts, strict=True):
+            store.append(part)
+    columns = [np.concatenate(store, 0) if store else np.zeros((0, len(block.names(k))))
+               for store, block in zip(per_block, blocks, strict=True)]
+    return {name: np.concatenate([columns[next(i for i, b in enumerate(blocks) if b is block)]
+                                  for block in FEATURE_SETS[name].blocks], 1) for name in feature_sets}
