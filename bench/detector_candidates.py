@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.data.mnist import load_mnist  # noqa: E402
-from service.detect.dataset import DEFAULT_ATTACKS, build_detection_set  # noqa: E402
+from service.detect.dataset import DEFAULT_ATTACKS, MNIST_EPSILONS, build_detection_set  # noqa: E402
 from service.detect.detector import auc_score, out_of_fold_scores  # noqa: E402
 from service.detect.features import (  # noqa: E402
     EIGENVALUE_FLOOR,
@@ -103,7 +103,7 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model(ROOT / "models" / f"{args.model}.json", device="cpu").module
     images, labels = load_mnist("val")
-    data = build_detection_set(model, images, labels, (args.attack,), seed=0)
+    data = build_detection_set(model, images, labels, (args.attack,), MNIST_EPSILONS, seed=0)
     x, y, groups = data.images, data.is_adversarial, data.source
     base = batched_features(model, x, BASE_FEATURE_SET)
     blur_spectrum = log_spectrum(model, box_blur(x))

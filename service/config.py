@@ -30,6 +30,11 @@ class Settings(BaseSettings):
                                           "(`<model>.detector.joblib`). Unpickling runs whatever code the file "
                                           "holds: enable it only for files you trust, and better convert them "
                                           "once with `fisher-guard convert-detector`.")
+    detector_poll_s: float = Field(2.0, ge=0, description="Seconds between each API process's looks at the active "
+                                   "detector card of its models (a stat): a detector activated by any process (CLI "
+                                   "`fisher-guard activate-detector`, the API, a rollback) is swapped in without a "
+                                   "restart within this time (job workers check at each job's start); 0: never "
+                                   "(only the process that activates it over the API swaps at once).")
 
     # HTTP API (service/api): server, limits, micro-batching, auth
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")
@@ -94,7 +99,7 @@ class Settings(BaseSettings):
                                           "connection is closed (clients that connect and send nothing, or "
                                           "trickle a head slowly: slowloris).")
 
-    @field_validator("serve_models", "api_keys", "admin_api_keys", mode="before")
+    @field_validator("serve_models", "api_keys", "admin_api_keys", "dataset_folders", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         """Accept 'a,b' (environment) as well as a list."""
@@ -136,9 +141,23 @@ class Settings(BaseSettings):
                              "FISHER_GUARD_JOBS_DEBUG_DELAY_S.")
     jobs_debug_delay_s: float = Field(0.0, ge=0, description="Tests only (with jobs_debug): sleep per batch.")
 
+    # labelled datasets (service/data/datasets.py): server-side names and limits
+    dataset_folders: Annotated[list[Path], NoDecode] = Field(
+        [], description="Comma-separated folders of server-side datasets: each sub-folder (one folder of PNG/JPEG "
+        "files per class, the ImageFolder layout) or .npz file (images, labels) in them is the dataset "
+        "`data:<name>` named after it; empty: only the bundled `mnist:*`.")
+    dataset_max_items: int = Field(50000, ge=1, description="Most images in one labelled dataset (a folder, zip or "
+                                   ".npz, uploaded or server-side); a job upload is also bounded by jobs_max_items.")
+    dataset_max_mb: float = Field(2048.0, gt=0, description="Largest labelled dataset, MiB: its file, the declared "
+                                  "unpacked size of its archive and its decoded float32 images, each.")
+
     def model_folders(self) -> list[Path]:
         """The folders searched for model cards: models_dir, then user_models_dir when set."""
         return [Path(self.models_dir)] + ([Path(self.user_models_dir)] if self.user_models_dir else [])
+
+    def data_folders(self) -> list[Path]:
+        """The folders of server-side datasets (`data:<name>`): dataset_folders."""
+        return [Path(p) for p in self.dataset_folders]
 
 
 @lru_cache

@@ -227,7 +227,7 @@ def test_jobs_on_a_cuda_worker(shipped, tmp_path):
             "attack": JobRequest(type="attack", model="lenet5", dataset="mnist:test", limit=8,
                                  params={"attack": "bim", "epsilon": 2.0, "options": {"steps": 5}}),
             "train-detector": JobRequest(type="train-detector", model="lenet5", params={
-                "fit_limit": 60, "test_dataset": None, "attacks": ["fgm", "ossa"], "classifier": "gnb",
+                "fit_dataset": "mnist:val", "fit_limit": 60, "attacks": ["fgm", "ossa"], "classifier": "gnb",
                 "feature_set": "plain"}),
         }
         jobs = {name: queue.submit(request).id for name, request in requests.items()}

@@ -65,7 +65,7 @@ def detector(lenet, val_slice):
     x, y = load_mnist("test")
     return train_detector(lenet.module, model_name="lenet5", model_sha256=lenet.sha256, fit_images=val_slice[0],
                           fit_labels=val_slice[1], test_images=x[:24], test_labels=y[:24], attacks=ATTACKS,
-                          feature_set="spectral", seed=0, command="pytest")
+                          feature_set="spectral", seed=0, command="pytest").detector
 
 
 def test_plain_features_are_log10_eigenvalues(lenet, val_slice):
@@ -279,8 +279,8 @@ def test_detector_trains_scores_and_holds_its_fpr(lenet, detector):
     assert (result.adversarial == (result.scores >= detector.threshold)).all()
     assert result.eigenvalues.shape == (10, 20) and result.probabilities.shape == (10, 10)
     card = detector.card
-    assert card["model"] == {"name": "lenet5", "sha256": lenet.sha256}
-    assert card["validation"]["fpr"] <= 0.05  # out-of-fold FPR at the chosen threshold
+    assert card["model"] == {"name": "lenet5", "sha256": lenet.sha256, "input_shape": [1, 28, 28], "num_classes": 10}
+    assert card["threshold"]["clean_fpr"] <= 0.05  # on the clean images that set it
     assert 0.0 <= card["test"]["auc"] <= 1.0 and card["features"]["feature_set"] == "spectral"
 
 

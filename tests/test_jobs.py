@@ -7,6 +7,7 @@ import io
 import shutil
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +285,8 @@ def test_a_sharded_job_gives_the_unsharded_answer(make_queue):
 
 def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step(models_dir, tmp_path,
                                                                                  monkeypatch):
-    from service.jobs.kinds.train_detector import activate_detector
+    from service.detect.files import activate_detector, find_detector
+    from service.zoo.registry import sha256_file
 
     folder = tmp_path / "models"
     shutil.copytree(models_dir, folder)
@@ -296,17 +298,23 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
     queue = InProcessJobQueue(queue_settings(models_dir=folder))
     try:
         info = queue.submit(JobRequest(type="train-detector", model="lenet5", params={
-            "fit_limit": 60, "test_dataset": None, "attacks": ["fgm", "ossa"], "classifier": "gnb",
-            "feature_set": "plain"}))
+            "fit_dataset": "mnist:val", "fit_limit": 90, "test_fraction": 0.3, "attacks": ["fgm", "ossa"],
+            "classifier": "gnb", "feature_set": "plain", "epsilons": {"fgm": 3.0}}))
         final = wait_for(queue, info.id, timeout=120)
         assert final.status == JobStatus.succeeded, final.error
         summary = queue.result(info.id)
         candidate = Path(summary["detector_path"])
         assert summary["active"] is False and candidate.parent == folder / "candidates" and candidate.is_file()
+        assert summary["budgets"]["fgm"] == 3.0 and summary["budgets"]["ossa"] > 0  # given; chosen by the rule
+        assert summary["test"]["rows"]["negatives"] > 0  # measured on the held-out 30%
         assert active.read_bytes() == before  # training does not touch the active detector
-        assert queue.artifact(info.id).filename.endswith(".json")
-        assert activate_detector(candidate, [folder]) == active and active.read_bytes() == candidate.read_bytes()
-        assert (folder / "lenet5.detector.json").read_bytes() == candidate.with_suffix(".json").read_bytes()
+        artifact = queue.artifact(info.id)
+        assert artifact.filename.endswith(".zip")
+        with zipfile.ZipFile(io.BytesIO(artifact.data)) as zf:
+            assert {candidate.name, candidate.with_suffix(".json").name, "report/report.md"} <= set(zf.namelist())
+        done = activate_detector(candidate, folder / "lenet5.json", sha256_file(folder / "lenet5.pt"))
+        assert done.file.read_bytes() == candidate.read_bytes()
+        assert find_detector(folder, "lenet5") == folder / "lenet5.detector.json"
     finally:
         queue.close()
         get_settings.cache_clear()

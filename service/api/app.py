@@ -9,6 +9,9 @@ then turns readiness on. What other routers can use on `app.state`:
   `ready`: bool;
 - dependencies in service.api.dependencies (`require_ready`, `served_model`, `lookup_model`, `decode_*`) and
   service.api.security.require_api_key; errors: raise service.api.errors.ProblemError(status, code, detail).
+
+The lifespan also watches each served model's active detector card (every `detector_poll_s` seconds) and swaps a
+newly activated detector in without a restart (service.serving.refresh_detector).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from service.api.runtime import discover_cards, load_served_model
 from service.api.security import accepted_keys, require_api_key
 from service.config import Settings, get_settings
 from service.observability import configure_logging
+from service.serving import refresh_detector
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +92,27 @@ async def load_models(app: FastAPI) -> None:
         log.exception("loading the models failed")
 
 
+async def watch_detectors(app: FastAPI, poll_s: float) -> None:
+    """Every `poll_s` seconds, stat each served model's active detector card; on a change, load the new detector
+    in a thread (every check: a refusal is logged and the old detector stays) and swap it in whole. A screening
+    batch reads the model's detector state once: it uses the old detector or the new, never a mix."""
+    while True:
+        await asyncio.sleep(poll_s)
+        for model in list(app.state.models.values()):
+            try:
+                await asyncio.to_thread(refresh_detector, model)
+            except Exception:  # a watcher that dies would leave the process on a stale detector for good
+                log.exception("watching the detector of model %s failed", model.name)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     modules: list[ModuleType] = app.state.router_modules
     app.state.metrics.processes.set(1)
     app.state.metrics.ready.set(0)
     loader = asyncio.create_task(load_models(app), name="load-models")
+    poll_s = app.state.settings.detector_poll_s
+    watcher = asyncio.create_task(watch_detectors(app, poll_s), name="watch-detectors") if poll_s > 0 else None
     for module in modules:
         if hasattr(module, "on_startup"):
             await module.on_startup(app)
@@ -101,11 +120,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.ready = False
-        loader.cancel()
-        try:
-            await loader
-        except asyncio.CancelledError:
-            pass
+        for task in (loader, watcher):
+            if task is None:
+                continue
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         for module in reversed(modules):
             if hasattr(module, "on_shutdown"):
                 await module.on_shutdown(app)

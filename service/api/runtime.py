@@ -1,5 +1,6 @@
 """The models the API serves: discovered from the settings' model folders, loaded once with their detectors,
-warmed up, each with its worker thread. The functions here run in that thread and return plain Python values.
+warmed up, each with its worker thread. The functions here run in that thread and return plain Python values
+(and, for screening, the immutable detector state the batch used: its threshold and id go into the answer).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ class ServedModel(ModelBundle):
     # ---- work that runs in the worker thread; each returns one plain dict per image ----
 
     def screen_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        """The detector's score, verdict at its own threshold, eigenvalues, prediction and probabilities."""
-        result = serving.screen(self, images)
+        """The detector's score, eigenvalues, prediction and probabilities, and under "detector" the state whose
+        detector scored them: read once per batch, so a batch never mixes two detectors while one is swapped in."""
+        state = self.detector_state
+        result = serving.screen(self, images, state)
         return [
             {"score": float(result.scores[i]), "eigenvalues": result.eigenvalues[i].tolist(),
-             "prediction": int(result.predictions[i]), "probabilities": result.probabilities[i].tolist()}
+             "prediction": int(result.predictions[i]), "probabilities": result.probabilities[i].tolist(),
+             "detector": state}
             for i in range(len(result.scores))
         ]
 
@@ -138,5 +142,5 @@ def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) 
     served = ServedModel(**vars(bundle), worker=worker, memory_budget=settings.memory_budget_mb << 20)
     seconds = served.warm_up()
     log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", bundle.name, bundle.device,
-             bundle.sha256[:12], "yes" if bundle.detector else "no", seconds)
+             bundle.sha256[:12], bundle.detector_state.id or "none", seconds)
     return served

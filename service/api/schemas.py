@@ -99,12 +99,25 @@ class Traced(BaseModel):
 
 
 class DetectorInfo(BaseModel):
+    id: str | None = Field(None, description="The detector's id: the first 16 hex digits of its file's sha256 "
+                           "(what screening answers name as detector_id).")
     threshold: float = Field(description="Default verdict threshold on the score.")
     auc: float | None = Field(description="ROC AUC measured when the detector was trained.")
-    auc_split: str | None = Field(description="Where the AUC was measured: 'test' or 'validation'.")
+    auc_split: str | None = Field(description="Where the AUC, TPR and FPR were measured: 'test' or 'validation'.")
+    tpr: float | None = Field(None, description="True-positive rate at the threshold, measured with the AUC.")
+    fpr: float | None = Field(None, description="False-positive rate at the threshold (all negatives: clean and "
+                              "noisy images), measured with the AUC.")
+    clean_fpr: float | None = Field(None, description="False-positive rate on the clean images alone (what a "
+                                    "production input sees), when the card records it.")
+    target_fpr: float | None = Field(None, description="The false-positive rate the threshold was chosen at.")
     feature_set: str
     k: int = Field(description="Eigenvalues the detector uses.")
     file: str | None = Field(description="The detector file's name.")
+    activated_at: str | None = Field(None, description="When it was activated (ISO 8601, UTC); null for a detector "
+                                     "that was never activated (the shipped ones).")
+    rollback_available: bool = Field(False, description="Whether the detector it replaced is kept: "
+                                     "POST /v1/models/{model}/detector/rollback restores it.")
+    previous_id: str | None = Field(None, description="The id of the detector a rollback would restore.")
 
 
 class ModelInfo(BaseModel):
@@ -141,7 +154,34 @@ class ScreenResponse(Traced):
     threshold: float
     threshold_source: Literal["detector", "request"]
     detector_auc: float | None
+    detector_id: str | None = Field(description="The detector that scored every image of this answer (the first 16 "
+                                    "hex digits of its file's sha256; GET /v1/models shows the active one). A "
+                                    "request is scored in one batch, by one detector, even while another is "
+                                    "being activated.")
     results: list[ScreenItem]
+
+
+class ActivateDetectorRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"candidate": "lenet5.detector.20250101T120000Z.npz"}]})
+
+    candidate: str = Field(min_length=1, max_length=255, description="The file name of a candidate detector (.npz) "
+                           "in <models_dir>/candidates/ (where train-detector writes them): a name only, no path.")
+
+
+class PreviousDetector(BaseModel):
+    id: str = Field(description="The id of the detector kept for rollback.")
+    file: str = Field(description="Its file's name.")
+
+
+class DetectorActivation(BaseModel):
+    model: str
+    detector: DetectorInfo | None = Field(description="The detector this process screens with now (the one just "
+                                          "activated; other processes follow within detector_poll_s).")
+    detector_error: str | None = Field(None, description="Why this process did not swap it in, if it did not.")
+    source: str = Field(description="What was activated: the candidate's file name, or 'rollback'.")
+    previous: PreviousDetector | None = Field(description="What a rollback would restore; null: nothing.")
+    removed: list[str] = Field(default_factory=list, description="Detector files no card names any more, deleted.")
 
 
 class SpectrumItem(BaseModel):

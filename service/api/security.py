@@ -50,3 +50,22 @@ async def require_api_key(
     if not candidate or not key_matches(candidate, keys):
         raise ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' "
                            "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_admin_key(request: Request) -> None:
+    """An admin-only endpoint (activating a detector): it needs an admin key (settings admin_api_keys). Without
+    any keys configured there is no one to tell apart, so it is refused (403) and the CLI does it instead; a
+    missing or unknown key is 401 (as on every endpoint), a plain key 403."""
+    settings: Settings = request.app.state.settings
+    if not accepted_keys(settings):
+        raise ProblemError(403, "api_keys_not_configured", "activating a detector over HTTP needs API keys: "
+                           "configure FISHER_GUARD_ADMIN_API_KEYS and call with an admin key, or use the CLI on the "
+                           "server instead (`fisher-guard activate-detector PATH`, `fisher-guard activate-detector "
+                           "--rollback --model NAME`)")
+    key = presented_key(request)
+    if not key or not key_matches(key, accepted_keys(settings)):
+        raise ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' "
+                           "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+    if not key_matches(key, settings.admin_api_keys):
+        raise ProblemError(403, "admin_key_required", "this endpoint needs an admin API key (settings "
+                           "admin_api_keys); the key given is a plain one")

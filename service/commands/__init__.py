@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 # module names under service.commands; each adds its own subcommand(s)
-COMMAND_MODULES: list[str] = ["settings", "train_model", "jobs", "serve", "detect", "convert_detector", "gate"]
+COMMAND_MODULES: list[str] = ["settings", "train_model", "jobs", "serve", "detect", "convert_detector", "gate",
+                              "export_dataset"]
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:

@@ -1,31 +1,47 @@
-"""`train-detector` and `evaluate`: the shipped detector and the reproduction report (service.detect)."""
+"""`train-detector` (a detector for any model, on the user's labelled images) and `evaluate` (the MNIST
+reproduction report)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
-import time
 from pathlib import Path
+
+DETECTION_ATTACKS = ("fgm", "otcm", "opt", "bim", "ossa")  # service.detect.dataset.DEFAULT_ATTACKS, kept free of torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from service.detect.detector import CLASSIFIERS
-    from service.detect.features import FEATURE_SETS, SHIPPED_FEATURE_SET
-
-    p = sub.add_parser("train-detector", help="train the adversarial detector of a model and write it to models/",
-                       description="Build the detection set (clean + noisy vs FGM/OTCM/Opt/BIM/OSSA) from the "
-                       "validation split, fit the classifier, choose the threshold at --fpr on out-of-fold scores, "
-                       "measure on the test split, write <models-dir>/<model>.detector.npz and .json.")
+    p = sub.add_parser("train-detector", help="train the adversarial detector of a model on your labelled images",
+                       description="Choose each attack's L2 budget on the fit images (or take --epsilon), build the "
+                       "detection set (clean + noisy vs FGM/OTCM/Opt/BIM/OSSA), pick the feature set among the "
+                       "candidates for the input by out-of-fold AUC (or take --feature-set), set the threshold at "
+                       "--fpr on the clean fit images, measure on the test images, and write the detector as a "
+                       "candidate with its card and a Markdown report. Activate it with --activate or "
+                       "`fisher-guard activate-detector`.")
     p.add_argument("--model", default="lenet5", help="registry name of the model (default lenet5)")
-    p.add_argument("--feature-set", default=SHIPPED_FEATURE_SET, choices=list(FEATURE_SETS),
-                   help=f"features (default {SHIPPED_FEATURE_SET}: chosen on validation; plain = the paper's)")
-    p.add_argument("--classifier", default="rf", choices=[c for c in CLASSIFIERS if c != "logreg"])
-    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the operating threshold")
-    p.add_argument("--images", type=int, default=1000, help="images per split to use (default: all 1000)")
+    p.add_argument("--fit", default=None, metavar="DATASET",
+                   help="labelled images to fit on: an .npz (images, labels), a folder of class folders, a .zip of "
+                   "one, or a server-side name (mnist:val, data:<name>); default mnist:val for 1x28x28 models")
+    p.add_argument("--test", default=None, metavar="DATASET",
+                   help="labelled images to measure on (default: mnist:test with mnist:val, else a --test-fraction "
+                   "of --fit)")
+    p.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of --fit held out for testing when --test is not given (stratified, seeded)")
+    p.add_argument("--images", type=int, default=None, help="use only the first N images of each part")
+    p.add_argument("--attacks", default=",".join(DETECTION_ATTACKS),
+                   help="comma-separated detection attacks (default: all five)")
+    p.add_argument("--epsilon", action="append", default=[], metavar="ATTACK=L2",
+                   help="an attack's L2 budget instead of the rule's; repeatable")
+    p.add_argument("--feature-set", default=None, help="features (default: chosen among the candidates)")
+    p.add_argument("--classifier", default="rf", choices=["rf", "gnb"])
+    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the threshold on clean images")
+    p.add_argument("--opt-steps", type=int, default=None, help="C&W's Adam steps (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--models-dir", type=Path, default=None, help="where to write (default: the settings' models_dir)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="detector file to write (default: <models_dir>/candidates/<model>.detector.<time>.npz)")
+    p.add_argument("--activate", action="store_true", help="make it the model's active detector once written")
     p.set_defaults(handler=train_detector_command)
 
     e = sub.add_parser("evaluate", help="reproduce the paper's MNIST tables and figures into a Markdown report",
@@ -42,35 +58,68 @@ def _command_line() -> str:
     return "fisher-guard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def parse_epsilons(pairs: list[str]) -> dict[str, float]:
+    """['fgm=3', ...] -> {'fgm': 3.0}; ValueError naming a malformed pair."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--epsilon {pair!r}: expected ATTACK=L2, e.g. fgm=3.0")
+    return out
+
+
 def train_detector_command(args: argparse.Namespace) -> int:
     import torch
 
     from service.config import get_settings
-    from service.data.mnist import load_mnist
-    from service.detect.detector import train_detector
-    from service.detect.files import detector_path, save_detector
+    from service.data.datasets import DatasetError, split
+    from service.jobs.inputs import dataset_limits
+    from service.training import TrainingOptions, candidate_path, open_dataset, train_and_write
     from service.zoo.registry import load_model
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device="cpu", folders=get_settings().model_folders())
-    (xv, yv), (xt, yt) = load_mnist("val"), load_mnist("test")
-    start = time.perf_counter()
-    detector = train_detector(
-        loaded.module, model_name=loaded.name, model_sha256=loaded.sha256, fit_images=xv[:args.images],
-        fit_labels=yv[:args.images], test_images=xt[:args.images], test_labels=yt[:args.images],
-        feature_set=args.feature_set, classifier=args.classifier, target_fpr=args.fpr, seed=args.seed,
-        progress=True, command=_command_line(),
-        data_description=f"MNIST 'val' split (first {args.images} images) of service/data/mnist_split.json; "
-                         f"test metrics on the 'test' split (first {args.images})",
-    )
-    detector.card["wall_time_s"] = round(time.perf_counter() - start, 1)
-    out_dir = args.models_dir or get_settings().models_dir
-    path, card = save_detector(detector, detector_path(out_dir, loaded.name))
-    val, test = detector.card["validation"], detector.card["test"]
-    print(f"wrote {path} and {card}")
-    print(f"threshold {detector.threshold:.4f} (FPR {args.fpr} on out-of-fold validation scores); "
-          f"validation AUC {100 * val['auc']:.2f}, TPR {100 * val['tpr']:.1f}%; "
-          f"test AUC {100 * test['auc']:.2f}, TPR {100 * test['tpr']:.1f}%, FPR {100 * test['fpr']:.1f}%")
+    settings = get_settings()
+    loaded = load_model(args.model, device="cpu", folders=settings.model_folders())
+    card = loaded.card
+    fit_spec = args.fit or ("mnist:val" if list(card.input_shape) == [1, 28, 28] else None)
+    if fit_spec is None:
+        print(f"model {loaded.name} takes {card.input_shape} images: give its labelled images with --fit",
+              file=sys.stderr)
+        return 2
+    test_spec = args.test or ("mnist:test" if fit_spec == "mnist:val" else None)
+    try:
+        options = TrainingOptions(attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
+                                  epsilons=parse_epsilons(args.epsilon), feature_set=args.feature_set,
+                                  classifier=args.classifier, target_fpr=args.fpr, seed=args.seed,
+                                  opt_steps=args.opt_steps)
+        folders, limits = list(settings.dataset_folders), dataset_limits(settings)
+        fit = open_dataset(fit_spec, card, folders, limits, args.images)
+        if test_spec:
+            test = open_dataset(test_spec, card, folders, limits, args.images)
+        else:
+            fit, test = split(fit, args.test_fraction, args.seed)
+    except (DatasetError, ValueError) as exc:
+        print(f"train-detector: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or candidate_path(Path(settings.models_dir) / "candidates", loaded.name)
+    files = train_and_write(loaded, fit, test, out, options, command=_command_line(), progress=True)
+    detector = files.run.detector
+    val, tst = detector.card["validation"], detector.card["test"]
+    print(f"wrote {files.detector}, {files.card} and {files.report} ({files.seconds:.0f} s)")
+    print(f"feature set {detector.feature_set}; threshold {detector.threshold:.4f} (FPR {args.fpr} on clean fit "
+          f"images); validation AUC {100 * val['auc']:.2f}; test AUC {100 * tst['auc']:.2f}, "
+          f"TPR {100 * tst['tpr']:.1f}%, clean FPR {100 * tst['clean_fpr']:.1f}%")
+    if args.activate:
+        from service.detect.files import activate_detector
+
+        active = activate_detector(files.detector, loaded.card_path, loaded.sha256)
+        print(f"activated: {active}")
+    else:
+        print(f"activate with: fisher-guard activate-detector {files.detector}")
     return 0
 
 

@@ -58,11 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     p.set_defaults(handler=run_jobs, jobs_command="list")
 
-    a = sub.add_parser("activate-detector", help="make a trained candidate detector the active one of its model",
-                       description="Copy a detector written by a 'train-detector' job (models/candidates/...) over "
-                       "the active `<model>.detector.npz` and its card `.json` next to the model's card; restart "
-                       "the API and workers to use it.")
-    a.add_argument("path", type=Path)
+    a = sub.add_parser("activate-detector", help="make a trained candidate detector the active one of its model "
+                       "(or --rollback)",
+                       description="Check a candidate detector (written by train-detector to models/candidates/) "
+                       "against the model's weights and make it the model's active detector in one atomic step, "
+                       "keeping the one it replaces for --rollback. Running API processes swap it in within "
+                       "FISHER_GUARD_DETECTOR_POLL_S, job workers at their next job: no restart.")
+    a.add_argument("path", type=Path, nargs="?", help="the candidate's .npz (or its card .json)")
+    a.add_argument("--rollback", action="store_true",
+                   help="restore the detector the last activation (or rollback) of --model replaced")
+    a.add_argument("--model", default=None, help="the model (default: the one the candidate's card names)")
     a.set_defaults(handler=run_activate)
 
 
@@ -178,8 +183,27 @@ def follow(queue, job_id: str, progress: bool = True, poll_s: float = 0.2):
 
 def run_activate(args: argparse.Namespace) -> int:
     from service.config import get_settings
-    from service.jobs.kinds.train_detector import activate_detector
+    from service.detect.files import activate_detector, card_path_for, rollback_detector
+    from service.zoo.registry import find_card, sha256_file, weights_path
 
-    target = activate_detector(args.path, get_settings().model_folders())
-    print(f"active detector: {target}")
+    if args.rollback == (args.path is not None):
+        print("activate-detector: give a candidate PATH, or --rollback --model NAME", file=sys.stderr)
+        return 2
+    name = args.model
+    try:
+        if name is None:
+            if args.path is None:
+                print("activate-detector: --rollback needs --model NAME", file=sys.stderr)
+                return 2
+            name = (json.loads(card_path_for(args.path).read_text()).get("model") or {}).get("name")
+            if not name:
+                print(f"activate-detector: the card of {args.path} names no model: give --model", file=sys.stderr)
+                return 2
+        card, card_path = find_card(name, get_settings().model_folders())
+        sha = sha256_file(weights_path(card, card_path))
+        active = (rollback_detector(card_path, sha) if args.rollback else activate_detector(args.path, card_path, sha))
+    except (ValueError, OSError) as exc:  # refusals: other weights, no previous, corrupt, ...
+        print(f"activate-detector: {exc}", file=sys.stderr)
+        return 1
+    print(active.describe())
     return 0

@@ -24,16 +24,23 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from service.detect.budgets import SELECT_RATE, select_budgets
 from service.detect.compiled import CompiledClassifier, compile_classifier
-from service.detect.dataset import DEFAULT_ATTACKS, DetectionSet, build_detection_set
+from service.detect.dataset import DEFAULT_ATTACKS, DetectionSet, build_detection_set, protocol_options
 from service.detect.features import (
     DEFAULT_K,
+    EXACT,
     FEATURE_SETS,
     SHIPPED_FEATURE_SET,
+    SpectrumRoute,
     batched_features,
+    candidate_features,
+    candidate_sets,
     check_feature_set,
     fisher_features,
 )
+from service.fisher import fisher_spectrum
+from service.fisher.checks import model_device_dtype
 
 RF_TREES = 300
 RF_DEPTH = 5  # the paper: depth <= 5 and >= 20 trees
@@ -112,13 +119,15 @@ class Detector:
     """A fitted classifier on one feature set, with its operating threshold and its card (provenance, metrics).
 
     `classifier` may be given as a fitted sklearn estimator: it is compiled on construction (same predict_proba,
-    the forest ~100x faster, and savable as arrays), so a Detector always scores through a CompiledClassifier."""
+    the forest ~100x faster, and savable as arrays), so a Detector always scores through a CompiledClassifier.
+    `route` is the spectrum route of its features; by default the one its card records (exact when none)."""
 
     classifier: CompiledClassifier
     feature_set: str = SHIPPED_FEATURE_SET
     k: int = DEFAULT_K
     threshold: float = 0.5
     card: dict = field(default_factory=dict)
+    route: SpectrumRoute | None = None
 
     @property
     def model_sha256(self) -> str | None:
@@ -126,13 +135,17 @@ class Detector:
 
     def __post_init__(self) -> None:
         self.classifier = compile_classifier(self.classifier)
+        if self.route is None:
+            recorded = (self.card.get("features") or {}).get("spectrum")
+            self.route = SpectrumRoute(recorded.get("method", "exact"), recorded.get("max_classes")) \
+                if isinstance(recorded, dict) else EXACT
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
         return self.classifier.predict_proba(features)[:, 1].astype(np.float64)
 
     def score(self, model: nn.Module, images: Tensor) -> ScreenResult:
-        """Screen a batch: the features (one exact spectrum call, see `fisher_features`), then the classifier."""
-        feats = fisher_features(model, images, self.feature_set, self.k)
+        """Screen a batch: the features (one spectrum call on its route, see `fisher_features`), then the classifier."""
+        feats = fisher_features(model, images, self.feature_set, self.k, self.route or EXACT)
         scores = self.score_features(feats.matrix)
         spec = feats.spectrum
         return ScreenResult(
@@ -144,79 +157,174 @@ class Detector:
 
 @dataclass
 class Evaluation:
-    """AUC and TPR at a threshold of scores on one detection set, overall and per attack group."""
+    """AUC and TPR at a threshold of scores on one detection set, overall and per attack group; FPR over all
+    negatives, and apart over the clean and the noisy ones (the clean FPR is what a production input sees)."""
 
     auc: float
     tpr: float
     fpr: float
     per_attack: dict[str, dict[str, float]]
     rows: dict[str, int]
+    clean_fpr: float = float("nan")
+    noisy_fpr: float = float("nan")
 
     def as_dict(self) -> dict:
-        return {"auc": self.auc, "tpr": self.tpr, "fpr": self.fpr, "per_attack": self.per_attack, "rows": self.rows}
+        return {"auc": self.auc, "tpr": self.tpr, "fpr": self.fpr, "clean_fpr": self.clean_fpr,
+                "noisy_fpr": self.noisy_fpr, "per_attack": self.per_attack, "rows": self.rows}
+
+
+def _share(flags: np.ndarray, rows: np.ndarray) -> float:
+    return float(flags[rows].mean()) if rows.any() else float("nan")
 
 
 def evaluate_scores(data: DetectionSet, scores: np.ndarray, threshold: float) -> Evaluation:
-    """AUC, TPR (adversarial rows flagged) and FPR (clean + noisy rows flagged) at `threshold`."""
+    """AUC, TPR (adversarial rows flagged) and FPR (clean + noisy rows flagged; clean, noisy) at `threshold`."""
     y, flagged = data.is_adversarial, scores >= threshold
     per = {}
     for name in dict.fromkeys(data.attack.tolist()):
         rows = data.attack == name
-        per[name] = {"auc": auc_score(y[rows], scores[rows]),
-                     "tpr": float(flagged[rows & y].mean()) if (rows & y).any() else float("nan")}
-    return Evaluation(auc_score(y, scores), float(flagged[y].mean()) if y.any() else float("nan"),
-                      float(flagged[~y].mean()) if (~y).any() else float("nan"), per,
-                      {"positives": int(y.sum()), "negatives": int((~y).sum())})
+        per[name] = {"auc": auc_score(y[rows], scores[rows]), "tpr": _share(flagged, rows & y)}
+    return Evaluation(auc_score(y, scores), _share(flagged, y), _share(flagged, ~y), per,
+                      {"positives": int(y.sum()), "negatives": int((~y).sum())},
+                      _share(flagged, data.kind == "clean"), _share(flagged, data.kind == "noisy"))
 
 
-def fit_with_threshold(features: np.ndarray, data: DetectionSet, classifier: str = "rf",
-                       target_fpr: float = DEFAULT_FPR, seed: int = 0) -> tuple[Any, float, Evaluation]:
-    """Out-of-fold scores -> threshold at `target_fpr` and validation metrics; then the refit on all rows."""
-    oof = out_of_fold_scores(features, data.is_adversarial, data.source, classifier, seed)
-    threshold = threshold_at_fpr(oof[~data.is_adversarial], target_fpr)
-    fitted = fit_classifier(features, data.is_adversarial, classifier, seed)
-    return fitted, threshold, evaluate_scores(data, oof, threshold)
+def calibration_scores(data: DetectionSet, oof: np.ndarray, extra_clean: np.ndarray | None = None) -> np.ndarray:
+    """The clean images' scores that set the threshold: each clean source image once (its out-of-fold score; it
+    appears once per attack group with the same score), plus `extra_clean`, the scores of clean fit images outside
+    the detection set (never trained on)."""
+    clean = np.flatnonzero(data.kind == "clean")
+    _, first = np.unique(data.source[clean], return_index=True)
+    own = oof[clean[np.sort(first)]]
+    return own if extra_clean is None else np.concatenate([own, extra_clean])
+
+
+@dataclass
+class TrainingRun:
+    """A trained detector with what its report shows: the fit part's detection set and out-of-fold scores, and the
+    test part's detection set and detector scores (None without test images)."""
+
+    detector: Detector
+    fit_set: DetectionSet
+    fit_scores: np.ndarray
+    test_set: DetectionSet | None = None
+    test_scores: np.ndarray | None = None
+
+
+def select_feature_set(features: dict[str, np.ndarray], data: DetectionSet, classifier: str = "rf",
+                       seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The candidate with the highest out-of-fold AUC on the fit set's detection set (ties: the first, i.e. the
+    smaller set), and every candidate's AUC."""
+    aucs = {name: auc_score(data.is_adversarial, out_of_fold_scores(m, data.is_adversarial, data.source, classifier,
+                                                                     seed))
+            for name, m in features.items()}
+    best = max(aucs, key=lambda name: (np.nan_to_num(aucs[name], nan=-1.0), -list(aucs).index(name)))
+    return best, aucs
+
+
+def _route_record(model: nn.Module, images: Tensor, route: SpectrumRoute, check_images: int = 4) -> dict:
+    """What the card says of the spectrum route: the route, and for the truncated one its error bound on clean fit
+    images (discarded probability mass; the top eigenvalue against the exact route on a few images)."""
+    record: dict[str, Any] = {**route.as_dict(), "function": "service.fisher.fisher_spectrum"}
+    if route.method == "exact":
+        record["error_bound"] = "exact to float rounding (the Gram route over all K classes)"
+        return record
+    x = images[:64]
+    truncated = fisher_spectrum(model, x, k=1, method="truncated", max_classes=route.max_classes)
+    mass = truncated.discarded_mass.double().cpu().numpy()
+    record["error_bound"] = ("eigenvalues are lower bounds, off by at most the discarded probability mass times the "
+                             "largest squared class gradient (service.fisher.gram)")
+    record["discarded_mass"] = {"images": int(len(x)), "median": float(np.median(mass)), "max": float(mass.max())}
+    few = x[:check_images]
+    exact = fisher_spectrum(model, few, k=1, method="exact").eigenvalues[:, 0].double().cpu()
+    low = truncated.eigenvalues[:check_images, 0].double().cpu()
+    record["top_eigenvalue_vs_exact"] = {"images": int(len(few)),
+                                         "max_relative_shortfall": float(((exact - low) / exact.clamp(min=1e-30))
+                                                                         .max())}
+    return record
 
 
 def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | None, fit_images: Tensor,
                    fit_labels: Tensor, test_images: Tensor | None = None, test_labels: Tensor | None = None,
                    attacks: tuple[str, ...] = DEFAULT_ATTACKS, epsilons: dict[str, float] | None = None,
-                   feature_set: str = SHIPPED_FEATURE_SET, classifier: str = "rf", k: int = DEFAULT_K,
+                   feature_set: str | None = None, classifier: str = "rf", k: int = DEFAULT_K,
                    target_fpr: float = DEFAULT_FPR, seed: int = 0, progress: bool = False,
-                   command: str | None = None, data_description: str = "") -> Detector:
-    """Build the detection set, fit the classifier, pick the threshold on out-of-fold validation scores,
-    measure on the test images when given, and return the detector with its card filled in."""
-    check_feature_set(feature_set)
-    fit_set = build_detection_set(model, fit_images, fit_labels, attacks, epsilons, seed, progress=progress)
+                   command: str | None = None, data_description: str = "", route: SpectrumRoute | None = None,
+                   budget_target: float = SELECT_RATE, opt_params: dict[str, float] | None = None) -> TrainingRun:
+    """Train a detector for any model on its user's data:
+
+    1. budgets: each attack's L2 budget by the rule of service.detect.budgets on the fit images (`epsilons`
+       overrides some or all);
+    2. the detection set of the fit images; features on `route` (default: exact up to 100 classes, truncated above);
+    3. the feature set: `feature_set`, or the candidate for this input shape (`candidate_sets`) with the highest
+       out-of-fold AUC;
+    4. the threshold at `target_fpr` on the clean fit images' scores (out-of-fold in the detection set, and the
+       refitted detector's on the rest), the classifier refitted on all rows;
+    5. when test images are given, the same detection set from them, scored once: AUC, TPR, FPR in the card."""
+    image_shape = tuple(fit_images.shape[1:])
+    candidates = (check_feature_set(feature_set),) if feature_set else candidate_sets(image_shape)
+    with torch.no_grad():
+        num_classes = int(model(fit_images[:1].to(model_device_dtype(model)[0])).shape[-1])
+    route = route or SpectrumRoute.for_classes(num_classes)
+    budgets = select_budgets(model, fit_images, fit_labels, {a: protocol_options(a, seed, opt_params, route)
+                                                              for a in attacks},
+                             target=budget_target, overrides=epsilons)
+    eps = {name: choice.chosen for name, choice in budgets.items()}
+    fit_set = build_detection_set(model, fit_images, fit_labels, attacks, eps, seed, progress=progress,
+                                  opt_params=opt_params, route=route)
     if len(fit_set) == 0 or fit_set.is_adversarial.all():
         raise ValueError("train_detector: no successful attack (or no negatives) on the fit images")
-    features = batched_features(model, fit_set.images, feature_set, k, progress=progress, desc="fit features")
-    fitted, threshold, val = fit_with_threshold(features, fit_set, classifier, target_fpr, seed)
-    test = None
+    features = candidate_features(model, fit_set.images, candidates, k, progress=progress, desc="fit features",
+                                  route=route)
+    chosen, aucs = select_feature_set(features, fit_set, classifier, seed) if len(candidates) > 1 else \
+        (candidates[0], None)
+    matrix = features[chosen]
+    oof = out_of_fold_scores(matrix, fit_set.is_adversarial, fit_set.source, classifier, seed)
+    fitted = compile_classifier(fit_classifier(matrix, fit_set.is_adversarial, classifier, seed))
+    outside = np.setdiff1d(np.arange(len(fit_images)), np.unique(fit_set.source))
+    extra = None
+    if len(outside):
+        extra_feats = batched_features(model, fit_images[torch.as_tensor(outside)], chosen, k, route=route)
+        extra = fitted.predict_proba(extra_feats)[:, 1]
+    clean_scores = calibration_scores(fit_set, oof, extra)
+    threshold = threshold_at_fpr(clean_scores, target_fpr)
+    val = evaluate_scores(fit_set, oof, threshold)
+    test = test_set = test_scores = None
     if test_images is not None and test_labels is not None:
-        test_set = build_detection_set(model, test_images, test_labels, attacks, epsilons, seed + 1, progress=progress)
-        test_feats = batched_features(model, test_set.images, feature_set, k, progress=progress, desc="test features")
-        scores = compile_classifier(fitted).predict_proba(test_feats)[:, 1]
-        test = {**evaluate_scores(test_set, scores, threshold).as_dict(), "detection_set": test_set.counts(),
-                "attack_info": test_set.info}
+        test_set = build_detection_set(model, test_images, test_labels, attacks, eps, seed + 1, progress=progress,
+                                       opt_params=opt_params, route=route)
+        test_feats = batched_features(model, test_set.images, chosen, k, progress=progress, desc="test features",
+                                      route=route)
+        test_scores = fitted.predict_proba(test_feats)[:, 1]
+        test = {**evaluate_scores(test_set, test_scores, threshold).as_dict(),
+                "detection_set": test_set.counts(), "attack_info": test_set.info}
     card = {
         "kind": "fisher-guard detector",
-        "model": {"name": model_name, "sha256": model_sha256},
-        "features": {"feature_set": feature_set, "k": k, "definition": FEATURE_SETS[feature_set].description,
-                     "spectrum": "service.fisher.fisher_spectrum(method='exact')"},
+        "model": {"name": model_name, "sha256": model_sha256, "input_shape": list(image_shape),
+                  "num_classes": num_classes},
+        "features": {"feature_set": chosen, "k": k, "definition": FEATURE_SETS[chosen].description,
+                     "spectrum": _route_record(model, fit_images, route)},
+        "feature_selection": None if aucs is None else {
+            "candidates": aucs, "chosen": chosen,
+            "rule": "highest out-of-fold ROC AUC on the fit set's detection set "
+                    f"({CV_FOLDS}-fold CV grouped by source image), among the candidates for {list(image_shape)} "
+                    "images"},
+        "budgets": {name: choice.as_dict() for name, choice in budgets.items()},
         "classifier": {"name": classifier, "definition": CLASSIFIERS[classifier], "seed": seed},
-        "training_data": {"description": data_description, "attacks": list(attacks),
+        "training_data": {"description": data_description, "images": int(len(fit_images)), "attacks": list(attacks),
                           "detection_set": fit_set.counts(), "attack_info": fit_set.info,
                           "negatives": "clean + noisy (Gaussian, L2 norm matched to the adversarial perturbation)",
                           "positives": "successful adversarial images of correctly classified clean images"},
-        "threshold": {"value": threshold, "target_fpr": target_fpr,
-                      "chosen_on": f"out-of-fold scores of {CV_FOLDS}-fold CV grouped by source image, training data"},
+        "threshold": {"value": threshold, "target_fpr": target_fpr, "clean_images": int(len(clean_scores)),
+                      "clean_fpr": float(np.mean(clean_scores >= threshold)),
+                      "chosen_on": "the clean fit images' scores: out-of-fold (5-fold CV grouped by source image) "
+                                   "for those in the detection set, the refitted detector's for the rest"},
         "validation": val.as_dict(),
         "test": test,
         "command": command,
         "versions": {"torch": torch.__version__, "sklearn": _sklearn_version()},
     }
-    return Detector(fitted, feature_set, k, threshold, card)
+    return TrainingRun(Detector(fitted, chosen, k, threshold, card, route), fit_set, oof, test_set, test_scores)
 
 
 def _sklearn_version() -> str:

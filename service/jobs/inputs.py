@@ -5,18 +5,29 @@ archive becomes an ItemError in the job's report, and the valid items go on."""
 from __future__ import annotations
 
 import io
-import posixpath
 import zipfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.config import Settings
+from service.config import Settings, get_settings
 from service.data.arrays import ArrayFileError, read_npz
+from service.data.datasets import (
+    DatasetError,
+    DatasetLimits,
+    LabelledImages,
+    is_symlink,
+    load_dataset_by_name,
+    read_labelled,
+    safe_member,
+)
 from service.data.images import ImageInputError, InputLimits, decode_image, max_values, tensor_batch
 from service.jobs.types import ItemError, JobInputError, check_deadline
 
-DATASETS = ("mnist:train", "mnist:val", "mnist:test", "mnist:all")
+if TYPE_CHECKING:
+    from service.zoo.cards import ModelCard
+
 IMAGE_KEYS = ("images", "x", "adversarial")
 LABEL_KEYS = ("labels", "y")
 SKIPPED_MEMBERS = ("__MACOSX/", ".DS_Store")
@@ -37,23 +48,76 @@ def limits_of(settings: Settings) -> InputLimits:
                        max_batch=settings.jobs_max_items)
 
 
-def load_dataset(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A server-side dataset by name ('mnist:test' ...): images and labels as numpy arrays."""
-    if name not in DATASETS:
-        raise JobInputError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})", code="unknown_dataset")
-    from service.data.mnist import load_mnist
-
-    images, labels = load_mnist(name.split(":", 1)[1])
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images.numpy(), labels.numpy()
+def dataset_limits(settings: Settings) -> DatasetLimits:
+    """The settings' limits on one labelled dataset."""
+    return DatasetLimits(max_items=settings.dataset_max_items, max_bytes=int(settings.dataset_max_mb * 1024 * 1024),
+                         max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
 
 
-def check_dataset_shape(name: str, shape: tuple[int, int, int]) -> None:
-    """The dataset's images must fit the model's input shape."""
-    if name.startswith("mnist:") and tuple(shape) != (1, 28, 28):
-        raise JobInputError(f"dataset {name!r} has 1x28x28 images but the model takes {list(shape)}",
-                            code="wrong_shape")
+def job_input_error(exc: DatasetError) -> JobInputError:
+    """A refused dataset as the job API's error (same code, status and message)."""
+    return JobInputError(exc.message, code=exc.code, status=exc.status)
+
+
+def open_named_dataset(name: str, settings: Settings, shape: tuple[int, int, int] | None = None,
+                       num_classes: int | None = None, class_names: list[str] | None = None,
+                       limit: int | None = None) -> LabelledImages:
+    """A server-side dataset (`mnist:*`, `data:<name>` in settings.dataset_folders), checked against the shape and
+    classes when given; JobInputError when refused."""
+    try:
+        return load_dataset_by_name(name, settings.dataset_folders, shape, num_classes, class_names,
+                                    dataset_limits(settings), limit)
+    except DatasetError as exc:
+        raise job_input_error(exc) from exc
+
+
+def load_dataset(name: str, limit: int | None = None, settings: Settings | None = None,
+                 shape: tuple[int, int, int] | None = None,
+                 num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A server-side dataset by name ('mnist:test', 'data:<name>'): images and labels as numpy arrays (settings
+    None: the process's)."""
+    data = open_named_dataset(name, settings or get_settings(), shape, num_classes, limit=limit)
+    return data.images, data.labels
+
+
+def check_dataset_shape(name: str, shape: tuple[int, int, int], settings: Settings | None = None) -> None:
+    """The dataset's images must fit the model's input shape (checked on its first image; every image is checked
+    when the job loads it)."""
+    open_named_dataset(name, settings or get_settings(), tuple(shape), limit=1)
+
+
+def check_named_dataset(name: str, card: ModelCard, settings: Settings) -> LabelledImages:
+    """A server-side dataset read whole and checked against a model (shape, channels, labels); JobInputError
+    naming the first bad item."""
+    return open_named_dataset(name, settings, tuple(card.input_shape), card.num_classes, list(card.class_names))
+
+
+def stage_labelled_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], num_classes: int | None,
+                          class_names: list[str] | None, settings: Settings) -> LabelledImages:
+    """One labelled upload, strictly: an .npz (images, labels) or a .zip of class folders; any bad item refuses
+    the submission (JobInputError naming it)."""
+    if not files:
+        raise JobInputError("no images: upload one labelled .npz (images, labels) or a zip of class folders",
+                            code="no_input", status=400)
+    if len(files) != 1:
+        raise JobInputError(f"{len(files)} files: upload ONE labelled .npz or one zip of class folders",
+                            code="too_many_files", status=400)
+    name, data = files[0]
+    max_bytes = int(settings.jobs_max_upload_mb * 1024 * 1024)
+    if len(data) > max_bytes:
+        raise JobInputError(f"the upload is {len(data)} bytes, over the limit of {max_bytes}", code="upload_too_large",
+                            status=413)
+    if not name.lower().endswith((".npz", ".zip")):
+        raise JobInputError(f"{name}: a labelled upload is an .npz (images, labels) or a .zip of class folders",
+                            code="unsupported_format", status=400)
+    limits = dataset_limits(settings)
+    limits = DatasetLimits(min(limits.max_items, settings.jobs_max_items), limits.max_bytes, limits.max_side,
+                           limits.max_pixels)
+    try:
+        return read_labelled(data, name=name, shape=tuple(shape), num_classes=num_classes, class_names=class_names,
+                             limits=limits)
+    except DatasetError as exc:
+        raise job_input_error(exc) from exc
 
 
 def stage_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], settings: Settings,
@@ -157,13 +221,6 @@ def _stage_files(files: list[tuple[str, bytes | str]], shape: tuple[int, int, in
     return StagedImages(stacked, None, names, errors)
 
 
-def safe_member(name: str) -> bool:
-    """A zip member name that stays inside the archive: relative, no '..', no drive or backslash tricks."""
-    if not name or name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        return False
-    return ".." not in posixpath.normpath(name).split("/")
-
-
 def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: InputLimits,
                max_bytes: int, deadline: float | None) -> StagedImages:
     """A zip of PNG/JPEG (or one-image .npy) files, in name order; unsafe or oversized archives are refused."""
@@ -175,7 +232,7 @@ def _stage_zip(archive: str, data: bytes, shape: tuple[int, int, int], limits: I
                             status=400) from exc
     members = []
     for info in infos:
-        if not safe_member(info.filename) or (info.external_attr >> 16) & 0o170000 == 0o120000:
+        if not safe_member(info.filename) or is_symlink(info):
             raise JobInputError(f"{archive}: member {info.filename!r} escapes the archive (absolute path, '..' or "
                                 "symlink)", code="unsafe_archive", status=400)
         if info.is_dir() or any(part in info.filename for part in SKIPPED_MEMBERS):

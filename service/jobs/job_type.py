@@ -31,6 +31,7 @@ class JobType:
     artifact: Literal["csv", "npz"] | None = None
     check: Callable[[JobSpec, Path, Settings], None] | None = None
     images: bool = False
+    labelled_upload: bool = False  # it may take ONE labelled upload (.npz with labels, zip of class folders), strictly
     needs_model: bool = True
     debug: bool = False  # only with settings.jobs_debug (tests)
 

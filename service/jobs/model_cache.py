@@ -2,17 +2,22 @@
 in-process backend; jobs run the same use-case functions over them as the API does.
 
 Where models come from (folders, device, whether legacy pickled detectors may load) is set by the entry point
-that runs jobs (`configure`, from its settings); until then, the shipped models on 'auto'."""
+that runs jobs (`configure`, from its settings); until then, the shipped models on 'auto'.
+
+A model stays loaded; its detector follows the active card on disk: each `get_bundle` stats the card, and when
+it changed (an activation or a rollback, by any process) the new detector is loaded with every check and handed
+out in a NEW bundle object (the same model), so a job that already holds its bundle keeps one detector from
+start to end, and jobs that start after the activation use the new one (service.serving.changed_detector)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from service.serving import ModelBundle, load_bundle
+from service.serving import ModelBundle, changed_detector, load_bundle
 from service.zoo.registry import SHIPPED_MODELS
 
 log = logging.getLogger(__name__)
@@ -44,13 +49,18 @@ def configure(folders: Sequence[Path], device: str, allow_pickled_detectors: boo
 
 def get_bundle(name: str) -> ModelBundle:
     """The model bundle (model and detector, service.serving.load_bundle) by registry name, loaded on first use
-    and then kept for the life of the process."""
+    and then kept for the life of the process, with the detector that is active on disk now (a changed active
+    card gives a new bundle with the new detector; the one handed out before is left as it was)."""
     with _lock:
         if name not in _bundles:
             bundle = _bundles[name] = load_bundle(name, _source.device, _source.folders,
                                                   _source.allow_pickled_detectors)
             log.info("model %s loaded on %s (sha256 %s, detector %s)", name, bundle.device, bundle.sha256[:12],
-                     "yes" if bundle.detector else f"no: {bundle.detector_error or 'none'}")
+                     bundle.detector_state.id or f"none: {bundle.detector_error or 'no file'}")
+        else:
+            state = changed_detector(_bundles[name])
+            if state is not None:
+                _bundles[name] = replace(_bundles[name], detector_state=state)
         return _bundles[name]
 
 
@@ -60,7 +70,8 @@ def source() -> Source:
 
 
 def forget(model_name: str | None = None) -> None:
-    """Drop cached bundles (all, or one model's), e.g. after a detector is activated."""
+    """Drop cached bundles (all, or one model's): they are loaded again at their next use (an activated detector
+    needs no forgetting: `get_bundle` follows the active card)."""
     with _lock:
         if model_name is None:
             _bundles.clear()

@@ -39,7 +39,7 @@ class TaskContext(Protocol):
 def job_images(spec: JobSpec, ctx: TaskContext) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """The job's valid images, labels (when known) and their names."""
     if spec.dataset:
-        images, labels = load_dataset(spec.dataset, spec.limit)
+        images, labels = load_dataset(spec.dataset, spec.limit, ctx.settings)
         names = [f"{spec.dataset}[{i}]" for i in range(len(images))]
     else:
         images, labels = ctx.load_upload()

@@ -28,14 +28,15 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     card, card_path = _card(request.model, settings.model_folders())
     if kind.check is not None:
         kind.check(spec, card_path, settings)
+    if kind.labelled_upload:
+        return _labelled(spec, files, card, settings)
     if not kind.images:
         return spec, None
     if request.dataset and files:
         raise JobInputError("give either a dataset name or uploaded files, not both", code="ambiguous_input",
                             status=400)
     if request.dataset:
-        images, _ = inputs.load_dataset(request.dataset, request.limit)
-        inputs.check_dataset_shape(request.dataset, tuple(card.input_shape))
+        images, _ = inputs.load_dataset(request.dataset, request.limit, settings, tuple(card.input_shape))
         spec.items = len(images)
         return spec, None
     staged = inputs.stage_upload(files, tuple(card.input_shape), settings, request.limit, card.num_classes, deadline)
@@ -43,6 +44,26 @@ def prepare(request: JobRequest, files: list[tuple[str, bytes]], settings: Setti
     spec.items = len(staged.names)
     spec.item_names = staged.names
     spec.item_errors = staged.errors
+    return spec, inputs.pack(staged.images, staged.labels)
+
+
+def _labelled(spec: JobSpec, files: list[tuple[str, bytes]], card: ModelCard,
+              settings: Settings) -> tuple[JobSpec, bytes | None]:
+    """A labelled upload staged strictly (any bad item refuses the submission), or a server-side dataset named
+    in the params."""
+    if not files:
+        if not spec.params.get("fit_dataset"):
+            raise JobInputError("no images: upload one labelled .npz (images, labels) or a zip of class folders, "
+                                "or name a server-side dataset in params.fit_dataset", code="no_input", status=400)
+        return spec, None
+    if spec.params.get("fit_dataset"):
+        raise JobInputError("give either uploaded files or params.fit_dataset, not both", code="ambiguous_input",
+                            status=400)
+    staged = inputs.stage_labelled_upload(files, tuple(card.input_shape), card.num_classes, list(card.class_names),
+                                          settings)
+    spec.has_upload = True
+    spec.items = len(staged)
+    spec.item_names = list(staged.names)
     return spec, inputs.pack(staged.images, staged.labels)
 
 

@@ -20,6 +20,8 @@ from service.detect.features import (
     SQUEEZE_LEVELS,
     SQUEEZE_STEPS,
 )
+from service.reports.figures import histogram_figure, line_figure, roc_panels, scatter_figure
+from service.reports.markdown import fmt, pct, table
 from service.reproduce.protocol import (
     ATTACK_TITLES,
     EPS_GRID,
@@ -57,74 +59,27 @@ def _jsonable(value):
 
 FIGURES = ("fig2a_fooling_rate.png", "fig3_least_norm_vs_eigenvalue.png", "fig4a_top_eigenvalue_hist.png",
            "roc_curves.png")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+ROC_METHODS = ("RF plain", "RF spectral", "RF spectral+noise", "RF spectral+noise+fine",
+               "RF spectral+noise+fine+squeeze", "KD+BU")
 
 
 def figures(out: Path, results: dict, roc: dict, log_top: np.ndarray, least: np.ndarray, fig4: dict) -> None:
-    """Write the four PNG figures into `out`."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    """Write the four PNG figures into `out` (with service.reports.figures, as the detector reports)."""
+    series, styles = {}, {}
     for model, curves in results["fig2a"].items():
         for attack, rates in curves.items():
-            ax.plot(EPS_GRID, [100 * r for r in rates], marker="o", ls="-" if attack == "ossa" else "--",
-                    label=f"{ATTACK_TITLES[attack]} on {model}")
-    ax.set(xlabel="L2 perturbation norm epsilon", ylabel="fooling rate (%)", title="Fig 2a: one-step attacks (test)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES[0], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.scatter(log_top, least, s=6, alpha=0.6)
+            label = f"{ATTACK_TITLES[attack]} on {model}"
+            series[label], styles[label] = [100 * r for r in rates], "-" if attack == "ossa" else "--"
+    line_figure(out / FIGURES[0], EPS_GRID, series, linestyles=styles, xlabel="L2 perturbation norm epsilon",
+                ylabel="fooling rate (%)", title="Fig 2a: one-step attacks (test)")
     r = results["fig3"]["pearson_log10_lambda1_vs_least_norm"]
-    ax.set(xlabel="log10 top eigenvalue of G_x", ylabel="least L2 norm (OSSA)",
-           title=f"Fig 3: LeNet-5, {len(least)} test images, r = {r:.2f}")
-    fig.tight_layout()
-    fig.savefig(out / FIGURES[1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    values = [v for v in fig4.values() if len(v)]
-    bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 40) if values else 10
-    for kind, v in fig4.items():
-        if len(v):
-            ax.hist(v, bins=bins, alpha=0.5, label=f"{kind} (n={len(v)})")
-    ax.set(xlabel="log10 top eigenvalue of G_x", ylabel="images", title="Fig 4a: clean vs FGM (LeNet-5, test)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES[2], dpi=110)
-    plt.close(fig)
-
-    from sklearn.metrics import roc_curve
-
+    scatter_figure(out / FIGURES[1], log_top, least, xlabel="log10 top eigenvalue of G_x",
+                   ylabel="least L2 norm (OSSA)", title=f"Fig 3: LeNet-5, {len(least)} test images, r = {r:.2f}")
+    histogram_figure(out / FIGURES[2], fig4, xlabel="log10 top eigenvalue of G_x", ylabel="images",
+                     title="Fig 4a: clean vs FGM (LeNet-5, test)")
     attacks = [a for a in (*DEFAULT_ATTACKS, "all") if a in roc]
-    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(3 * max(len(attacks), 1), 3.2), squeeze=False)
-    for ax, attack in zip(axes[0], attacks, strict=False):
-        for name in ("RF plain", "RF spectral", "RF spectral+noise", "RF spectral+noise+fine",
-                     "RF spectral+noise+fine+squeeze", "KD+BU"):
-            if name in roc[attack]:
-                y, s = roc[attack][name]
-                fpr, tpr, _ = roc_curve(y, s)
-                ax.plot(fpr, tpr, label=name)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
-        ax.set(title=ATTACK_TITLES.get(attack, "all attacks"), xlabel="FPR")
-    axes[0][0].set_ylabel("TPR")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / FIGURES[3], dpi=100)
-    plt.close(fig)
-
-
-def _f(v: float, digits: int = 2) -> str:
-    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+    roc_panels(out / FIGURES[3], {ATTACK_TITLES.get(a, "all attacks"): {name: roc[a][name] for name in ROC_METHODS
+                                                                         if name in roc[a]} for a in attacks})
 
 
 def markdown(results: dict, cfg: EvalConfig) -> str:
@@ -146,7 +101,7 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         "val 1000 / test 1000). Models trained on `train` only; everything below is measured on `test`; "
         "budgets and detector fits use `val`; nothing is tuned on `test`.",
         "- Models (sha256, test accuracy): " + "; ".join(
-            f"`{k}` {v['sha256'][:12]}.. ({_f(100 * v['test_accuracy'] if v['test_accuracy'] else float('nan'), 1)}%)"
+            f"`{k}` {v['sha256'][:12]}.. ({pct(v['test_accuracy'] or None)}%)"
             for k, v in results["models"].items()) + ".",
         f"- Attacks: L2 in [0,1] pixel space. Budgets chosen on {b['val_images']} correctly classified validation "
         f"images with LeNet-5 by the rule *smallest epsilon in {list(EPS_GRID)} whose fooling rate reaches "
@@ -182,7 +137,7 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         f"RF = random forest, {RF_TREES} trees, depth {RF_DEPTH}, max_features {RF_MAX_FEATURES} (chosen on val); "
         "GNB = Gaussian naive Bayes. KD: Gaussian KDE on the last "
         f"hidden layer of LeNet-5 per predicted class, fitted on the 3000 training images, bandwidth "
-        f"{_f(results['kd_bandwidth'], 3)} by 3-fold CV likelihood on 1000 of those; score -log density. "
+        f"{fmt(results['kd_bandwidth'], 3)} by 3-fold CV likelihood on 1000 of those; score -log density. "
         "BU: MC dropout "
         "(rate 0.5 on the last hidden layer, LeNet-5 has no dropout of its own; 50 samples), score = variance. KD and "
         "BU AUCs use the raw score (as Feinman et al.); KD+BU is a logistic regression on both, fitted on val.",
@@ -211,11 +166,11 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         f"Fig 2a, fooling rate vs epsilon on test: ![fig2a]({FIGURES[0]})",
         "",
         f"Fig 3, least OSSA norm vs log10 top eigenvalue ({results['fig3']['found']} of {results['fig3']['images']} "
-        f"test images fooled within [0, 6]; Pearson r = {_f(results['fig3']['pearson_log10_lambda1_vs_least_norm'])}): "
-        f"![fig3]({FIGURES[1]})",
+        f"test images fooled within [0, 6]; Pearson r = "
+        f"{fmt(results['fig3']['pearson_log10_lambda1_vs_least_norm'])}): ![fig3]({FIGURES[1]})",
         "",
         "Fig 4a, log10 top eigenvalue on the test detection set, FGM group (medians: "
-        + ", ".join(f"{k} {_f(v['median_log10_lambda1'])}" for k, v in results["fig4a"].items())
+        + ", ".join(f"{k} {fmt(v['median_log10_lambda1'])}" for k, v in results["fig4a"].items())
         + f"): ![fig4a]({FIGURES[2]})",
         "",
         f"ROC curves on test: ![roc]({FIGURES[3]})",
@@ -235,30 +190,29 @@ def _counts(counts: dict) -> str:
 def _validation(val: dict, ours: str) -> list[str]:
     lines = ["## Feature sets on validation (the choice of the shipped set)", "",
              "Out-of-fold AUC (%) of the RF on the validation detection set, 5-fold CV grouped by source image. "
-             f"The shipped detector uses `{ours}`: one spectrum call per batch.", "",
-             "| features | " + " | ".join(ATTACK_TITLES[a] for a in DEFAULT_ATTACKS) + " | mean |",
-             "|---" * (len(DEFAULT_ATTACKS) + 2) + "|"]
-    for fs, row in val.items():
-        vals = [row.get(a, float("nan")) for a in DEFAULT_ATTACKS]
-        lines.append(f"| {fs} | " + " | ".join(_f(v) for v in vals) + f" | {_f(float(np.nanmean(vals)))} |")
-    return lines + [""]
+             f"The shipped detector uses `{ours}`: one spectrum call per batch.", ""]
+    rows = []
+    for fs, values in val.items():
+        vals = [values.get(a, float("nan")) for a in DEFAULT_ATTACKS]
+        rows.append([fs, *(fmt(v) for v in vals), fmt(float(np.nanmean(vals)))])
+    return lines + table(["features", *(ATTACK_TITLES[a] for a in DEFAULT_ATTACKS), "mean"], rows) + [""]
 
 
 def _table2(t2: dict) -> list[str]:
     lines = [f"## Table 2: one-step attacks, fooling rate at epsilon {t2['epsilon']} and mean least L2 norm", "",
              "Least norm: per image, binary search of the smallest epsilon in [0, 6] (tolerance 0.01) that fools the "
              "model; the mean is over images fooled within 6. Rate: share of correctly classified test images fooled.",
-             "", "| model | images | FGM mean | FGM rate % | OSSA mean | OSSA rate % | FGM / OSSA found |",
-             "|---|---|---|---|---|---|---|"]
+             ""]
+    rows = []
     for model in ("lenet5", "vgg-shallow"):
         if model in t2:
             r = t2[model]
-            lines.append(f"| {model} | {r['images']} | {_f(r['fgm']['mean_least_norm'])} | {_f(r['fgm']['rate'])} | "
-                         f"{_f(r['ossa']['mean_least_norm'])} | {_f(r['ossa']['rate'])} | "
-                         f"{r['fgm']['found']} / {r['ossa']['found']} |")
-    lines.append(f"| paper (LeNet-5, full MNIST) | 10000 | {PAPER_TABLE2['fgm'][0]} | {PAPER_TABLE2['fgm'][1]} | "
-                 f"{PAPER_TABLE2['ossa'][0]} | {PAPER_TABLE2['ossa'][1]} | |")
-    return lines + [""]
+            rows.append([model, r["images"], fmt(r["fgm"]["mean_least_norm"]), fmt(r["fgm"]["rate"]),
+                         fmt(r["ossa"]["mean_least_norm"]), fmt(r["ossa"]["rate"]),
+                         f"{r['fgm']['found']} / {r['ossa']['found']}"])
+    rows.append(["paper (LeNet-5, full MNIST)", 10000, *PAPER_TABLE2["fgm"], *PAPER_TABLE2["ossa"], ""])
+    header = ["model", "images", "FGM mean", "FGM rate %", "OSSA mean", "OSSA rate %", "FGM / OSSA found"]
+    return lines + table(header, rows) + [""]
 
 
 def _table3(t3: dict) -> list[str]:
@@ -266,15 +220,15 @@ def _table3(t3: dict) -> list[str]:
     lines = [f"## Table 3: cross-model OSSA fooling rates (%), epsilon {TABLE3_EPSILON}", "",
              f"{t3['images']} test images classified correctly by all {len(names)} models; crafted on the column "
              "model, counted only where it fooled that model (successes: "
-             + ", ".join(f"{k} {v}" for k, v in t3["successes"].items()) + "); paper in brackets.", "",
-             "| tested on \\ crafted from | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+             + ", ".join(f"{k} {v}" for k, v in t3["successes"].items()) + "); paper in brackets.", ""]
+    rows = []
     for target in names:
         cells = []
         for j, src in enumerate(names):
             paper = PAPER_TABLE3.get(target, [None] * 4)[j] if len(names) == 4 else None
-            cells.append(f"{_f(t3['crafted_from'][src][target], 1)}" + (f" ({paper})" if paper is not None else ""))
-        lines.append(f"| {target} | " + " | ".join(cells) + " |")
-    return lines + [""]
+            cells.append(f"{fmt(t3['crafted_from'][src][target], 1)}" + (f" ({paper})" if paper is not None else ""))
+        rows.append([target, *cells])
+    return lines + table(["tested on \\ crafted from", *names], rows) + [""]
 
 
 def _table4(t4: dict, ours: str) -> list[str]:
@@ -282,27 +236,21 @@ def _table4(t4: dict, ours: str) -> list[str]:
     cols = ["KD", "BU", "KD+BU", "GNB plain"] + [c for c in t4[attacks[0]] if c.startswith("RF ")]
     lines = ["## Table 4: detection AUC (%) on the test split, LeNet-5", "",
              f"Each attack: fitted on its validation rows, scored on its test rows. `{ours}` is the shipped detector's "
-             "feature set; `RF plain` is the paper's method. Paper's numbers in the last rows.", "",
-             "| method | " + " | ".join(ATTACK_TITLES.get(a, "all") for a in attacks) + " |",
-             "|---" * (len(attacks) + 1) + "|"]
-    for col in cols:
-        lines.append(f"| {col} | " + " | ".join(_f(t4[a].get(col, float('nan'))) for a in attacks) + " |")
-    lines.append("| test positives / negatives | " + " | ".join(f"{t4[a]['positives']} / {t4[a]['negatives']}"
-                                                             for a in attacks) + " |")
-    lines.append("| paper: KD+BU | " + " | ".join(str(PAPER_KDBU.get(a, "")) for a in attacks) + " |")
-    lines.append("| paper: ours (RF) | " + " | ".join(str(PAPER_TABLE4.get(a, "")) for a in attacks) + " |")
-    return lines + [""]
+             "feature set; `RF plain` is the paper's method. Paper's numbers in the last rows.", ""]
+    rows = [[col, *(fmt(t4[a].get(col, float("nan"))) for a in attacks)] for col in cols]
+    rows.append(["test positives / negatives", *(f"{t4[a]['positives']} / {t4[a]['negatives']}" for a in attacks)])
+    rows.append(["paper: KD+BU", *(PAPER_KDBU.get(a, "") for a in attacks)])
+    rows.append(["paper: ours (RF)", *(PAPER_TABLE4.get(a, "") for a in attacks)])
+    return lines + table(["method", *(ATTACK_TITLES.get(a, "all") for a in attacks)], rows) + [""]
 
 
 def _table5(t5: dict, ours: str) -> list[str]:
     lines = ["## Table 5: trained on one attack (val rows), tested on each (test rows), AUC %", ""]
-    for fs, table in t5.items():
-        lines += [f"RF on `{fs}` features (paper in brackets):", "",
-                  "| trained on \\ tested on | " + " | ".join(ATTACK_TITLES[a] for a in DEFAULT_ATTACKS) + " |",
-                  "|---" * (len(DEFAULT_ATTACKS) + 1) + "|"]
-        for a, row in table.items():
-            lines.append(f"| {ATTACK_TITLES[a]} | " + " | ".join(
-                f"{_f(row[b])} ({PAPER_TABLE5[a][j]})" for j, b in enumerate(DEFAULT_ATTACKS)) + " |")
+    for fs, rows in t5.items():
+        lines += [f"RF on `{fs}` features (paper in brackets):", ""]
+        lines += table(["trained on \\ tested on", *(ATTACK_TITLES[a] for a in DEFAULT_ATTACKS)],
+                       [[ATTACK_TITLES[a], *(f"{fmt(values[b])} ({PAPER_TABLE5[a][j]})"
+                                             for j, b in enumerate(DEFAULT_ATTACKS))] for a, values in rows.items()])
         lines.append("")
     return lines
 
@@ -315,22 +263,22 @@ def _verdicts(t2: dict, t4: dict, ours: str, results: dict) -> list[str]:
                 continue
             v, kdbu = t4[a].get(method, float("nan")), t4[a]["KD+BU"]
             ok_target, ok_kdbu = v >= PAPER_TABLE4[a], v > kdbu
-            lines.append(f"- {method}, {ATTACK_TITLES[a]}: AUC {_f(v)} vs target {PAPER_TABLE4[a]}: "
-                         f"{'met' if ok_target else f'SHORT by {_f(PAPER_TABLE4[a] - v)}'}; vs KD+BU {_f(kdbu)} in "
+            lines.append(f"- {method}, {ATTACK_TITLES[a]}: AUC {fmt(v)} vs target {PAPER_TABLE4[a]}: "
+                         f"{'met' if ok_target else f'SHORT by {fmt(PAPER_TABLE4[a] - v)}'}; vs KD+BU {fmt(kdbu)} in "
                          f"this run: {'above' if ok_kdbu else 'NOT above'}.")
     for model in ("lenet5", "vgg-shallow"):
         if model in t2:
             f, o = t2[model]["fgm"]["mean_least_norm"], t2[model]["ossa"]["mean_least_norm"]
-            lines.append(f"- Table 2, {model}: OSSA mean least norm {_f(o)} vs FGM {_f(f)}: "
+            lines.append(f"- Table 2, {model}: OSSA mean least norm {fmt(o)} vs FGM {fmt(f)}: "
                          f"{'below, as the paper' if o < f else 'NOT below'}.")
     op = results.get("operating_point", {})
     for fs, v in op.items():
         lines.append(f"- Operating point, RF `{fs}`, all attacks: threshold at 5% FPR on val scores -> test TPR "
-                     f"{_f(100 * v['tpr'], 1)}%, test FPR {_f(100 * v['fpr'], 1)}%.")
+                     f"{pct(v['tpr'])}%, test FPR {pct(v['fpr'])}%.")
     shipped = results.get("shipped_detector")
     if shipped and shipped.get("test"):
         lines.append(f"- Shipped detector (`models/*.detector.json`, {shipped['features']['feature_set']} features): "
-                     f"test AUC {_f(100 * shipped['test']['auc'])}, TPR {_f(100 * shipped['test']['tpr'], 1)}% at FPR "
-                     f"{_f(100 * shipped['test']['fpr'], 1)}% (threshold {_f(shipped['threshold']['value'], 3)} chosen "
+                     f"test AUC {pct(shipped['test']['auc'], 2)}, TPR {pct(shipped['test']['tpr'])}% at FPR "
+                     f"{pct(shipped['test']['fpr'])}% (threshold {fmt(shipped['threshold']['value'], 3)} chosen "
                      "on out-of-fold validation scores).")
     return lines + [""]

@@ -73,10 +73,13 @@ def settings_of(request: Request) -> Settings:
 async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatch,
                        threshold: float | None) -> ScreenResponse:
     try:
-        detector = model.require_detector()
+        model.require_detector()
     except NoDetectorError as exc:
         raise ProblemError(404, "no_detector", str(exc)) from exc
     results = await run_batched(model, ("screen",), model.screen_batch, batch.images)
+    # the state the batch read: its detector scored every image here, so its threshold, id and figures answer
+    state = results[0]["detector"] if results else model.detector_state
+    detector = state.require(model.name)
     chosen = detector.threshold if threshold is None else threshold
     names = model.card.class_names
     items = [{"score": r["score"], "adversarial": r["score"] >= chosen, "prediction": r["prediction"],
@@ -88,12 +91,12 @@ async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatc
     if flagged:
         metrics.adversarial.labels(model.name).inc(flagged)
     metrics.request_images.labels("screen").observe(len(items))
-    auc, _ = model.detector_auc
     classifier = (detector.card.get("classifier") or {}).get("name", "classifier")
     method = f"detector: {classifier} on Fisher features '{detector.feature_set}' (k={detector.k}, exact spectrum)"
     return ScreenResponse(model=model.name, sha256=model.sha256, method=method, notes=batch.notes,
                           threshold=chosen, threshold_source="detector" if threshold is None else "request",
-                          detector_auc=auc, results=items)  # type: ignore[arg-type]
+                          detector_auc=state.measured["auc"], detector_id=state.id,
+                          results=items)  # type: ignore[arg-type]
 
 
 @router.post("/screen", response_model=ScreenResponse, responses=ERRORS, dependencies=[Depends(require_json)],

@@ -1,117 +1,124 @@
-"""`train-detector`: train a detector for a model and write it with its card as a candidate (activation is a
-separate step: `activate_detector`)."""
+"""`train-detector`: train a detector for a model on labelled images (a server-side dataset, or one uploaded .npz
+or zip of class folders, staged strictly) and write it with its card and report as a candidate (activation is a
+separate step). The artifact is a zip of the candidate, its card and its report."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.config import Settings
 from service.jobs import inputs, model_cache
-from service.jobs.inputs import load_dataset
 from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext
 from service.jobs.types import JobSpec, one_of
 
 
 class TrainDetectorParams(BaseModel):
-    """As `fisher-guard train-detector`: fitted on the validation split, measured on the test split."""
+    """As `fisher-guard train-detector`. The fit images are an upload (one labelled .npz, or a zip of class
+    folders) or `fit_dataset`; the test images are `test_dataset`, or a `test_fraction` of the fit images."""
 
     model_config = ConfigDict(extra="forbid")
-    fit_dataset: str = Field("mnist:val", description="Images the detector is fitted on.")
+    fit_dataset: str | None = Field(None, description="Server-side images to fit on (mnist:val, data:<name>); "
+                                    "null: the uploaded file.")
     fit_limit: int | None = Field(None, ge=10, description="Use only the first N fit images.")
-    test_dataset: str | None = Field("mnist:test", description="Images for the card's test metrics (null: none).")
+    test_dataset: str | None = Field(None, description="Server-side images for the card's test metrics; null: a "
+                                     "test_fraction of the fit images.")
     test_limit: int | None = Field(None, ge=10)
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="Share of the fit images held out when no "
+                                 "test_dataset is given (stratified, seeded).")
     attacks: list[str] | None = Field(None, description="Attacks of the detection set (default: all five).")
-    feature_set: str = Field("spectral+noise+fine+squeeze",  # features.SHIPPED_FEATURE_SET, kept free of torch
-                             description="Feature set (the shipped detectors': spectral+noise+fine+squeeze).")
+    epsilons: dict[str, float] = Field(default_factory=dict, description="L2 budgets by attack, instead of the "
+                                       "rule's (service.detect.budgets).")
+    feature_set: str | None = Field(None, description="Feature set; null: chosen among the candidates by "
+                                    "out-of-fold AUC.")
     classifier: Literal["rf", "gnb"] = "rf"
     k: int = Field(20, ge=1, le=100)
     target_fpr: float = Field(0.05, ge=0, lt=1)
+    opt_steps: int | None = Field(None, ge=1, le=1000, description="C&W's Adam steps (default 100).")
     seed: int = 0
 
     @field_validator("feature_set")
     @classmethod
-    def _known_features(cls, value: str) -> str:
+    def _known_features(cls, value: str | None) -> str | None:
         from service.detect.features import FEATURE_SETS
 
-        return one_of(value, FEATURE_SETS, "feature set")
+        return None if value is None else one_of(value, FEATURE_SETS, "feature set")
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, value: list[str] | None) -> list[str] | None:
+        from service.commands.detect import DETECTION_ATTACKS
+
+        for name in value or []:
+            one_of(name, DETECTION_ATTACKS, "attack")
+        return value
 
 
-def candidate_path(settings: Settings, model_name: str, job_id: str) -> Path:
-    """Where a detector-training job writes its detector: not the active one (activation is a separate step)."""
-    return Path(settings.models_dir) / "candidates" / f"{model_name}.detector.{job_id}.npz"
+def candidates_dir(settings: Settings) -> Path:
+    """Where detector-training jobs write their candidates (activation is a separate step)."""
+    return Path(settings.models_dir) / "candidates"
 
 
 def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
-    """Train a detector for the model and write it (+ card) as a candidate; JSON card artifact."""
-    from service.detect.detector import train_detector
-    from service.detect.files import save_detector
+    """Train a detector for the model and write it (+ card, report) as a candidate; zip artifact."""
+    from service.data.datasets import LabelledImages, split
+    from service.training import TrainingOptions, candidate_path, train_and_write
 
-    model = model_cache.get_bundle(spec.model or "").loaded
-    p = dict(spec.params)
-    fit_x, fit_y = load_dataset(p.pop("fit_dataset"), p.pop("fit_limit"))
-    test_name, test_limit = p.pop("test_dataset"), p.pop("test_limit")
-    test_x, test_y = load_dataset(test_name, test_limit) if test_name else (None, None)
-    if p.get("attacks") is None:
-        p.pop("attacks", None)
+    loaded = model_cache.get_bundle(spec.model or "").loaded
+    p = spec.params
+    if spec.has_upload:
+        images, labels = ctx.load_upload()
+        fit = LabelledImages(images, labels, spec.item_names, "the uploaded images", None)
+        if p["fit_limit"]:
+            fit = fit.subset(list(range(min(p["fit_limit"], len(fit)))))
     else:
-        p["attacks"] = tuple(p["attacks"])
+        fit = _open(p["fit_dataset"], loaded.card_path, ctx.settings, p["fit_limit"])
+    if p["test_dataset"]:
+        test = _open(p["test_dataset"], loaded.card_path, ctx.settings, p["test_limit"])
+    else:
+        fit, test = split(fit, p["test_fraction"], p["seed"])
+    options = TrainingOptions(attacks=tuple(p["attacks"] or TrainingOptions.attacks), epsilons=p["epsilons"],
+                              feature_set=p["feature_set"], classifier=p["classifier"], k=p["k"],
+                              target_fpr=p["target_fpr"], seed=p["seed"], opt_steps=p["opt_steps"])
     ctx.progress(0, 1)
-    detector = train_detector(
-        model.module, model_name=model.name, model_sha256=model.sha256,
-        fit_images=torch.from_numpy(fit_x), fit_labels=torch.from_numpy(fit_y),
-        test_images=None if test_x is None else torch.from_numpy(test_x),
-        test_labels=None if test_y is None else torch.from_numpy(test_y),
-        command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}",
-        data_description=f"fit: {spec.params['fit_dataset']}, test: {test_name}", **p)
-    path, card_path = save_detector(detector, candidate_path(ctx.settings, model.name, spec.id))
+    files = train_and_write(loaded, fit, test, candidate_path(candidates_dir(ctx.settings), loaded.name, spec.id),
+                            options, command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}")
     ctx.progress(1, 1)
-    ctx.save_artifact(card_path.name, "application/json", card_path.read_bytes())
-    return {"model": model.name, "detector_path": str(path), "card_path": str(card_path), "active": False,
-            "activate_with": f"fisher-guard activate-detector {path}",
-            "validation": detector.card.get("validation"), "test": detector.card.get("test"),
-            "threshold": detector.threshold}
+    ctx.save_artifact(f"detector-{spec.id}.zip", "application/zip", files.zip_bytes())
+    card = files.run.detector.card
+    return {"model": loaded.name, "candidate": files.detector.name, "detector_path": str(files.detector),
+            "card_path": str(files.card), "active": False,
+            "activate_with": f"fisher-guard activate-detector {files.detector}", "feature_set": card["features"]
+            ["feature_set"], "feature_selection": card["feature_selection"],
+            "budgets": {name: b["chosen"] for name, b in card["budgets"].items()},
+            "validation": card.get("validation"), "test": card.get("test"), "threshold": files.run.detector.threshold,
+            "wall_time_s": card.get("wall_time_s")}
 
 
-def activate_detector(path: str | Path, folders: Sequence[Path]) -> Path:
-    """Make a candidate detector the active one of its model: the .npz and its card copied to
-    `<model>.detector.npz` / `.json` next to the model's card (where the API and the workers load it from), after
-    checking it (sha256 against its card, trained for the model's current weights). API and workers pick it up on
-    restart."""
-    from service.detect.files import card_path_for, detector_path, load_detector
-    from service.zoo.registry import find_card, sha256_file, weights_path
+def _open(name: str, card_path: Path | None, settings: Settings, limit: int | None):
+    from service.training import open_dataset
+    from service.zoo.cards import ModelCard
 
-    path = Path(path)
-    card = json.loads(card_path_for(path).read_text())
-    model_name = card.get("model", {}).get("name")
-    if not model_name:
-        raise ValueError(f"detector {path} names no model in its card")
-    model_card, card_path = find_card(model_name, folders)
-    load_detector(path, sha256_file(weights_path(model_card, card_path)))  # refuses a detector of other weights
-    target = detector_path(card_path.parent, model_name)
-    shutil.copyfile(path, target)
-    shutil.copyfile(card_path_for(path), card_path_for(target))
-    model_cache.forget(model_name)
-    return target
+    assert card_path is not None
+    return open_dataset(name, ModelCard.read(card_path), list(settings.dataset_folders),
+                        inputs.dataset_limits(settings), limit)
 
 
 def check(spec: JobSpec, card_path: Path, settings: Settings) -> None:
-    """The fit and test datasets exist and fit the model's input shape."""
+    """The server-side datasets exist and fit the model (shape, channels, labels): refused now, not in the worker.
+    Without an upload, `fit_dataset` is needed (the upload itself is staged by submit.prepare)."""
     from service.zoo.cards import ModelCard
 
-    shape = tuple(ModelCard.read(card_path).input_shape)
+    card = ModelCard.read(card_path)
     for key in ("fit_dataset", "test_dataset"):
         if spec.params.get(key):
-            inputs.load_dataset(spec.params[key], 1)
-            inputs.check_dataset_shape(spec.params[key], shape)
+            inputs.check_named_dataset(spec.params[key], card, settings)
 
 
-JOB = JobType("train-detector", "Train a new detector for a model and write it with its card (activation is a "
-              "separate step).", TrainDetectorParams, run, check=check)
+JOB = JobType("train-detector", "Train a new detector for a model on labelled images (a server-side dataset or an "
+              "uploaded .npz / zip of class folders) and write it with its card and report as a candidate "
+              "(activation is a separate step).", TrainDetectorParams, run, check=check, labelled_upload=True)
