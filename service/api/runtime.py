@@ -74,8 +74,9 @@ class ServedModel(ModelBundle):
         for i in range(logits.shape[0]):
             item = {"logits": logits[i].tolist(), "probabilities": logits[i].softmax(-1).tolist(),
                     "prediction": int(logits[i].argmax())}
-            if screen is not None:
-                item["score"] = screen[i]["score"]
+            if screen is not None:  # the score with the threshold of the detector that gave it
+                state = screen[i]["detector"]
+                item |= {"score": screen[i]["score"], "threshold": state.detector.threshold, "detector_id": state.id}
             out.append(item)
         return out
 

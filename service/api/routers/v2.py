@@ -142,23 +142,25 @@ async def v2_infer(body: InferRequest, request: Request, model: V2Model) -> Infe
         raise ProblemError(422, "unknown_output", f"unknown outputs {unknown} (available: {', '.join(available)})")
     results = await run_batched(model, ("infer",), model.infer_batch, batch.images)
     n, k = len(results), model.card.num_classes
-    threshold = model.detector.threshold if model.detector is not None else None
+    scored = bool(results) and "score" in results[0]
     columns: dict[str, tuple[str, list[int], list[Any]]] = {
         "logits": ("FP32", [n, k], [v for r in results for v in r["logits"]]),
         "probabilities": ("FP32", [n, k], [v for r in results for v in r["probabilities"]]),
         "predictions": ("INT64", [n], [r["prediction"] for r in results]),
     }
-    if threshold is not None:
+    if scored:
         columns["adversarial_score"] = ("FP64", [n], [r["score"] for r in results])
-        columns["adversarial"] = ("BOOL", [n], [r["score"] >= threshold for r in results])
+        columns["adversarial"] = ("BOOL", [n], [r["score"] >= r["threshold"] for r in results])
         metrics = request.app.state.metrics
         metrics.screened.labels(model.name).inc(n)
-        metrics.adversarial.labels(model.name).inc(sum(r["score"] >= threshold for r in results))
+        metrics.adversarial.labels(model.name).inc(sum(r["score"] >= r["threshold"] for r in results))
     outputs = [InferTensor(name=name, datatype=columns[name][0], shape=columns[name][1], data=columns[name][2])
                for name in wanted]
     method = "forward pass" + (f" + detector on Fisher features '{model.detector.feature_set}'"
                                if model.detector is not None else "")
     parameters: dict[str, Any] = {"sha256": model.sha256, "method": method}
+    if scored:
+        parameters["detector_id"] = results[0]["detector_id"]
     if batch.notes:
         parameters["notes"] = batch.notes
     return InferResponse(model_name=model.name, model_version=model.sha256, id=body.id, parameters=parameters,

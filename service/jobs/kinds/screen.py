@@ -23,13 +23,16 @@ class ScreenParams(BaseModel):
 def run(spec: JobSpec, ctx: TaskContext) -> list[dict[str, Any]]:
     """Detector score, verdict, top eigenvalues and prediction of every image: one row each."""
     bundle = model_cache.get_bundle(spec.model or "")
+    state = bundle.detector_state  # one detector for the whole job, even if another is activated meanwhile
+    detector = state.require(bundle.name)
     images, labels, names = job_images(spec, ctx)
     k = int(spec.params.get("k", 5))
     size = ctx.settings.jobs_batch_size
     rows: list[dict[str, Any]] = []
     ctx.progress(0, len(images))
     for start, stop in batches(len(images), size):
-        out = serving.screen(bundle, torch.from_numpy(np.ascontiguousarray(images[start:stop], dtype=np.float32)))
+        out = serving.screen(bundle, torch.from_numpy(np.ascontiguousarray(images[start:stop], dtype=np.float32)),
+                             state)
         confidence = out.probabilities.max(axis=1)
         for j in range(stop - start):
             i = start + j
@@ -39,6 +42,7 @@ def run(spec: JobSpec, ctx: TaskContext) -> list[dict[str, Any]]:
             row |= {"prediction": int(out.predictions[j]), "confidence": float(confidence[j]),
                     "score": float(out.scores[j]), "adversarial": bool(out.adversarial[j])}
             row |= {f"eigenvalue_{e + 1}": float(v) for e, v in enumerate(out.eigenvalues[j, :k])}
+            row |= {"threshold": detector.threshold, "detector_id": state.id}
             rows.append(row)
         debug_delay(ctx)
         ctx.progress(stop, len(images))
@@ -49,7 +53,8 @@ def summarise(spec: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     flagged = sum(bool(r["adversarial"]) for r in rows)
     summary: dict[str, Any] = {"model": spec.model, "screened": len(rows), "flagged": int(flagged),
                                "flagged_fraction": flagged / len(rows) if rows else 0.0,
-                               "threshold": model_cache.get_bundle(spec.model or "").require_detector().threshold}
+                               "threshold": rows[0]["threshold"] if rows else None,
+                               "detector_ids": sorted({r["detector_id"] for r in rows})}
     if rows and "label" in rows[0]:
         summary["accuracy"] = float(np.mean([r["prediction"] == r["label"] for r in rows]))
     return summary
