@@ -5,15 +5,23 @@ Plain models: ReLU, cross-entropy, Adam, random shifts of up to 2 pixels (we hav
 half clean and half FGM images (L2 epsilon drawn per image from `epsilon_range`, in [0, 1] pixel space; the FGM
 step is taken on the model in eval mode). The weights kept are those of the epoch with the best validation
 accuracy; the card reports accuracy on the test split.
+
+A user's labelled images (`train-model --dataset`, `train_on_dataset`) go through the same loop: a seeded,
+stratified train / val / test split of the data, per-channel mean and std of the train part inside the model
+(builtin architectures take them as arguments; torchvision ones sit in the registry's `PixelSpaceModel`), the
+best val epoch kept, and the test accuracy in the card; the card loads with `service.zoo.registry.load_model`.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,10 +29,11 @@ from tqdm import tqdm
 
 from service.attacks.common import step
 from service.attacks.gradient import fgm_direction
+from service.data.datasets import LabelledImages, split
 from service.data.mnist import CLASS_NAMES, MNIST_MEAN, MNIST_STD, load_mnist
 from service.zoo.architectures import ARCHITECTURES
 from service.zoo.cards import ModelCard
-from service.zoo.registry import sha256_file
+from service.zoo.registry import PixelSpaceModel, sha256_file
 
 SHIPPED_MODELS = ("lenet5", "vgg-shallow", "lenet5-adv", "vgg-shallow-adv")
 VGG_WIDTH = 16  # a quarter of VGG-16's widths (ShallowVGG defaults to 32): trains on 2 CPU cores in minutes
@@ -76,6 +85,87 @@ class TrainConfig:
                  "--seed", str(self.seed), "--threads", str(self.threads), "--out", str(out_dir)]
         if self.shift != TrainConfig.shift:
             parts += ["--shift", str(self.shift)]
+        if self.lr != TrainConfig.lr:
+            parts += ["--lr", str(self.lr)]
+        if self.batch_size != TrainConfig.batch_size:
+            parts += ["--batch-size", str(self.batch_size)]
+        if self.weight_decay != TrainConfig.weight_decay:
+            parts += ["--weight-decay", str(self.weight_decay)]
+        if self.limit is not None:
+            parts += ["--limit", str(self.limit)]
+        return shlex.join(parts)
+
+
+Framework = Literal["builtin", "torchvision"]
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name is also its files' name
+TORCHVISION_PREFIX = "torchvision:"
+# constructor arguments the trainer sets itself (weights: nothing is downloaded, training starts from random values)
+RESERVED_KWARGS = frozenset({"num_classes", "in_channels", "mean", "std", "activation", "weights", "weights_backbone",
+                             "pretrained", "pretrained_backbone", "progress"})
+
+
+@dataclass
+class DatasetTrainConfig:
+    """A run of `train-model --dataset`: a user's labelled images and a builtin or torchvision architecture.
+
+    `dataset` is the `--dataset` spec as given (a .npz / ImageFolder folder / zip path, or a server-side name
+    `mnist:*` / `data:<name>`); the caller loads it and passes the data to `train_and_save`."""
+
+    dataset: str
+    name: str
+    architecture: str = "small-cnn"  # a builtin name, or 'torchvision:<name>' (e.g. 'torchvision:resnet18')
+    epochs: int = 15
+    seed: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    shift: int = 0  # zero-filled shifts suit MNIST's black border, not every dataset: off unless asked for
+    threads: int = 1
+    limit: int | None = None  # train on a seeded, stratified subset of this many images (smoke runs, tests)
+    architecture_kwargs: dict[str, int | float | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"model name {self.name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names "
+                             "the weights and card files), starting with a letter or digit")
+        if self.framework == "builtin" and self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}: expected one of "
+                             f"{', '.join(ARCHITECTURES)} or {TORCHVISION_PREFIX}<name>")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("val and test fractions must each be in (0, 1) and add up to less than 1, got "
+                             f"{self.val_fraction} and {self.test_fraction}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.shift < 0:
+            raise ValueError("epochs and batch size must be positive, lr > 0 and shift >= 0")
+        reserved = sorted(set(self.architecture_kwargs) & RESERVED_KWARGS)
+        if reserved:
+            raise ValueError(f"architecture arguments {', '.join(reserved)} are set by the trainer (weights are "
+                             "never downloaded: training starts from random values)")
+        if self.limit is not None and self.limit < 3:
+            raise ValueError(f"limit must be at least 3 images (train, val and test), got {self.limit}")
+
+    @property
+    def framework(self) -> Framework:
+        return "torchvision" if self.architecture.startswith(TORCHVISION_PREFIX) else "builtin"
+
+    @property
+    def architecture_name(self) -> str:
+        """The name the card records: 'small-cnn', or the torchvision name without its prefix ('resnet18')."""
+        return self.architecture.removeprefix(TORCHVISION_PREFIX)
+
+    def command(self, out_dir: Path) -> str:
+        """The CLI command that reproduces this run (every option spelled out, so later defaults do not matter)."""
+        parts = ["fisher-guard", "train-model", "--dataset", self.dataset, "--architecture", self.architecture,
+                 "--name", self.name, "--epochs", str(self.epochs), "--seed", str(self.seed), "--lr", str(self.lr),
+                 "--batch-size", str(self.batch_size), "--val-fraction", str(self.val_fraction),
+                 "--test-fraction", str(self.test_fraction), "--shift", str(self.shift),
+                 "--threads", str(self.threads), "--out", str(out_dir)]
+        if self.weight_decay != DatasetTrainConfig.weight_decay:
+            parts += ["--weight-decay", str(self.weight_decay)]
+        for key, value in sorted(self.architecture_kwargs.items()):
+            parts += ["--arch-arg", f"{key}={value}"]
         if self.limit is not None:
             parts += ["--limit", str(self.limit)]
         return shlex.join(parts)
@@ -127,31 +217,25 @@ def _data(split: str, limit: int | None) -> tuple[Tensor, Tensor]:
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
-def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, dict[str, float]]:
-    """Train one model; returns it (eval mode, best validation epoch) and its val / test accuracies."""
-    torch.set_num_threads(max(1, config.threads))
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_x, train_y = _data("train", config.limit)
-    val_x, val_y = _data("val", config.limit)
-    test_x, test_y = _data("test", config.limit)
-
-    model = build_model(config)
+def fit(model: nn.Module, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, *, epochs: int,
+        batch_size: int, lr: float, weight_decay: float, shift: int, generator: torch.Generator,
+        epsilon_range: tuple[float, float] | None = None, desc: str = "train", progress: bool = True) -> float:
+    """The one training loop: Adam with a one-cycle schedule, cross-entropy, random shifts of up to `shift`
+    pixels, and with `epsilon_range` FGM adversarial training (each batch half clean, half FGM). Leaves `model`
+    in eval mode with the weights of its best validation epoch; returns that validation accuracy."""
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_x) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, epochs=config.epochs,
-                                                   steps_per_epoch=steps_per_epoch)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(train_x) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
     best_val, best_state = -1.0, copy.deepcopy(model.state_dict())
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"train {config.model_name}", unit="batch",
-               disable=not progress)
-    for epoch in range(config.epochs):
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="batch", disable=not progress)
+    for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=generator)
-        for start in range(0, len(train_x), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            x, y = random_shift(train_x[idx], config.shift, generator), train_y[idx]
-            if config.is_adversarial:
-                adv = fgm_batch(model, x, y, config.epsilon_range, generator)
+        for start in range(0, len(train_x), batch_size):
+            idx = order[start:start + batch_size]
+            x, y = random_shift(train_x[idx], shift, generator), train_y[idx]
+            if epsilon_range is not None:
+                adv = fgm_batch(model, x, y, epsilon_range, generator)
                 loss = 0.5 * (F.cross_entropy(model(x), y) + F.cross_entropy(model(adv), y))
             else:
                 loss = F.cross_entropy(model(x), y)
@@ -167,28 +251,232 @@ def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, dict[s
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
+    return best_val
+
+
+def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, dict[str, float]]:
+    """Train one MNIST model; returns it (eval mode, best validation epoch) and its val / test accuracies."""
+    torch.set_num_threads(max(1, config.threads))
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_x, train_y = _data("train", config.limit)
+    val_x, val_y = _data("val", config.limit)
+    test_x, test_y = _data("test", config.limit)
+    model = build_model(config)
+    best_val = fit(model, train_x, train_y, val_x, val_y, epochs=config.epochs, batch_size=config.batch_size,
+                   lr=config.lr, weight_decay=config.weight_decay, shift=config.shift, generator=generator,
+                   epsilon_range=config.epsilon_range if config.is_adversarial else None,
+                   desc=f"train {config.model_name}", progress=progress)
     return model, {"val_accuracy": best_val, "test_accuracy": accuracy(model, test_x, test_y)}
 
 
-def train_and_save(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> ModelCard:
-    """Train, then write `<out>/<name>.pt` (state dict) and `<out>/<name>.json` (its card); returns the card."""
-    out = Path(out_dir)
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, C, H, W) pixels, rounded to 6 decimals (the card shows them; the model is
+    built from the same rounded values); a constant channel gets std 1e-3 rather than 0."""
+    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = images.std(axis=(0, 2, 3), dtype=np.float64)
+    return [round(float(m), 6) for m in mean], [round(max(float(v), 1e-3), 6) for v in std]
+
+
+def dataset_splits(data: LabelledImages, val_fraction: float, test_fraction: float,
+                   seed: int) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
+    """Train / val / test parts of `data`: stratified and seeded (`service.data.datasets.split`), test first,
+    then val out of the rest, so that the test part depends only on the data, `test_fraction` and `seed`
+    (DatasetError when a part would be empty)."""
+    rest, test = split(data, test_fraction, seed)
+    train_part, val = split(rest, val_fraction / (1 - test_fraction), seed)
+    return train_part, val, test
+
+
+def dataset_subset(data: LabelledImages, limit: int | None, seed: int) -> LabelledImages:
+    """A seeded, stratified subset of `limit` images (all of them when `limit` is None or not smaller)."""
+    if limit is None or limit >= len(data):
+        return data
+    return split(data, limit / len(data), seed)[1]
+
+
+def dataset_classes(data: LabelledImages) -> list[str]:
+    """The data's class names, or '0'..'K-1' (K: one more than the largest label) when it has none."""
+    if data.class_names:
+        return list(data.class_names)
+    return [str(k) for k in range(int(data.labels.max()) + 1)]
+
+
+def build_dataset_model(architecture: str, framework: Framework, num_classes: int, input_shape: list[int],
+                        mean: list[float], std: list[float],
+                        architecture_kwargs: dict[str, int | float | str] | None = None) -> nn.Module:
+    """A freshly initialised model (seeded by the caller) that takes [0, 1] pixels of `input_shape`, built as
+    the registry rebuilds it from a card: a builtin architecture with mean/std as arguments, or a torchvision
+    architecture (random weights, nothing downloaded) behind `PixelSpaceModel`."""
+    kwargs = dict(architecture_kwargs or {})
+    reserved = sorted(set(kwargs) & RESERVED_KWARGS)
+    if reserved:
+        raise ValueError(f"architecture arguments {', '.join(reserved)} are set by the trainer (weights: never "
+                         "downloaded, always trained from random initial values)")
+    try:
+        if framework == "builtin":
+            if architecture not in ARCHITECTURES:
+                raise ValueError(f"unknown builtin architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+            model: nn.Module = ARCHITECTURES[architecture](num_classes=num_classes, activation="relu",
+                                                           in_channels=input_shape[0], mean=mean, std=std, **kwargs)
+        else:
+            import torchvision
+
+            if architecture not in torchvision.models.list_models():
+                raise ValueError(f"unknown torchvision architecture {architecture!r}")
+            net = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **kwargs)
+            model = PixelSpaceModel(net, mean, std)
+    except TypeError as exc:  # an argument the constructor does not take
+        raise ValueError(f"architecture {architecture!r} does not take the arguments {kwargs}: {exc}") from exc
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape))
+    except Exception as exc:  # a wrong channel count or too small an image, in whatever words the layer uses
+        raise ValueError(f"architecture {architecture!r} does not take images of shape {input_shape}: {exc}") from exc
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(f"architecture {architecture!r} gives outputs of shape {tuple(out.shape)[1:]}, not "
+                         f"{num_classes} logits")
+    return model
+
+
+@dataclass
+class DatasetRun:
+    """What one training run on a dataset produced: the model (eval mode), the network whose state dict the
+    registry loads (the model itself, or a torchvision model's inner net), the normalisation and the scores."""
+
+    module: nn.Module
+    saved: nn.Module
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    input_shape: list[int]
+    scores: dict[str, float]
+
+
+def _tensors(part: LabelledImages) -> tuple[Tensor, Tensor]:
+    return (torch.from_numpy(np.ascontiguousarray(part.images, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(part.labels, dtype=np.int64)))
+
+
+def run_on_dataset(data: LabelledImages, *, name: str, architecture: str = "small-cnn",
+                   framework: Framework = "builtin", epochs: int = 15, seed: int = 0, lr: float = 1e-3,
+                   batch_size: int = 64, weight_decay: float = 1e-4, val_fraction: float = 0.15,
+                   test_fraction: float = 0.15, shift: int = 0, threads: int = 1,
+                   architecture_kwargs: dict[str, int | float | str] | None = None, limit: int | None = None,
+                   progress: bool = True) -> DatasetRun:
+    """`train_on_dataset`, returning everything a card needs (see there)."""
+    torch.set_num_threads(max(1, threads))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    data = dataset_subset(data, limit, seed)
+    class_names = dataset_classes(data)
+    if int(data.labels.min()) < 0 or int(data.labels.max()) >= len(class_names):
+        raise ValueError(f"labels must be in 0..{len(class_names) - 1} (one per class name)")
+    train_part, val, test = dataset_splits(data, val_fraction, test_fraction, seed)
+    mean, std = channel_stats(train_part.images)
+    input_shape = [int(d) for d in data.images.shape[1:]]
+    model = build_dataset_model(architecture, framework, len(class_names), input_shape, mean, std,
+                                architecture_kwargs)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = _tensors(train_part), _tensors(val), _tensors(test)
+    best_val = fit(model, train_x, train_y, val_x, val_y, epochs=epochs, batch_size=batch_size, lr=lr,
+                   weight_decay=weight_decay, shift=shift, generator=generator, desc=f"train {name}",
+                   progress=progress)
+    scores = {"val_accuracy": best_val, "test_accuracy": accuracy(model, test_x, test_y),
+              "train_images": len(train_y), "val_images": len(val_y), "test_images": len(test_y),
+              "images": len(data)}
+    saved = model.net if isinstance(model, PixelSpaceModel) else model
+    return DatasetRun(module=model, saved=saved, mean=mean, std=std, class_names=class_names,
+                      input_shape=input_shape, scores=scores)
+
+
+def train_on_dataset(data: LabelledImages, *, name: str, architecture: str = "small-cnn",
+                     framework: Framework = "builtin", epochs: int = 15, seed: int = 0, lr: float = 1e-3,
+                     batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                     shift: int = 0, threads: int = 1, architecture_kwargs: dict[str, int | float | str] | None = None,
+                     progress: bool = True, weight_decay: float = 1e-4,
+                     limit: int | None = None) -> tuple[nn.Module, dict[str, float]]:
+    """Train `architecture` (a builtin name, or a torchvision name with framework 'torchvision') on a user's
+    labelled images with the MNIST models' loop (`fit`); returns the model (eval mode, [0, 1] pixels in, the
+    train part's per-channel mean/std inside) and its scores: val / test accuracy and the parts' sizes.
+
+    The data is split seeded and stratified into train / val (model selection: the best val epoch) / test (the
+    accuracy reported); `limit` first takes a seeded, stratified subset of that many images."""
+    run = run_on_dataset(data, name=name, architecture=architecture, framework=framework, epochs=epochs, seed=seed,
+                         lr=lr, batch_size=batch_size, weight_decay=weight_decay, val_fraction=val_fraction,
+                         test_fraction=test_fraction, shift=shift, threads=threads,
+                         architecture_kwargs=architecture_kwargs, limit=limit, progress=progress)
+    return run.module, run.scores
+
+
+def _write_model(out: Path, net: nn.Module, **card_fields: object) -> ModelCard:
+    """`<out>/<name>.pt` (the state dict of `net`) and `<out>/<name>.json` (its card); returns the card."""
     out.mkdir(parents=True, exist_ok=True)
-    model, scores = train(config, progress=progress)
-    name = config.model_name
+    name = str(card_fields["name"])
     weights = out / f"{name}.pt"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, weights)
+    card = ModelCard.model_validate({**card_fields, "weights": weights.name, "sha256": sha256_file(weights)})
+    card.write(out / f"{name}.json")
+    return card
+
+
+def _describe_data(config: DatasetTrainConfig, data: LabelledImages, run: DatasetRun) -> str:
+    """The data in words: where it came from (its file's sha256), and the subset taken when `limit` was given."""
+    what = data.source if data.source.startswith(config.dataset) else f"--dataset {config.dataset}: {data.source}"
+    path = Path(config.dataset)
+    if path.is_file():
+        what += f", sha256 {sha256_file(path)}"
+    if run.scores["images"] < len(data):
+        what += f"; of it a stratified subset of {run.scores['images']} images (seed {config.seed})"
+    return what
+
+
+def _save_dataset_run(config: DatasetTrainConfig, data: LabelledImages, out: Path, progress: bool) -> ModelCard:
+    run = run_on_dataset(data, name=config.name, architecture=config.architecture_name, framework=config.framework,
+                         epochs=config.epochs, seed=config.seed, lr=config.lr, batch_size=config.batch_size,
+                         weight_decay=config.weight_decay, val_fraction=config.val_fraction,
+                         test_fraction=config.test_fraction, shift=config.shift, threads=config.threads,
+                         architecture_kwargs=config.architecture_kwargs, limit=config.limit, progress=progress)
+    scores, described = run.scores, _describe_data(config, data, run)
+    return _write_model(
+        out, run.saved,
+        name=config.name, framework=config.framework, architecture=config.architecture_name,
+        activation="relu" if config.framework == "builtin" else None,
+        architecture_kwargs=config.architecture_kwargs, input_shape=run.input_shape, mean=run.mean, std=run.std,
+        class_names=run.class_names, num_classes=len(run.class_names), training_command=config.command(out),
+        seed=config.seed, test_accuracy=round(scores["test_accuracy"], 4),
+        test_split=(f"the test part ({scores['test_images']} images, fraction {config.test_fraction}, stratified, "
+                    f"seed {config.seed}; service.zoo.training.dataset_splits) of {described}"),
+        notes=(f"Trained on the train part ({scores['train_images']} images) for {config.epochs} epochs, Adam (lr "
+               f"{config.lr}, one-cycle schedule, weight decay {config.weight_decay}, batch {config.batch_size}), "
+               f"{f'random shifts of up to {config.shift} pixels' if config.shift else 'no augmentation'}; weights "
+               f"of the epoch with the best accuracy on the "
+               f"val part ({scores['val_images']} images, fraction {config.val_fraction}): "
+               f"{scores['val_accuracy']:.4f}. Normalisation: per-channel mean and std of the train part."),
+    )
+
+
+def train_and_save(config: TrainConfig | DatasetTrainConfig, out_dir: str | Path, progress: bool = True,
+                   data: LabelledImages | None = None) -> ModelCard:
+    """Train, then write `<out>/<name>.pt` (the state dict the registry loads) and `<out>/<name>.json` (its
+    card, with the command that reproduces it); returns the card. A `TrainConfig` trains on the bundled MNIST
+    split; a `DatasetTrainConfig` on `data`, the images its `dataset` spec names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before training: an unwritable folder fails at once
+    if isinstance(config, DatasetTrainConfig):
+        if data is None:
+            raise ValueError("training on a dataset needs its images: pass data=LabelledImages(...)")
+        return _save_dataset_run(config, data, out, progress)
+    model, scores = train(config, progress=progress)
     n_train, n_test = len(_data("train", config.limit)[0]), len(_data("test", config.limit)[0])
     adv_note = (f" FGM adversarial training: each batch half clean, half FGM (L2 epsilon uniform in "
                 f"{list(config.epsilon_range)}, pixel space)." if config.is_adversarial else "")
-    card = ModelCard(
-        name=name,
+    return _write_model(
+        out, model,
+        name=config.model_name,
         framework="builtin",
         architecture=config.architecture,
         activation=config.activation,
         architecture_kwargs=config.architecture_kwargs,
-        weights=weights.name,
-        sha256=sha256_file(weights),
         input_shape=[1, 28, 28],
         mean=MNIST_MEAN,
         std=MNIST_STD,
@@ -204,5 +492,3 @@ def train_and_save(config: TrainConfig, out_dir: str | Path, progress: bool = Tr
                f"weights of the epoch with the best 'val' accuracy ({scores['val_accuracy']:.4f}).{adv_note} "
                f"The paper reports >99% on full MNIST (60k training images)."),
     )
-    card.write(out / f"{name}.json")
-    return card
