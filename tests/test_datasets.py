@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import zip_of
 
 from service.cli import main
 from service.config import Settings
@@ -64,14 +65,6 @@ def refused(code: str, *names: str, **kwargs) -> DatasetError:
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
     return buffer.getvalue()
 
 
@@ -154,7 +147,7 @@ def test_shape_and_classes_are_inferred(digits: LabelledImages, tmp_path: Path) 
     photo = io.BytesIO()
     Image.fromarray((rgb.images[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(photo, format="JPEG")
     grey = sources.png_bytes(rgb.images[1, :1])
-    mixed = read_labelled(zip_bytes({"cat/a.jpg": photo.getvalue(), "dog/b.png": grey}), name="m.zip", shape=None,
+    mixed = read_labelled(zip_of({"cat/a.jpg": photo.getvalue(), "dog/b.png": grey}), name="m.zip", shape=None,
                           num_classes=None)  # the first image (a colour JPEG) sets the shape; the grey PNG -> RGB
     assert mixed.images.shape == (2, 3, 12, 12) and mixed.labels.tolist() == [0, 1] and mixed.names[0] == "cat/a.jpg"
     assert np.abs(mixed.images[0] - rgb.images[0]).mean() < 0.05
@@ -233,16 +226,16 @@ def test_zip_refusals_name_the_member(digits: LabelledImages) -> None:
     members = digit_members(digits)
     good = members["3/0003.png"]
     corrupt = dict(members, **{"3/0003.png": good[: len(good) // 2]})
-    refused("unreadable_item", "z.zip", "3/0003.png", source=zip_bytes(corrupt), name="z.zip", shape=(1, 8, 8))
+    refused("unreadable_item", "z.zip", "3/0003.png", source=zip_of(corrupt), name="z.zip", shape=(1, 8, 8))
     text = dict(members, **{"3/0003.png": b"not an image"})
-    refused("unreadable_item", "3/0003.png", source=zip_bytes(text), name="z.zip", shape=(1, 8, 8))
+    refused("unreadable_item", "3/0003.png", source=zip_of(text), name="z.zip", shape=(1, 8, 8))
     notes = dict(members, **{"3/notes.txt": b"hello"})
-    refused("unreadable_item", "3/notes.txt", source=zip_bytes(notes), name="z.zip", shape=(1, 8, 8))
+    refused("unreadable_item", "3/notes.txt", source=zip_of(notes), name="z.zip", shape=(1, 8, 8))
     other = dict(members, **{"5/0005.png": sources.png_bytes(np.zeros((1, 9, 8), np.float32))})
-    refused("wrong_shape", "5/0005.png", source=zip_bytes(other), name="z.zip", shape=(1, 8, 8))
-    refused("wrong_channels", "z.zip", "0/0000.png", source=zip_bytes(members), name="z.zip", shape=(2, 8, 8))
+    refused("wrong_shape", "5/0005.png", source=zip_of(other), name="z.zip", shape=(1, 8, 8))
+    refused("wrong_channels", "z.zip", "0/0000.png", source=zip_of(members), name="z.zip", shape=(2, 8, 8))
     for bad in ("../evil.png", "/abs/0/1.png", "0/..\\x.png"):
-        error = refused("unsafe_archive", bad.replace("\\", "\\\\"), source=zip_bytes({**members, bad: good}),
+        error = refused("unsafe_archive", bad.replace("\\", "\\\\"), source=zip_of({**members, bad: good}),
                         name="z.zip")
         assert error.status == 400
     link = zipfile.ZipInfo("0/link.png")
@@ -251,19 +244,19 @@ def test_zip_refusals_name_the_member(digits: LabelledImages) -> None:
     with zipfile.ZipFile(buffer, "w") as zf:
         zf.writestr(link, "/etc/passwd")
     refused("unsafe_archive", "0/link.png", source=buffer.getvalue(), name="z.zip")
-    error = refused("too_many_items", "z.zip", source=zip_bytes(members), name="z.zip",
+    error = refused("too_many_items", "z.zip", source=zip_of(members), name="z.zip",
                     limits=DatasetLimits(max_items=29))
     assert error.status == 413
-    refused("bad_layout", "loose.png", source=zip_bytes({**members, "loose.png": good}), name="z.zip")
-    refused("bad_layout", "3/deeper/", source=zip_bytes({**members, "3/deeper/x.png": good}), name="z.zip")
-    refused("empty", "'extra'", source=zip_bytes({**members, "extra/": b""}), name="z.zip", shape=(1, 8, 8))
-    refused("empty", "no class folders", source=zip_bytes({}), name="z.zip")
+    refused("bad_layout", "loose.png", source=zip_of({**members, "loose.png": good}), name="z.zip")
+    refused("bad_layout", "3/deeper/", source=zip_of({**members, "3/deeper/x.png": good}), name="z.zip")
+    refused("empty", "'extra'", source=zip_of({**members, "extra/": b""}), name="z.zip", shape=(1, 8, 8))
+    refused("empty", "no class folders", source=zip_of({}), name="z.zip")
     junk = {**members, "__MACOSX/3/._0003.png": b"junk", "3/.DS_Store": b"junk"}
-    assert len(read_labelled(zip_bytes(junk), name="z.zip", shape=(1, 8, 8), num_classes=10)) == 30
+    assert len(read_labelled(zip_of(junk), name="z.zip", shape=(1, 8, 8), num_classes=10)) == 30
 
 
 def test_a_declared_size_over_the_limit_is_refused_before_unpacking(digits: LabelledImages) -> None:
-    data = bytearray(zip_bytes(digit_members(digits, 3)))
+    data = bytearray(zip_of(digit_members(digits, 3)))
     entry = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)  # the second member's central directory entry
     struct.pack_into("<I", data, entry + 24, 3 << 30)  # its uncompressed size: 3 GiB
     error = refused("too_large", "1/0001.png", source=bytes(data), name="bomb.zip", shape=(1, 8, 8))
@@ -395,11 +388,11 @@ def test_jobs_get_job_input_errors(data_folder: Path, digits: LabelledImages) ->
 def test_labelled_uploads_are_staged_strictly(digits: LabelledImages) -> None:
     settings = Settings()
     members = digit_members(digits)
-    staged = inputs.stage_labelled_upload([("d.zip", zip_bytes(members))], (1, 8, 8), 10, None, settings)
+    staged = inputs.stage_labelled_upload([("d.zip", zip_of(members))], (1, 8, 8), 10, None, settings)
     assert len(staged) == 30 and np.array_equal(staged.labels, digits.labels[by_index(staged)])
     broken = dict(members, **{"7/0007.png": b"\x89PNG\r\n\x1a\n broken"})
     with pytest.raises(JobInputError) as info:
-        inputs.stage_labelled_upload([("d.zip", zip_bytes(broken))], (1, 8, 8), 10, None, settings)
+        inputs.stage_labelled_upload([("d.zip", zip_of(broken))], (1, 8, 8), 10, None, settings)
     assert info.value.code == "unreadable_item" and "7/0007.png" in info.value.detail
     with pytest.raises(JobInputError) as info:
         inputs.stage_labelled_upload([("d.npz", npz_bytes(images=digits.images[:9]))], (1, 8, 8), 10, None,
@@ -411,5 +404,5 @@ def test_labelled_uploads_are_staged_strictly(digits: LabelledImages) -> None:
         assert info.value.status == 400
     small = Settings(jobs_max_items=10)
     with pytest.raises(JobInputError) as info:
-        inputs.stage_labelled_upload([("d.zip", zip_bytes(members))], (1, 8, 8), 10, None, small)
+        inputs.stage_labelled_upload([("d.zip", zip_of(members))], (1, 8, 8), 10, None, small)
     assert info.value.code == "too_many_items" and info.value.status == 413
