@@ -136,7 +136,7 @@ def case_digits(work: Path, env: dict, log, rgb: bool) -> dict:
     run(["export-dataset", *source, "--out", str(data)], env, log)
     model_data, detector_data = split_for_detector(data, work)
     name = "rgb-resnet18" if rgb else "digits-cnn"
-    arch = ["--architecture", "torchvision:resnet18", "--epochs", "8"] if rgb else \
+    arch = ["--architecture", "torchvision:resnet18", "--epochs", "10", "--batch-size", "32"] if rgb else \
         ["--architecture", "small-cnn", "--epochs", "30"]
     model_s, _ = run(["train-model", "--dataset", str(model_data), *arch, "--name", name, "--out",
                       str(env["FISHER_GUARD_MODELS_DIR"]), "--threads", "2"], env, log)

@@ -26,7 +26,7 @@ from service.data.images import ImageInputError, InputLimits, decode_image, max_
 from service.jobs.types import ItemError, JobInputError, check_deadline
 
 if TYPE_CHECKING:
-    from service.zoo.cards import ModelCard
+    pass
 
 IMAGE_KEYS = ("images", "x", "adversarial")
 LABEL_KEYS = ("labels", "y")
@@ -84,12 +84,6 @@ def check_dataset_shape(name: str, shape: tuple[int, int, int], settings: Settin
     """The dataset's images must fit the model's input shape (checked on its first image; every image is checked
     when the job loads it)."""
     open_named_dataset(name, settings or get_settings(), tuple(shape), limit=1)
-
-
-def check_named_dataset(name: str, card: ModelCard, settings: Settings) -> LabelledImages:
-    """A server-side dataset read whole and checked against a model (shape, channels, labels); JobInputError
-    naming the first bad item."""
-    return open_named_dataset(name, settings, tuple(card.input_shape), card.num_classes, list(card.class_names))
 
 
 def stage_labelled_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], num_classes: int | None,

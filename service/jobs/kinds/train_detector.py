@@ -109,14 +109,14 @@ def _open(name: str, card_path: Path | None, settings: Settings, limit: int | No
 
 
 def check(spec: JobSpec, card_path: Path, settings: Settings) -> None:
-    """The server-side datasets exist and fit the model (shape, channels, labels): refused now, not in the worker.
-    Without an upload, `fit_dataset` is needed (the upload itself is staged by submit.prepare)."""
+    """The server-side datasets exist and their images fit the model's input: refused now, not in the worker (which
+    checks every image and label before any work). The upload itself is staged by submit.prepare."""
     from service.zoo.cards import ModelCard
 
     card = ModelCard.read(card_path)
     for key in ("fit_dataset", "test_dataset"):
-        if spec.params.get(key):
-            inputs.check_named_dataset(spec.params[key], card, settings)
+        if spec.params.get(key):  # its first image here (a large set would outlast the request); all in the worker
+            inputs.check_dataset_shape(spec.params[key], tuple(card.input_shape), settings)
 
 
 JOB = JobType("train-detector", "Train a new detector for a model on labelled images (a server-side dataset or an "
