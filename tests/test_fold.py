@@ -68,9 +68,11 @@ def test_fold_leaves_shared_or_rearranged_pairs_alone():
         def forward(self, x):  # data-dependent control flow, which torch.fx could not trace
             return self.norm(self.conv(x)) if float(x.sum()) > 0 else x[..., 1:-1, 1:-1].repeat(1, 2, 1, 1)
 
+    torch.manual_seed(0)  # the convs' weights and the example: unseeded, some draws make ReLU and BatchNorm commute
     example = torch.rand(2, 1, 6, 6)
     for cls in (Shared, InPlace, Twice):
         model = with_running_stats(cls())
+        assert cls is not InPlace or bool((model.conv(example) < 0).any())  # the in-place ReLU changes something
         before = model(example)
         assert fold_batchnorm(model, example) == 0, cls.__name__
         assert isinstance(model.norm, nn.BatchNorm2d) and isinstance(model.conv, nn.Conv2d)

@@ -32,7 +32,7 @@ from service.detect.files import (
 )
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-ACTIVATION_ERRORS = problem_responses(401, 403, 404, 409, 422, 503)
+ACTIVATION_ERRORS = problem_responses(400, 401, 403, 404, 409, 422, 503)
 
 
 def detector_info(state: serving.DetectorState) -> DetectorInfo | None:
