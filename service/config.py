@@ -155,10 +155,6 @@ class Settings(BaseSettings):
         """The folders searched for model cards: models_dir, then user_models_dir when set."""
         return [Path(self.models_dir)] + ([Path(self.user_models_dir)] if self.user_models_dir else [])
 
-    def data_folders(self) -> list[Path]:
-        """The folders of server-side datasets (`data:<name>`): dataset_folders."""
-        return [Path(p) for p in self.dataset_folders]
-
 
 @lru_cache
 def get_settings() -> Settings:

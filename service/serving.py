@@ -139,18 +139,8 @@ class ModelBundle:
         return self.detector_state.detector
 
     @property
-    def detector_file(self) -> Path | None:
-        return self.detector_state.file
-
-    @property
     def detector_error(self) -> str | None:
         return self.detector_state.error
-
-    @property
-    def detector_auc(self) -> tuple[float | None, str | None]:
-        """The detector's measured ROC AUC and where it was measured ('test' or 'validation')."""
-        measured = self.detector_state.measured
-        return measured["auc"], measured["split"]
 
     def require_detector(self) -> Detector:
         return self.detector_state.require(self.name)

@@ -10,7 +10,6 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -73,10 +72,15 @@ def open_dataset(spec: str, card: ModelCard, folders: list[Path], limits: Datase
     return data if limit is None else data.subset(list(range(min(limit, len(data)))))
 
 
-def candidate_path(candidates_dir: Path, model_name: str, tag: str | None = None) -> Path:
-    """`<candidates_dir>/<model>.detector.<tag>.npz`, the tag a UTC timestamp by default."""
+def candidates_dir(models_dir: str | Path) -> Path:
+    """Where trained detectors wait to be activated: `<models_dir>/candidates/` (the API activates only from here)."""
+    return Path(models_dir) / "candidates"
+
+
+def candidate_path(models_dir: str | Path, model_name: str, tag: str | None = None) -> Path:
+    """`<models_dir>/candidates/<model>.detector.<tag>.npz`, the tag a UTC timestamp by default."""
     tag = tag or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path(candidates_dir) / f"{model_name}.detector.{tag}.npz"
+    return candidates_dir(models_dir) / f"{model_name}.detector.{tag}.npz"
 
 
 def train_and_write(loaded: LoadedModel, fit: LabelledImages, test: LabelledImages | None, out: Path,
@@ -100,13 +104,9 @@ def train_and_write(loaded: LoadedModel, fit: LabelledImages, test: LabelledImag
         run.detector.card["training_data"]["test"] = test.describe()
     path, card_path = save_detector(run.detector, out)
     report_dir = out.with_name(out.name.removesuffix(".npz") + ".report")
-    report = write_detector_report(report_dir, run.detector.card, _report_data(run.test_set, run.test_scores),
-                                   ReportData(run.fit_set, run.fit_scores))
+    tested = None if run.test_set is None or run.test_scores is None else ReportData(run.test_set, run.test_scores)
+    report = write_detector_report(report_dir, run.detector.card, tested, ReportData(run.fit_set, run.fit_scores))
     return TrainedFiles(path, card_path, report, run, seconds)
-
-
-def _report_data(data: Any, scores: Any) -> ReportData | None:
-    return None if data is None or scores is None else ReportData(data, scores)
 
 
 def _describe(fit: LabelledImages, test: LabelledImages | None) -> str:

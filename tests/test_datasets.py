@@ -376,7 +376,7 @@ def test_export_dataset_writes_each_format(tmp_path: Path, dataset: str, out: st
 def test_jobs_get_job_input_errors(data_folder: Path, digits: LabelledImages) -> None:
     settings = Settings(dataset_folders=[data_folder])
     with pytest.raises(JobInputError) as info:
-        inputs.load_dataset("cifar:test", settings=settings)
+        inputs.load_dataset("cifar:test", None, settings)
     assert info.value.code == "unknown_dataset" and info.value.status == 422 and "cifar:test" in info.value.detail
     images, labels = inputs.load_dataset("data:small", 20, settings)
     assert np.array_equal(images, digits.images[40:60]) and np.array_equal(labels, digits.labels[40:60])

@@ -37,6 +37,12 @@ def accepted_keys(settings: Settings) -> list[str]:
     return [*settings.api_keys, *settings.admin_api_keys]
 
 
+def unauthorized() -> ProblemError:
+    """The 401 of a request without a valid key."""
+    return ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' or "
+                        "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+
 async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
@@ -48,8 +54,7 @@ async def require_api_key(
         return
     candidate = bearer.credentials if bearer is not None else header_key
     if not candidate or not key_matches(candidate, keys):
-        raise ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' "
-                           "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized()
 
 
 async def require_admin_key(request: Request) -> None:
@@ -64,8 +69,7 @@ async def require_admin_key(request: Request) -> None:
                            "--rollback --model NAME`)")
     key = presented_key(request)
     if not key or not key_matches(key, accepted_keys(settings)):
-        raise ProblemError(401, "unauthorized", "a valid API key is required: send 'Authorization: Bearer <key>' "
-                           "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized()
     if not key_matches(key, settings.admin_api_keys):
         raise ProblemError(403, "admin_key_required", "this endpoint needs an admin API key (settings "
                            "admin_api_keys); the key given is a plain one")

@@ -8,8 +8,6 @@ import shlex
 import sys
 from pathlib import Path
 
-DETECTION_ATTACKS = ("fgm", "otcm", "opt", "bim", "ossa")  # service.detect.dataset.DEFAULT_ATTACKS, kept free of torch
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-detector", help="train the adversarial detector of a model on your labelled images",
@@ -29,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="share of --fit held out for testing when --test is not given (stratified, seeded)")
     p.add_argument("--images", type=int, default=None, help="use only the first N images of each part")
-    p.add_argument("--attacks", default=",".join(DETECTION_ATTACKS),
-                   help="comma-separated detection attacks (default: all five)")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated detection attacks (default: all five: fgm, otcm, opt, bim, ossa)")
     p.add_argument("--epsilon", action="append", default=[], metavar="ATTACK=L2",
                    help="an attack's L2 budget instead of the rule's; repeatable")
     p.add_argument("--feature-set", default=None, help="features (default: chosen among the candidates)")
@@ -92,7 +90,8 @@ def train_detector_command(args: argparse.Namespace) -> int:
         return 2
     test_spec = args.test or ("mnist:test" if fit_spec == "mnist:val" else None)
     try:
-        options = TrainingOptions(attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
+        attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else None
+        options = TrainingOptions(attacks=attacks or TrainingOptions.attacks,
                                   epsilons=parse_epsilons(args.epsilon), feature_set=args.feature_set,
                                   classifier=args.classifier, target_fpr=args.fpr, seed=args.seed,
                                   opt_steps=args.opt_steps)
@@ -105,7 +104,7 @@ def train_detector_command(args: argparse.Namespace) -> int:
     except (DatasetError, ValueError) as exc:
         print(f"train-detector: {exc}", file=sys.stderr)
         return 2
-    out = args.out or candidate_path(Path(settings.models_dir) / "candidates", loaded.name)
+    out = args.out or candidate_path(settings.models_dir, loaded.name)
     files = train_and_write(loaded, fit, test, out, options, command=_command_line(), progress=True)
     detector = files.run.detector
     val, tst = detector.card["validation"], detector.card["test"]

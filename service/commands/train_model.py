@@ -111,7 +111,7 @@ def load_training_data(spec: str) -> LabelledImages:
     limits = DatasetLimits(max_items=settings.dataset_max_items, max_bytes=int(settings.dataset_max_mb * 1024 * 1024),
                            max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
     if spec.startswith(("mnist:", "data:")):
-        return load_dataset_by_name(spec, settings.data_folders(), None, None, None, limits)
+        return load_dataset_by_name(spec, settings.dataset_folders, None, None, None, limits)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--dataset {spec}: no such file or folder (nor a name mnist:* / data:<name>)")

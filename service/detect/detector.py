@@ -40,7 +40,7 @@ from service.detect.features import (
     fisher_features,
 )
 from service.fisher import fisher_spectrum
-from service.fisher.checks import model_device_dtype
+from service.fisher.checks import num_classes_of, prepare_inputs
 
 RF_TREES = 300
 RF_DEPTH = 5  # the paper: depth <= 5 and >= 20 trees
@@ -266,8 +266,7 @@ def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | Non
     5. when test images are given, the same detection set from them, scored once: AUC, TPR, FPR in the card."""
     image_shape = tuple(fit_images.shape[1:])
     candidates = (check_feature_set(feature_set),) if feature_set else candidate_sets(image_shape)
-    with torch.no_grad():
-        num_classes = int(model(fit_images[:1].to(model_device_dtype(model)[0])).shape[-1])
+    num_classes = num_classes_of(model, prepare_inputs(model, fit_images[:1]))
     route = route or SpectrumRoute.for_classes(num_classes)
     budgets = select_budgets(model, fit_images, fit_labels, {a: protocol_options(a, seed, opt_params, route)
                                                               for a in attacks},

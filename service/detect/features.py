@@ -402,7 +402,7 @@ def _table(*rows: tuple) -> dict[str, FeatureSet]:
     optionally the channels it suits and whether a training run compares it)."""
     table: dict[str, FeatureSet] = {}
     for name, base, description, blocks, *rest in rows:
-        channels, candidate = (rest + [None, False])[:2] if rest else (None, False)
+        channels, candidate = (*rest, None, False)[:2]
         table[name] = FeatureSet(name, description, (*(table[base].blocks if base else ()), *blocks), channels,
                                  candidate)
     return table

@@ -25,6 +25,7 @@ more activations happen in between; it then fails its load, and a watcher that r
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -86,8 +87,6 @@ def save_detector(detector: Detector, path: str | Path) -> tuple[Path, Path]:
     return path, card_path
 
 
-
-
 def card_path_for(path: str | Path) -> Path:
     """`models/x.detector.npz` (or the legacy `.joblib`) -> `models/x.detector.json`; a card (.json) is itself."""
     path = Path(path)
@@ -112,7 +111,7 @@ def previous_card_path(models_dir: str | Path, model_name: str) -> Path:
 
 
 def detector_path(models_dir: str | Path, model_name: str) -> Path:
-    """Where the active detector of a model lives (and is written): `<models_dir>/<model>.detector.npz`."""
+    """The detector file of a card that names none (the shipped form): `<models_dir>/<model>.detector.npz`."""
     return Path(models_dir) / f"{model_name}.detector.npz"
 
 
@@ -479,7 +478,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _remove_temporaries(folder: Path, model: str) -> None:
     """Left by an activation that died mid-way (the lock is held: no other one is writing)."""
-    for path in folder.glob(f".{_glob_escape(model)}.detector.*"):
+    for path in folder.glob(f".{glob.escape(model)}.detector.*"):
         if path.name.endswith(".tmp") or path.name == f".{model}.detector.staged.json":
             path.unlink(missing_ok=True)
 
@@ -495,14 +494,8 @@ def _remove_unnamed(folder: Path, model: str) -> tuple[Path, ...]:
             named.add(card[FILE_KEY]["file"])
     pattern = re.compile(re.escape(model) + rf"\.detector\.[0-9a-f]{{{ID_LENGTH}}}\.npz")
     removed = []
-    for path in sorted(folder.glob(f"{_glob_escape(model)}.detector.*.npz")):
+    for path in sorted(folder.glob(f"{glob.escape(model)}.detector.*.npz")):
         if pattern.fullmatch(path.name) and path.name not in named:
             path.unlink(missing_ok=True)
             removed.append(path)
     return tuple(removed)
-
-
-def _glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)

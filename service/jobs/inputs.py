@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.data.arrays import ArrayFileError, read_npz
 from service.data.datasets import (
     DatasetError,
@@ -71,19 +71,17 @@ def open_named_dataset(name: str, settings: Settings, shape: tuple[int, int, int
         raise job_input_error(exc) from exc
 
 
-def load_dataset(name: str, limit: int | None = None, settings: Settings | None = None,
-                 shape: tuple[int, int, int] | None = None,
+def load_dataset(name: str, limit: int | None, settings: Settings, shape: tuple[int, int, int] | None = None,
                  num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A server-side dataset by name ('mnist:test', 'data:<name>'): images and labels as numpy arrays (settings
-    None: the process's)."""
-    data = open_named_dataset(name, settings or get_settings(), shape, num_classes, limit=limit)
+    """A server-side dataset by name ('mnist:test', 'data:<name>'): images and labels as numpy arrays."""
+    data = open_named_dataset(name, settings, shape, num_classes, limit=limit)
     return data.images, data.labels
 
 
-def check_dataset_shape(name: str, shape: tuple[int, int, int], settings: Settings | None = None) -> None:
+def check_dataset_shape(name: str, shape: tuple[int, int, int], settings: Settings) -> None:
     """The dataset's images must fit the model's input shape (checked on its first image; every image is checked
     when the job loads it)."""
-    open_named_dataset(name, settings or get_settings(), tuple(shape), limit=1)
+    open_named_dataset(name, settings, tuple(shape), limit=1)
 
 
 def stage_labelled_upload(files: list[tuple[str, bytes]], shape: tuple[int, int, int], num_classes: int | None,

@@ -76,12 +76,12 @@ async def show_model(model: Annotated[ServedModel, Depends(served_model)]) -> Mo
 def candidate_file(request: Request, name: str) -> Path:
     """The candidate called `name` in <models_dir>/candidates/: a file name only (422 for a path, '..', a hidden
     or non-.npz name), and a file there (404)."""
-    from service.jobs.kinds.train_detector import candidates_dir
+    from service.training import candidates_dir
 
     if not FILE_NAME.fullmatch(name) or name.startswith(".") or Path(name).name != name:
         raise ProblemError(422, "invalid_candidate", "candidate must be the file name of a candidate detector "
                            f"(.npz) in <models_dir>/candidates/, without a path; got {name[:80]!r}")
-    folder = candidates_dir(request.app.state.settings)
+    folder = candidates_dir(request.app.state.settings.models_dir)
     path = folder / name
     if not path.is_file() or path.resolve().parent != folder.resolve():
         raise ProblemError(404, "unknown_candidate", f"there is no candidate detector {name!r} in "

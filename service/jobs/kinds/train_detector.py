@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +15,10 @@ from service.jobs import inputs, model_cache
 from service.jobs.job_type import JobType
 from service.jobs.running import TaskContext
 from service.jobs.types import JobSpec, one_of
+
+if TYPE_CHECKING:  # torch-heavy: imported where used
+    from service.data.datasets import LabelledImages
+    from service.zoo.registry import LoadedModel
 
 
 class TrainDetectorParams(BaseModel):
@@ -51,16 +55,11 @@ class TrainDetectorParams(BaseModel):
     @field_validator("attacks")
     @classmethod
     def _known_attacks(cls, value: list[str] | None) -> list[str] | None:
-        from service.commands.detect import DETECTION_ATTACKS
+        from service.detect.dataset import DEFAULT_ATTACKS
 
         for name in value or []:
-            one_of(name, DETECTION_ATTACKS, "attack")
+            one_of(name, DEFAULT_ATTACKS, "attack")
         return value
-
-
-def candidates_dir(settings: Settings) -> Path:
-    """Where detector-training jobs write their candidates (activation is a separate step)."""
-    return Path(settings.models_dir) / "candidates"
 
 
 def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
@@ -76,16 +75,16 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
         if p["fit_limit"]:
             fit = fit.subset(list(range(min(p["fit_limit"], len(fit)))))
     else:
-        fit = _open(p["fit_dataset"], loaded.card_path, ctx.settings, p["fit_limit"])
+        fit = _open(p["fit_dataset"], loaded, ctx.settings, p["fit_limit"])
     if p["test_dataset"]:
-        test = _open(p["test_dataset"], loaded.card_path, ctx.settings, p["test_limit"])
+        test = _open(p["test_dataset"], loaded, ctx.settings, p["test_limit"])
     else:
         fit, test = split(fit, p["test_fraction"], p["seed"])
     options = TrainingOptions(attacks=tuple(p["attacks"] or TrainingOptions.attacks), epsilons=p["epsilons"],
                               feature_set=p["feature_set"], classifier=p["classifier"], k=p["k"],
                               target_fpr=p["target_fpr"], seed=p["seed"], opt_steps=p["opt_steps"])
     ctx.progress(0, 1)
-    files = train_and_write(loaded, fit, test, candidate_path(candidates_dir(ctx.settings), loaded.name, spec.id),
+    files = train_and_write(loaded, fit, test, candidate_path(ctx.settings.models_dir, loaded.name, spec.id),
                             options, command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}")
     ctx.progress(1, 1)
     ctx.save_artifact(f"detector-{spec.id}.zip", "application/zip", files.zip_bytes())
@@ -99,13 +98,10 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
             "wall_time_s": card.get("wall_time_s")}
 
 
-def _open(name: str, card_path: Path | None, settings: Settings, limit: int | None):
+def _open(name: str, loaded: LoadedModel, settings: Settings, limit: int | None) -> LabelledImages:
     from service.training import open_dataset
-    from service.zoo.cards import ModelCard
 
-    assert card_path is not None
-    return open_dataset(name, ModelCard.read(card_path), list(settings.dataset_folders),
-                        inputs.dataset_limits(settings), limit)
+    return open_dataset(name, loaded.card, list(settings.dataset_folders), inputs.dataset_limits(settings), limit)
 
 
 def check(spec: JobSpec, card_path: Path, settings: Settings) -> None:
