@@ -101,8 +101,8 @@ class _Unmoved(Block):
     def probes(self, images, spectrum):
         return torch.stack([images, images], 1)
 
-    def columns(self, data: BlockInput) -> np.ndarray:
-        return log10_kl(data.p[:, None], data.q).numpy()[:, :self.count]
+    def columns(self, data: BlockInput) -> torch.Tensor:
+        return log10_kl(data.p[:, None], data.q)[:, :self.count]
 
 
 def test_a_new_block_gets_its_own_share_of_the_probe_round(golden, monkeypatch):

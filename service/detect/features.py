@@ -7,7 +7,8 @@ from the same Fisher geometry; each is selectable by name and recorded in the de
 A feature set is a list of blocks (`Block`): each names its columns, builds the probe images it needs, and turns
 their output probabilities plus the spectrum into its columns. `fisher_features` runs every block's probes in one
 round of forward passes and hands each block its own share. A new block is one `Block` subclass plus one row of
-`FEATURE_SETS`.
+`FEATURE_SETS`. Blocks compute in torch, so the same code gives the features with their autograd graph
+(`differentiable_features`) for the adaptive attacks that differentiate through them (service.evaluate).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from service.fisher import FisherSpectrum, fisher_spectrum
+from service.fisher.differentiable import differentiable_spectrum
 from service.zoo.frozen import frozen_twin
 
 EIGENVALUE_FLOOR = 1e-12  # log10 floor for the structural zeros (rank <= K-1) and underflow
@@ -94,7 +96,7 @@ class BlockInput:
     spectrum: FisherSpectrum
     p: Tensor | None  # (N, K) float64 probabilities of the images themselves in the probe round (None: no probes)
     q: Tensor | None  # (N, P, K) float64 probabilities of the block's own probes, in its order (None: it has none)
-    earlier: dict[str, np.ndarray]  # the columns of the set's blocks before this one, by name
+    earlier: dict[str, Tensor]  # the columns of the set's blocks before this one, by name
 
 
 class Block(ABC):
@@ -112,8 +114,8 @@ class Block(ABC):
         return None
 
     @abstractmethod
-    def columns(self, data: BlockInput) -> np.ndarray:
-        """(N, len(names)) float64."""
+    def columns(self, data: BlockInput) -> Tensor:
+        """(N, len(names)) float64, in torch (differentiable where the block's quantities are)."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,11 @@ def log_eigenvalues(eigenvalues: Tensor | np.ndarray, floor: float = EIGENVALUE_
     return np.log10(np.maximum(values.astype(np.float64), floor))
 
 
-def probability_features(probabilities: Tensor) -> np.ndarray:
-    """(N, 2): the entropy of p (nats) and max p."""
-    p = probabilities.detach().cpu().double().clamp(min=1e-300)
+def probability_features(probabilities: Tensor) -> Tensor:
+    """(N, 2) float64: the entropy of p (nats) and max p."""
+    p = probabilities.double().clamp(min=1e-300)
     entropy = -(p * p.log()).sum(-1)
-    return torch.stack([entropy, p.max(-1).values], 1).numpy()
+    return torch.stack([entropy, p.max(-1).values], 1)
 
 
 def log10_kl(p: Tensor, q: Tensor) -> Tensor:
@@ -169,8 +171,8 @@ class Eigenvalues(Block):
     def names(self, k: int) -> list[str]:
         return [f"log10_lambda_{i + 1}" for i in range(k)]
 
-    def columns(self, data: BlockInput) -> np.ndarray:
-        return log_eigenvalues(data.spectrum.eigenvalues)
+    def columns(self, data: BlockInput) -> Tensor:
+        return data.spectrum.eigenvalues.double().clamp(min=EIGENVALUE_FLOOR).log10()
 
 
 class OutputProbabilities(Block):
@@ -179,7 +181,7 @@ class OutputProbabilities(Block):
     def names(self, k: int) -> list[str]:
         return ["entropy", "max_prob"]
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         return probability_features(data.spectrum.probabilities)
 
 
@@ -191,7 +193,7 @@ class EigenvectorShape(Block):
     def names(self, k: int) -> list[str]:
         return [f"v{i + 1}_{what}" for what in ("abs_cos_x", "dark_energy", "l1") for i in range(VECTORS)]
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         images = data.images
         n = images.shape[0]
         v = data.spectrum.eigenvectors[:, :VECTORS].flatten(2).to(images.dtype)  # (N, r, D), unit (zeros past rank)
@@ -202,7 +204,7 @@ class EigenvectorShape(Block):
         cos = (v * unit[:, None]).sum(-1).abs()
         dark = ((v * v) * (x < DARK).to(v.dtype)[:, None]).sum(-1)
         l1 = v.abs().sum(-1)
-        return torch.cat([cos, dark, l1], 1).double().cpu().numpy()
+        return torch.cat([cos, dark, l1], 1).double()
 
 
 class TopEigenvectorSteps(Block):
@@ -219,10 +221,10 @@ class TopEigenvectorSteps(Block):
         scale = probe_scale(images)
         return _direction_probes(images, top, tuple(s * t * scale for t in KL_STEPS for s in (1.0, -1.0)))
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         q = data.q.view(data.q.shape[0], len(KL_STEPS), 2, -1)
         p = data.p[:, None]
-        return torch.maximum(log10_kl(p, q[:, :, 0]), log10_kl(p, q[:, :, 1])).cpu().numpy()
+        return torch.maximum(log10_kl(p, q[:, :, 0]), log10_kl(p, q[:, :, 1]))
 
 
 def noise_directions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -247,11 +249,11 @@ class IsotropicNoise(Block):
         directions = (norms.view(-1, *([1] * images.ndim)) * u.unsqueeze(0)).flatten(0, 1)
         return (images.unsqueeze(1) + directions.unsqueeze(0)).clamp(0, 1)
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         q = data.q.view(data.q.shape[0], len(NOISE_NORMS), NOISE_DRAWS, -1)
         kl = log10_kl(data.p[:, None, None], q)
         flips = (q.argmax(-1) != data.p.argmax(-1)[:, None, None]).double().mean(-1)
-        return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1).cpu().numpy()
+        return torch.stack([kl.mean(-1), kl.max(-1).values, kl.min(-1).values, flips], -1).flatten(1)
 
 
 def _margin_distance(images: Tensor, spectrum: FisherSpectrum) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,11 +280,11 @@ class Margin(Block):
         toward = -grad / norm.view(shape).to(grad.dtype)
         return _direction_probes(images, distance.view(shape).to(images.dtype) * toward, MARGIN_STEPS)
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         _, norm, distance = _margin_distance(data.images, data.spectrum)
         kl = log10_kl(data.p[:, None], data.q)
         head = torch.stack([data.spectrum.margin.double(), norm.log10(), distance.clamp(min=1e-30).log10()], 1)
-        return torch.cat([head, torch.stack([kl, _flips(data.p, data.q)], -1).flatten(1)], 1).cpu().numpy()
+        return torch.cat([head.to(kl.device), torch.stack([kl, _flips(data.p, data.q)], -1).flatten(1)], 1)
 
 
 class Ratios(Block):
@@ -297,26 +299,26 @@ class Ratios(Block):
                 *[f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS],
                 *[f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS], "margin_log10_lambda1_d2"]
 
-    def columns(self, data: BlockInput) -> np.ndarray:
-        lam = data.spectrum.eigenvalues.detach().double().cpu().clamp(min=0).numpy()
+    def columns(self, data: BlockInput) -> Tensor:
+        lam = data.spectrum.eigenvalues.double().clamp(min=0)
         if lam.shape[1] < 3:
-            lam = np.pad(lam, ((0, 0), (0, 3 - lam.shape[1])))
-        log_lam = np.log10(np.maximum(lam, EIGENVALUE_FLOOR))
-        trace = np.maximum(lam.sum(1), EIGENVALUE_FLOOR)
+            lam = torch.nn.functional.pad(lam, (0, 3 - lam.shape[1]))
+        log_lam = lam.clamp(min=EIGENVALUE_FLOOR).log10()
+        trace = lam.sum(1).clamp(min=EIGENVALUE_FLOOR)
         share = lam / trace[:, None]
-        effective_rank = np.exp(-(share * np.log(np.maximum(share, 1e-300))).sum(1))
+        effective_rank = (-(share * share.clamp(min=1e-300).log()).sum(1)).exp()
         scale = probe_scale(data.images)
-        steps = (np.asarray(KL_STEPS) * scale) ** 2 / 2
-        norms = (np.asarray(NOISE_NORMS) * scale) ** 2 / (2 * data.images[0].numel())
-        step_kl = np.stack([data.earlier[f"step{t}_max_log10_kl"] for t in KL_STEPS], 1)
-        mean_noise_kl = np.stack([data.earlier[f"noise{r}_mean_log10_kl"] for r in NOISE_NORMS], 1)
-        d = _margin_distance(data.images, data.spectrum)[2].detach().double().cpu().clamp(min=1e-30).numpy()
-        spread = [log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], np.log10(trace), effective_rank]
-        return np.concatenate([
-            np.stack(spread, 1),
-            step_kl - np.log10(np.maximum(steps[None] * lam[:, :1], EIGENVALUE_FLOOR)),
-            mean_noise_kl - np.log10(np.maximum(norms[None] * trace[:, None], EIGENVALUE_FLOOR)),
-            np.log10(np.maximum(lam[:, 0] * d * d, EIGENVALUE_FLOOR))[:, None],
+        steps = lam.new_tensor([(t * scale) ** 2 / 2 for t in KL_STEPS])
+        norms = lam.new_tensor([(r * scale) ** 2 / (2 * data.images[0].numel()) for r in NOISE_NORMS])
+        step_kl = torch.stack([data.earlier[f"step{t}_max_log10_kl"] for t in KL_STEPS], 1).to(lam.device)
+        mean_noise_kl = torch.stack([data.earlier[f"noise{r}_mean_log10_kl"] for r in NOISE_NORMS], 1).to(lam.device)
+        d = _margin_distance(data.images, data.spectrum)[2].double().to(lam.device).clamp(min=1e-30)
+        spread = [log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], trace.log10(), effective_rank]
+        return torch.cat([
+            torch.stack(spread, 1),
+            step_kl - (steps[None] * lam[:, :1]).clamp(min=EIGENVALUE_FLOOR).log10(),
+            mean_noise_kl - (norms[None] * trace[:, None]).clamp(min=EIGENVALUE_FLOOR).log10(),
+            (lam[:, 0] * d * d).clamp(min=EIGENVALUE_FLOOR).log10()[:, None],
         ], 1)
 
 
@@ -384,7 +386,7 @@ class Direction(Block):
         scale = probe_scale(images)
         return _direction_probes(images, self.direction(images), tuple(t * scale for t in self.steps))
 
-    def columns(self, data: BlockInput) -> np.ndarray:
+    def columns(self, data: BlockInput) -> Tensor:
         spectrum, q = data.spectrum, data.q
         v = spectrum.eigenvectors.flatten(2).double()  # (N, r, D), zeros past the rank
         projections = (v * self.direction(data.images).flatten(1).double().to(v.device)[:, None]).sum(-1) ** 2
@@ -394,7 +396,7 @@ class Direction(Block):
         quadratic = t ** 2 / 2 * rayleigh[:, None].to(kl.device)
         head = torch.stack([rayleigh.log10(), projections[:, :3].sum(-1)], 1).to(kl.device)
         per_step = torch.stack([kl, kl - quadratic.clamp(min=EIGENVALUE_FLOOR).log10(), _flips(data.p, q)], -1)
-        return torch.cat([head, per_step.flatten(1)], 1).cpu().numpy()
+        return torch.cat([head, per_step.flatten(1)], 1)
 
 
 def _table(*rows: tuple) -> dict[str, FeatureSet]:
@@ -480,12 +482,12 @@ def feature_names(feature_set: str, k: int = DEFAULT_K) -> list[str]:
     return [name for block in FEATURE_SETS[check_feature_set(feature_set)].blocks for name in block.names(k)]
 
 
-def _probe_round(model: nn.Module, images: Tensor,
-                 probes: list[Tensor | None]) -> tuple[Tensor | None, list[Tensor | None]]:
+def _probe_round(model: nn.Module, images: Tensor, probes: list[Tensor | None],
+                 differentiable: bool = False) -> tuple[Tensor | None, list[Tensor | None]]:
     """One round of forward passes over the images and every block's probes: p (N, K) and each block's q
     (N, P, K), float64 probabilities. PROBE_CHUNK images per pass (on CPU, LeNet-5 ran 1792 probes 1.6x faster
     in chunks of 256 than in one call: they stay in cache), on the model's frozen twin where there is one (2-3x
-    faster on CPU, see `frozen_twin`)."""
+    faster on CPU, see `frozen_twin`); `differentiable`: on the model itself, keeping the autograd graph."""
     own = [probe for probe in probes if probe is not None]
     if not own:
         return None, [None] * len(probes)
@@ -493,25 +495,34 @@ def _probe_round(model: nn.Module, images: Tensor,
     # probe that changes nothing gives exactly 0, whatever rounding the probe passes have (`frozen_twin`)
     everything = torch.cat([images.unsqueeze(1), *own], 1)
     flat = everything.flatten(0, 1)
-    with torch.no_grad():
-        forward = frozen_twin(model, flat)
-        logits = torch.cat([forward(chunk) for chunk in flat.split(PROBE_CHUNK)])
+    if differentiable:
+        logits = torch.cat([model(chunk) for chunk in flat.split(PROBE_CHUNK)])
+    else:
+        with torch.no_grad():
+            forward = frozen_twin(model, flat)
+            logits = torch.cat([forward(chunk) for chunk in flat.split(PROBE_CHUNK)])
     q = torch.softmax(logits.double(), -1).view(*everything.shape[:2], -1)
     shares = iter(q[:, 1:].split([probe.shape[1] for probe in own], 1))
     return q[:, 0], [None if probe is None else next(shares) for probe in probes]
 
 
-def _block_columns(model: nn.Module, images: Tensor, blocks: tuple[Block, ...], k: int,
-                   route: SpectrumRoute) -> tuple[FisherSpectrum, list[np.ndarray]]:
+def _block_columns(model: nn.Module, images: Tensor, blocks: tuple[Block, ...], k: int, route: SpectrumRoute,
+                   differentiable: bool = False) -> tuple[FisherSpectrum, list[Tensor]]:
     """Each block's columns for one batch: ONE spectrum call on `route` (with the eigenvectors and the margin's
-    gradient from the same forward pass where a block needs them), then one round of forward-only probe passes."""
-    spectrum = fisher_spectrum(model, images, k=k, method=route.method,  # type: ignore[arg-type]
-                               max_classes=route.max_classes, return_vectors=any(b.vectors for b in blocks),
-                               return_margin=any(b.margin for b in blocks))
+    gradient from the same forward pass where a block needs them), then one round of forward-only probe passes.
+    `differentiable` (exact route): the spectrum and the probes keep their autograd graph."""
+    vectors, margin = any(b.vectors for b in blocks), any(b.margin for b in blocks)
+    if differentiable:
+        if route.method != "exact":
+            raise ValueError("differentiable features: only the exact spectrum route keeps its graph")
+        spectrum = differentiable_spectrum(model, images, k=k, return_vectors=vectors, return_margin=margin)
+    else:
+        spectrum = fisher_spectrum(model, images, k=k, method=route.method,  # type: ignore[arg-type]
+                                   max_classes=route.max_classes, return_vectors=vectors, return_margin=margin)
     images = images.to(spectrum.eigenvalues.device)
-    p, shares = _probe_round(model, images, [block.probes(images, spectrum) for block in blocks])
-    parts: list[np.ndarray] = []
-    earlier: dict[str, np.ndarray] = {}
+    p, shares = _probe_round(model, images, [block.probes(images, spectrum) for block in blocks], differentiable)
+    parts: list[Tensor] = []
+    earlier: dict[str, Tensor] = {}
     for block, q in zip(blocks, shares, strict=True):
         block_names = block.names(k)
         columns = block.columns(BlockInput(images, spectrum, p, q, earlier))
@@ -521,12 +532,26 @@ def _block_columns(model: nn.Module, images: Tensor, blocks: tuple[Block, ...], 
     return spectrum, parts
 
 
+def _numpy(parts: list[Tensor]) -> list[np.ndarray]:
+    return [part.detach().double().cpu().numpy() for part in parts]
+
+
 def fisher_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K,
                     route: SpectrumRoute = EXACT) -> FisherFeatures:
     """Features of one batch: one spectrum call, then one round of forward-only probe passes for all blocks."""
     blocks = FEATURE_SETS[check_feature_set(feature_set)].blocks
     spectrum, parts = _block_columns(model, images, blocks, k, route)
-    return FisherFeatures(np.concatenate(parts, 1), spectrum, feature_set, feature_names(feature_set, k))
+    return FisherFeatures(np.concatenate(_numpy(parts), 1), spectrum, feature_set, feature_names(feature_set, k))
+
+
+def differentiable_features(model: nn.Module, images: Tensor, feature_set: str, k: int = DEFAULT_K) -> Tensor:
+    """(N, F) float64 features of one batch with their autograd graph to `images` (exact route; the same blocks as
+    `fisher_features`, on the model itself rather than its frozen twin). The prediction-change columns are
+    piecewise constant (zero gradient); the rest are smooth almost everywhere. For adaptive attacks."""
+    blocks = FEATURE_SETS[check_feature_set(feature_set)].blocks
+    with torch.enable_grad():
+        _, parts = _block_columns(model, images, blocks, k, EXACT, differentiable=True)
+    return torch.cat([part.to(parts[0].device) for part in parts], 1)
 
 
 def batched_features(model: nn.Module, images: Tensor, feature_set: str = "plain", k: int = DEFAULT_K,
@@ -558,7 +583,7 @@ def candidate_features(model: nn.Module, images: Tensor, feature_sets: tuple[str
     per_block: list[list[np.ndarray]] = [[] for _ in blocks]
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         _, parts = _block_columns(model, images[start:start + batch_size], blocks, k, route)
-        for store, part in zip(per_block, parts, strict=True):
+        for store, part in zip(per_block, _numpy(parts), strict=True):
             store.append(part)
     columns = [np.concatenate(store, 0) if store else np.zeros((0, len(block.names(k))))
                for store, block in zip(per_block, blocks, strict=True)]

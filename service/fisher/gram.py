@@ -51,8 +51,8 @@ def reduced_fisher_factor(p: Tensor) -> Tensor:
     keeps S S^T; as S w = S e_K, S H = S - S e_K w^T / (1 + u_K).
     """
     s = sqrt_fisher_factor(p, torch.zeros_like(p[:, 0]))
-    w = p.sqrt()
-    w[..., -1] += 1
+    root = p.sqrt()
+    w = torch.cat([root[..., :-1], root[..., -1:] + 1], -1)  # not in place: the differentiable route backprops here
     sh = s - s[..., -1:] * (w / w[..., -1:]).unsqueeze(-2)
     return sh[..., :-1]
 
