@@ -1,7 +1,10 @@
 # fisher-guard: one image for the API (`serve`, the default) and the workers (`worker`).
 # The pinned torch wheels are the CUDA builds: the image uses a GPU when the host gives it one
 # (NVIDIA driver + container toolkit) and runs on the CPU otherwise.
-FROM python:3.11-slim
+# The base is an argument with the public default: any image with Python 3.11+ and its venv module serves, e.g. a
+# local one made with debootstrap where no registry can be reached (deploy/prove-image.sh, docs/deployment.md).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,6 +12,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+
+# A virtual environment of the image's own, first on PATH: the same steps on python:3.11-slim and on a Debian
+# base, whose system Python refuses pip installs (PEP 668, externally managed).
+RUN python3 -m venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
 # Dependencies first, from the lock file: this layer stays cached until requirements.lock changes.
 COPY requirements.lock ./
@@ -18,9 +27,10 @@ RUN pip install -r requirements.lock
 # its candidate in models/candidates/ and activation writes next to the card. docker-compose.yml mounts a named
 # volume there (seeded from this folder on first use), so that the API and the workers share what is activated.
 COPY pyproject.toml README.md ./
+COPY client ./client
 COPY service ./service
 COPY --chown=10001:10001 models ./models
-RUN pip install --no-deps -e . \
+RUN pip install --no-deps ./client -e . \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin fisher \
     && mkdir -p /data/models /data/jobs \
     && chown -R 10001:10001 /data

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 
-Handler = Callable[[argparse.Namespace], int]
+from fisher_guard_client.console import Handler, run_handler
 
 # Iterations an idle OpenMP worker thread spins before it sleeps (libgomp's default: 300000, up to about a
 # millisecond of a core after every parallel region). The API's model thread runs batches on 2 torch threads; the
@@ -38,11 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status, or 141 without a traceback when its output's reader has gone
+    (`fisher-guard gate --json | head`: fisher_guard_client.console)."""
     configure_openmp()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
-    return int(handler(args) or 0)
+    return run_handler(handler, args)
 
 
 if __name__ == "__main__":

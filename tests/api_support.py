@@ -75,3 +75,16 @@ def assert_problem(response, status: int, code: str | None = None) -> dict:
     return body
 
 
+
+
+def assert_v2_error(response, status: int, code: str | None = None) -> dict:
+    """An Open Inference Protocol error (on /v2 paths): application/json with the message in `error`, as Triton's
+    and KServe's clients read it, and the problem's code; no stack trace."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"  # exactly: KServe's client reads no other
+    body = response.json()
+    assert body["status"] == status and body["code"] and isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert body["code"] == code, body
+    return body

@@ -15,6 +15,7 @@ from api_support import (
     MODEL,
     PYTESTMARK,
     assert_problem,
+    assert_v2_error,
     b64,
     npy_bytes,
     png_bytes,
@@ -61,7 +62,7 @@ def test_models_list_and_show(client, engine):
 def test_unknown_model_is_404(client):
     assert_problem(client.get("/v1/models/nope"), 404, "unknown_model")
     assert_problem(client.post("/v1/models/nope/screen", json={"tensor": [[0.0]]}), 404, "unknown_model")
-    assert_problem(client.get("/v2/models/nope"), 404, "unknown_model")
+    assert_v2_error(client.get("/v2/models/nope"), 404, "unknown_model")
     assert_problem(client.get("/no/such/path"), 404, "not_found")
     assert_problem(client.delete("/v1/models"), 405, "method_not_allowed")
 
@@ -289,7 +290,8 @@ def test_attack_upload_and_limits(client, digits):
 def test_v2_metadata_and_infer(client, engine, digits, reference):
     module, detector, sha = engine
     meta = client.get(f"/v2/models/{MODEL}").json()
-    assert meta["name"] == MODEL and meta["versions"] == [sha] and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    assert meta["name"] == MODEL and meta["versions"] == [sha] and meta["platform"] == "pytorch_libtorch"
+    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
     assert {o["name"] for o in meta["outputs"]} == {"logits", "probabilities", "predictions", "adversarial_score",
                                                     "adversarial"}
     assert client.get(f"/v2/models/{MODEL}/ready").json()["ready"] is True
@@ -314,23 +316,23 @@ def test_v2_metadata_and_infer(client, engine, digits, reference):
     assert [o["name"] for o in small["outputs"]] == ["predictions"]
     assert small["outputs"][0]["data"][0] == int(logits[0].argmax())
     bad = dict(request, inputs=[dict(request["inputs"][0], shape=[2, 1, 28, 28])])
-    body = assert_problem(client.post(f"/v2/models/{MODEL}/infer", json=bad), 422, "wrong_shape")
-    assert body["error"] == body["detail"]
-    assert_problem(client.post(f"/v2/models/{MODEL}/infer", json=dict(request, outputs=[{"name": "x"}])), 422,
+    body = assert_v2_error(client.post(f"/v2/models/{MODEL}/infer", json=bad), 422, "wrong_shape")
+    assert body["error"] == "data has 2352 values but shape [2, 1, 28, 28] needs 1568"
+    assert_v2_error(client.post(f"/v2/models/{MODEL}/infer", json=dict(request, outputs=[{"name": "x"}])), 422,
                    "unknown_output")
-    assert_problem(client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0],
+    assert_v2_error(client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0],
                                                                                   datatype="STRING")]}),
                    422, "unsupported_datatype")
     def infer(**changes):
         return client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [dict(request["inputs"][0], **changes)]})
 
-    assert_problem(infer(shape=[2**60 + 2, 1, 28, 28]), 422, "wrong_shape")  # element count past int64
-    assert_problem(infer(shape=[2**32, 2**32, 1, 1], data=[]), 422, "wrong_shape")
-    assert_problem(infer(shape=[1, 1, 0, 28], data=[]), 422, "wrong_shape")
-    assert_problem(infer(datatype="fp32"), 422, "unsupported_datatype")  # OIP datatypes are upper case
-    assert_problem(infer(datatype="UINT8"), 422, "invalid_tensor")  # the digits' values are not whole numbers
-    assert_problem(infer(datatype="BOOL", data=[2] * 784 * 3), 422, "invalid_tensor")
-    assert_problem(infer(data=["0.5"] * 784 * 3), 422, "invalid_tensor")
+    assert_v2_error(infer(shape=[2**60 + 2, 1, 28, 28]), 422, "wrong_shape")  # element count past int64
+    assert_v2_error(infer(shape=[2**32, 2**32, 1, 1], data=[]), 422, "wrong_shape")
+    assert_v2_error(infer(shape=[1, 1, 0, 28], data=[]), 422, "wrong_shape")
+    assert_v2_error(infer(datatype="fp32"), 422, "unsupported_datatype")  # OIP datatypes are upper case
+    assert_v2_error(infer(datatype="UINT8"), 422, "invalid_tensor")  # the digits' values are not whole numbers
+    assert_v2_error(infer(datatype="BOOL", data=[2] * 784 * 3), 422, "invalid_tensor")
+    assert_v2_error(infer(data=["0.5"] * 784 * 3), 422, "invalid_tensor")
     dark = infer(datatype="UINT8", shape=[1, 1, 28, 28], data=[1] * 784).json()  # 1/255, not 1.0
     bright = client.post(f"/v1/models/{MODEL}/screen", json={"tensor": np.full((28, 28), 1 / 255).tolist()}).json()
     assert {o["name"]: o for o in dark["outputs"]}["predictions"]["data"] == [bright["results"][0]["prediction"]]
@@ -370,7 +372,7 @@ def test_requests_to_micro_batched_endpoints_are_announced_to_their_model(client
     announce = arrival_announcer(app)
     worker = app.state.models[MODEL].worker
     for path in (f"/v1/models/{MODEL}/screen", f"/v1/models/{MODEL}/screen/upload", f"/v1/models/{MODEL}/spectrum",
-                 f"/v2/models/{MODEL}/infer"):
+                 f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/versions/any/infer"):
         arrival = announce({"method": "POST", "path": path})
         assert arrival is not None and arrival.worker is worker and worker.arriving >= 1, path
         arrival.close()

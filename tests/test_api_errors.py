@@ -18,6 +18,7 @@ from api_support import (
     PAYLOAD_LIMIT,
     PYTESTMARK,
     assert_problem,
+    assert_v2_error,
     b64,
     bomb_png,
     npy_bytes,
@@ -149,7 +150,7 @@ def test_api_keys(settings, caplog):
         assert_problem(client.get("/v1/models"), 401, "unauthorized")
         assert_problem(client.post(f"/v1/models/{MODEL}/screen", json=body), 401, "unauthorized")
         assert_problem(client.get("/metrics"), 401, "unauthorized")
-        assert_problem(client.get(f"/v2/models/{MODEL}"), 401, "unauthorized")
+        assert_v2_error(client.get(f"/v2/models/{MODEL}"), 401, "unauthorized")
         assert_problem(client.get("/v1/jobs"), 401, "unauthorized")
         wrong = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
         assert_problem(wrong, 401, "unauthorized")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -73,7 +74,7 @@ def test_every_compose_command_is_a_cli_command() -> None:
     commands = cli_commands()
     for file in ("docker-compose.yml",):
         for name, service in load_compose(file)["services"].items():
-            if name == "redis":
+            if "build" not in service:  # Redis, Prometheus: not this image
                 continue
             command = service["command"]
             assert command[0] in commands, f"{file}: service {name} runs unknown command {command[0]!r}"
@@ -91,8 +92,10 @@ def test_every_compose_variable_is_a_setting() -> None:
 
 # ${VARS} that compose itself reads (from .env or the shell), not the service: image tag, published port, the
 # host folder of user models and Redis' password (the service gets it inside FISHER_GUARD_REDIS_URL).
+# Also the containers' memory limit, Prometheus' published port and the file of the API key it scrapes with.
 COMPOSE_ONLY_VARIABLES = {"FISHER_GUARD_IMAGE", "FISHER_GUARD_PUBLISH_PORT", "FISHER_GUARD_USER_MODELS",
-                          "FISHER_GUARD_REDIS_PASSWORD"}
+                          "FISHER_GUARD_REDIS_PASSWORD", "FISHER_GUARD_MEM_LIMIT", "FISHER_GUARD_PROMETHEUS_PORT",
+                          "FISHER_GUARD_METRICS_KEY_FILE"}
 
 
 def test_every_interpolated_compose_variable_is_a_setting_or_compose_only() -> None:
@@ -214,8 +217,13 @@ def test_image_lock_pins_the_runtime_and_no_development_tools() -> None:
     assert {"ruff", "schemathesis", "hypothesis"} <= dev.keys()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     required = {re.sub(r"[-_.]+", "-", re.split(r"[\[=<>~ ]", d)[0]).lower() for d in project["dependencies"]}
+    # the client distribution lives in this repository (client/): installed from there, never from a registry
+    local = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["name"]
+    assert local in required and local not in runtime
+    required.discard(local)
     assert required <= runtime.keys(), f"not pinned: {sorted(required - runtime.keys())}"
     dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "./client" in dockerfile or "client/" in dockerfile
     assert "requirements.lock" in dockerfile and "requirements-dev.lock" not in dockerfile
     makefile = (ROOT / "Makefile").read_text()
     assert "-r requirements.lock -r requirements-dev.lock" in makefile
@@ -273,3 +281,408 @@ def test_dockerfile_healthcheck_follows_the_serve_port() -> None:
     check = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", text, re.M | re.S).group(1)
     assert "/health/ready" in check and "FISHER_GUARD_PORT" in check
     assert re.search(r"^CMD \[\"serve\"\]$", text, re.M)
+
+
+# --- the image: base as a build argument, `make image` -------------------------------------------------------------
+
+def test_dockerfile_base_is_an_argument_with_the_public_default() -> None:
+    """The same Dockerfile builds on python:3.11-slim and on a local base (deploy/prove-image.sh)."""
+    text = (ROOT / "Dockerfile").read_text()
+    arg = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert arg and arg.group(1) == "python:3.11-slim"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert arg.start() < text.index("FROM "), "an ARG used by FROM must come before it"
+    # the base's Python (3.11: python:3.11-slim, Debian bookworm's python3) satisfies the package's requires-python
+    from packaging.specifiers import SpecifierSet
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert "3.11" in SpecifierSet(requires)
+    assert "python3 -m venv /opt/venv" in text and re.search(r"PATH=/opt/venv/bin:\$PATH", text), \
+        "pip installs go to a venv: Debian's system Python refuses them (PEP 668)"
+
+
+def make_dry_run(**variables: str) -> list[str]:
+    """The commands `make image` would run, with these variables."""
+    out = subprocess.run(["make", "-s", "-n", "-C", str(ROOT), "image", *(f"{k}={v}" for k, v in variables.items())],
+                         capture_output=True, text=True, check=True)
+    return [shlex.split(line) for line in out.stdout.splitlines() if " build " in line]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_image_builds_the_dockerfile_with_docker_or_buildah() -> None:
+    (docker,) = make_dry_run(IMAGE_BUILDER="docker", IMAGE="registry.example/fg:1")
+    assert docker[:2] == ["docker", "build"] and "--format" not in docker
+    assert docker[docker.index("-t") + 1] == "registry.example/fg:1" and docker[-1] == "."
+    assert docker[docker.index("--build-arg") + 1] == "BASE_IMAGE=python:3.11-slim"
+    (buildah,) = make_dry_run(IMAGE_BUILDER="buildah --storage-driver vfs", BASE_IMAGE="localhost/base:1",
+                              IMAGE_BUILD_FLAGS="--isolation chroot")
+    assert buildah[:4] == ["buildah", "--storage-driver", "vfs", "build"]
+    assert buildah[buildah.index("--format") + 1] == "docker", "OCI images drop the HEALTHCHECK"
+    assert buildah[buildah.index("--isolation") + 1] == "chroot"
+    assert buildah[buildah.index("--build-arg") + 1] == "BASE_IMAGE=localhost/base:1"
+
+
+def test_the_image_proof_script_parses_and_builds_through_make_image() -> None:
+    script = ROOT / "deploy" / "prove-image.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert re.search(r"make -C \"\$ROOT\" image ", text), "the proof builds what users build: `make image`"
+    assert "--user \"$UID_IN_IMAGE" in text and "UID_IN_IMAGE=10001" in text
+    assert (ROOT / "bench" / "results" / "image-build.md").exists(), "the proof's record"
+
+
+# --- compose: memory limits, log rotation, Prometheus ---------------------------------------------------------------
+
+def compose_default(value: str) -> str:
+    """`${VAR:-default}` as compose resolves it with VAR unset; other strings as they are."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    return match.group(1) if match else value
+
+
+def size_bytes(text: str) -> int:
+    """'768mb' (Redis) or '4g' (compose) in bytes; both count in powers of 1024."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", text.lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_compose_services_rotate_their_logs() -> None:
+    for name, service in load_compose("docker-compose.yml")["services"].items():
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file", f"{name}: logs grow without bound"
+        options = logging["options"]
+        assert size_bytes(options["max-size"]) <= 100 * 1024 ** 2 and int(options["max-file"]) >= 2
+
+
+def test_compose_services_have_memory_limits_the_cpu_override_keeps() -> None:
+    services = load_compose("docker-compose.yml")["services"]
+    for name, service in services.items():
+        assert "mem_limit" in service, f"{name} has no memory limit"
+        assert size_bytes(compose_default(str(service["mem_limit"]))) >= 512 * 1024 ** 2
+    for name, override in load_compose("docker-compose.cpu.yml")["services"].items():
+        assert "mem_limit" not in override and (override.get("deploy") or {}) == {}, \
+            f"the CPU override resets {name}'s deploy key: its memory limit must live outside it"
+    command = services["redis"]["command"]
+    maxmemory = size_bytes(command[command.index("--maxmemory") + 1])
+    assert maxmemory < size_bytes(services["redis"]["mem_limit"]), "Redis must refuse writes before it is killed"
+
+
+def test_compose_prometheus_scrapes_the_api_and_every_worker() -> None:
+    data = load_compose("docker-compose.yml")
+    services = data["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"], "off unless asked for"
+    mount = next(v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    ports = {"api": int(services["api"]["command"][services["api"]["command"].index("--port") + 1]),
+             "worker": int(services["worker"]["environment"]["FISHER_GUARD_WORKER_METRICS_PORT"])}
+    for job in jobs.values():
+        (discovery,) = job["dns_sd_configs"]
+        (name,) = discovery["names"]
+        assert name in services and discovery["port"] == ports[name], f"{job['job_name']} scrapes {name} wrongly"
+        assert job["metrics_path"] == "/metrics"
+    assert {d["dns_sd_configs"][0]["names"][0] for d in jobs.values()} == {"api", "worker"}
+    key_file = jobs["fisher-guard-api"]["authorization"]["credentials_file"]
+    assert key_file == f"/run/secrets/{prometheus['secrets'][0]}" and prometheus["secrets"][0] in data["secrets"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) is not installed")
+def test_prometheus_config_passes_promtool() -> None:
+    subprocess.run(["promtool", "check", "config", "--syntax-only", str(ROOT / "deploy" / "prometheus.yml")],
+                   check=True, capture_output=True)
+
+
+# --- Kubernetes (deploy/kubernetes): schemas, and agreement with the image, the CLI, the settings and the routes ----
+
+K8S = ROOT / "deploy" / "kubernetes"
+# the oldest and the newest Kubernetes the manifests are checked against (kubernetes-validate's schemas, strict)
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def kustomization(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def strategic_merge(base: object, patch: object) -> object:
+    """The part of kustomize's strategic merge that the overlays use: maps merge key by key, lists of named items
+    (containers, env) merge by name, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = lambda items: isinstance(items, list) and all(isinstance(i, dict) and "name" in i for i in items)
+    if named(base) and named(patch):
+        by_name = {item["name"]: item for item in patch}
+        merged = [strategic_merge(item, by_name.pop(item["name"])) if item["name"] in by_name else item
+                  for item in base]
+        return merged + list(by_name.values())
+    return patch
+
+
+def render(folder: Path) -> list[dict]:
+    """The resources a kustomization folder produces: its resources (folders rendered first), then its patches
+    applied to the resource of the same kind and name, the images set."""
+    spec = kustomization(folder)
+    docs: list[dict] = []
+    for entry in spec.get("resources", []):
+        path = folder / entry
+        docs += render(path) if path.is_dir() else documents(path)
+    for entry in spec.get("patches", []):
+        for patch in documents(folder / entry["path"]):
+            (index,) = [i for i, d in enumerate(docs)
+                        if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])]
+            docs[index] = strategic_merge(docs[index], patch)
+    images = {image["name"]: f"{image['newName']}:{image['newTag']}" for image in spec.get("images", [])}
+    for doc in docs:
+        for container in pod_containers(doc):
+            container["image"] = images.get(container["image"], container["image"])
+    return docs
+
+
+def pod_spec(doc: dict) -> dict | None:
+    if doc["kind"] in ("Deployment", "StatefulSet"):
+        return doc["spec"]["template"]["spec"]
+    if doc["kind"] == "ServingRuntime":
+        return doc["spec"]
+    return None
+
+
+def pod_containers(doc: dict) -> list[dict]:
+    spec = pod_spec(doc) or {}
+    return spec.get("containers", []) + spec.get("initContainers", [])
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+BASE, GPU, KSERVE = render(K8S / "base"), render(K8S / "gpu"), render(K8S / "kserve")
+KSERVE_KINDS = {"ServingRuntime", "InferenceService"}
+
+
+def test_kustomizations_name_every_manifest_in_their_folder() -> None:
+    """No manifest lies unused beside a kustomization, and every one it names exists."""
+    for folder in (K8S / "base", K8S / "gpu", K8S / "kserve"):
+        spec = kustomization(folder)
+        named = set(spec.get("resources", [])) | {p["path"] for p in spec.get("patches", [])}
+        files = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        assert {n for n in named if not n.startswith("..")} == files, folder
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_kubernetes_manifests_validate_against_the_schemas(overlay: str, version: str) -> None:
+    import kubernetes_validate
+
+    docs = {"base": BASE, "gpu": GPU}[overlay]
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler",
+                                         "ConfigMap", "PersistentVolumeClaim", "PodDisruptionBudget"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_schema_check_rejects_a_misspelt_field() -> None:
+    import kubernetes_validate
+
+    api = find(BASE, "Deployment", "fisher-guard-api")
+    broken = strategic_merge(api, {"spec": {"template": {"spec": {"containers": [
+        {"name": "api", "readinessProbe": {"httpGet": {"path": "/health/ready", "prot": 8000}}}]}}}})
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def kserve_model_errors(value: object, type_name: str, where: str) -> list[str]:
+    """What in `value` the KServe SDK's model of `type_name` (its CRD fields; core types from the Kubernetes client)
+    does not allow: unknown fields, missing required ones, values outside their enums."""
+    import kserve.models
+    import kubernetes.client.models
+
+    # the SDKs spell containers two ways: list[X] / dict(str, X) (KServe), List[X] / Dict[str, X] (Kubernetes)
+    if re.fullmatch(r"[lL]ist\[.*\]", type_name):
+        return [e for i, item in enumerate(value) for e in kserve_model_errors(item, type_name[5:-1], f"{where}[{i}]")]
+    if re.fullmatch(r"dict\(str, .*\)|Dict\[str, .*\]", type_name):
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [e for k, item in value.items() for e in kserve_model_errors(item, inner, f"{where}.{k}")]
+    primitives = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+    if type_name in primitives:
+        ok = isinstance(value, primitives[type_name]) and not (type_name == "int" and isinstance(value, bool))
+        return [] if ok else [f"{where}: {value!r} is not {type_name}"]
+    model = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name)
+    if not isinstance(value, dict):
+        return [f"{where}: {value!r} is not a {type_name}"]
+    python_name = {json: py for py, json in model.attribute_map.items()}
+    errors = [f"{where}.{key}: no such field of {type_name}" for key in value if key not in python_name]
+    known = {python_name[k]: v for k, v in value.items() if k in python_name}
+    for name, item in known.items():
+        errors += kserve_model_errors(item, model.openapi_types[name], f"{where}.{model.attribute_map[name]}")
+    try:
+        model(**known)  # the generated setters refuse a missing required field or a value outside an enum
+    except ValueError as exc:
+        errors.append(f"{where}: {exc}")
+    return errors
+
+
+def test_kserve_manifests_match_the_kserve_models() -> None:
+    types = {("serving.kserve.io/v1alpha1", "ServingRuntime"): "V1alpha1ServingRuntime",
+             ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService"}
+    assert {(d["apiVersion"], d["kind"]) for d in KSERVE} == set(types)
+    for doc in KSERVE:
+        assert not kserve_model_errors(doc, types[doc["apiVersion"], doc["kind"]], doc["kind"])
+    runtime = find(KSERVE, "ServingRuntime", "fisher-guard")
+    broken = strategic_merge(runtime, {"spec": {"supportedModelFormats": [{"name": "fisher-guard", "autoselect": 1}]}})
+    assert kserve_model_errors(broken, "V1alpha1ServingRuntime", "ServingRuntime") == [
+        "ServingRuntime.spec.supportedModelFormats[0].autoselect: no such field of V1alpha1SupportedModelFormat"]
+    del broken["spec"]["containers"]
+    assert any("containers" in e for e in kserve_model_errors(broken, "V1alpha1ServingRuntime", "ServingRuntime"))
+
+
+def test_kserve_inference_service_uses_the_runtime() -> None:
+    runtime = find(KSERVE, "ServingRuntime", "fisher-guard")
+    model = find(KSERVE, "InferenceService", "fisher-guard")["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+
+
+@pytest.fixture(scope="module")
+def app_paths() -> set[str]:
+    """The API's routes, from the app itself (its OpenAPI schema)."""
+    from service.api.app import create_app
+
+    return set(create_app(Settings()).openapi()["paths"])
+
+
+def dockerfile() -> dict:
+    text = (ROOT / "Dockerfile").read_text()
+    return {"expose": int(re.search(r"^EXPOSE (\d+)$", text, re.M).group(1)),
+            "uid": int(re.search(r"^USER (\d+)", text, re.M).group(1)),
+            "port": int(re.search(r"FISHER_GUARD_PORT=(\d+)", text).group(1))}
+
+
+def container_env(doc: dict, container: dict, docs: list[dict]) -> dict[str, str]:
+    """What a container's environment holds: its ConfigMaps, then its env entries (`$(VAR)` expanded from earlier
+    entries, a secret as a placeholder)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            value = entry["value"]
+            for ref in re.findall(r"\$\((\w+)\)", value):
+                assert ref in env, f"{doc['metadata']['name']}: {entry['name']} uses $({ref}) before it is defined"
+                value = value.replace(f"$({ref})", env[ref])
+        else:
+            value = f"secret-{entry['valueFrom']['secretKeyRef']['key']}"
+        env[entry["name"]] = value
+    return env
+
+
+def settings_of(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings a process would read from this environment (every FISHER_GUARD_* one a real setting)."""
+    for key in list(os.environ):
+        if key.startswith("FISHER_GUARD_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("FISHER_GUARD_"):
+            assert key in setting_env_vars(), f"{key} is not a setting"
+            monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def http_probe_paths(container: dict) -> dict[str, tuple[str, object]]:
+    return {kind: (container[kind]["httpGet"]["path"], container[kind]["httpGet"]["port"])
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe") if "httpGet" in container.get(kind, {})}
+
+
+def port_number(container: dict, port: object) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    return number
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_kubernetes_workloads_agree_with_the_image_cli_settings_and_routes(
+        overlay: str, app_paths: set[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = {"base": BASE, "gpu": GPU}[overlay]
+    image = dockerfile()
+    images = {f"{i['newName']}:{i['newTag']}" for i in kustomization(K8S / "base")["images"]}
+    parser = build_parser()
+    commands = {"fisher-guard-api": "serve", "fisher-guard-worker": "worker"}
+    for name, command in commands.items():
+        deployment = find(docs, "Deployment", name)
+        pod = pod_spec(deployment)
+        security = pod["securityContext"]
+        assert security["runAsUser"] == image["uid"] and security["runAsNonRoot"] is True
+        for container in pod_containers(deployment):
+            assert container["image"] in images
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["resources"]["limits"]["memory"]
+        (main,) = pod["containers"]
+        args = parser.parse_args(main["args"])
+        assert main["args"][0] == command and args.handler
+        settings = settings_of(container_env(deployment, main, docs), monkeypatch)
+        assert settings.redis_url == "redis://:secret-password@fisher-guard-redis:6379/0"
+        assert {v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]} == {"fisher-guard-models"}
+        assert {m["mountPath"] for m in main["volumeMounts"]} == {str(settings.models_dir)}
+        probes = http_probe_paths(main)
+        if command == "serve":
+            assert port_number(main, "http") == settings.port == image["port"] == image["expose"]
+            assert probes["readinessProbe"] == ("/health/ready", "http") and "/health/live" in app_paths
+            assert {path for path, _ in probes.values()} <= app_paths
+        else:
+            assert probes["livenessProbe"][0] == "/metrics"
+            assert port_number(main, probes["livenessProbe"][1]) == settings.worker_metrics_port
+        assert settings.device == ("cuda" if overlay == "gpu" else "cpu")
+        gpus = main["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == (1 if overlay == "gpu" else None)
+    find(docs, "PersistentVolumeClaim", "fisher-guard-models")
+
+
+def test_kubernetes_services_select_their_pods_and_name_real_ports() -> None:
+    for service in (d for d in BASE if d["kind"] == "Service"):
+        (workload,) = [d for d in BASE if d["kind"] in ("Deployment", "StatefulSet")
+                       and service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        ports = {p.get("name") for c in pod_spec(workload)["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports, service["metadata"]["name"]
+    redis = find(BASE, "StatefulSet", "fisher-guard-redis")
+    assert redis["spec"]["serviceName"] == "fisher-guard-redis"
+    (container,) = pod_spec(redis)["containers"]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction" and "--appendonly" in args
+    assert size_bytes(args[args.index("--maxmemory") + 1]) < size_bytes(container["resources"]["limits"]["memory"]
+                                                                        .replace("Gi", "g"))
+    assert "PONG" in " ".join(container["readinessProbe"]["exec"]["command"])
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_kubernetes_autoscalers_scale_the_api_and_the_workers_apart(overlay: str) -> None:
+    docs = {"base": BASE, "gpu": GPU}[overlay]
+    targets = {}
+    for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = find(docs, hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        for metric in hpa["spec"]["metrics"]:
+            resource = metric["resource"]["name"]  # utilisation is relative to the request: there must be one
+            assert all(c["resources"]["requests"][resource] for c in pod_spec(target)["containers"])
+        targets[target["metadata"]["name"]] = hpa["spec"]["maxReplicas"]
+    assert set(targets) == {"fisher-guard-api", "fisher-guard-worker"}, "Redis is one replica, never autoscaled"
+
+
+def test_kserve_runtime_serves_the_v2_protocol_on_its_port(app_paths: set[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = find(KSERVE, "ServingRuntime", "fisher-guard")
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container" and build_parser().parse_args(container["args"]).handler
+    settings = settings_of(container_env(runtime, container, KSERVE), monkeypatch)
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port] == [8080]  # KServe's port
+    probes = http_probe_paths(container)
+    assert probes["readinessProbe"][0] == "/v2/health/ready"
+    assert all(path in app_paths and port == settings.port for path, port in probes.values())
+    assert container["securityContext"]["runAsUser"] == dockerfile()["uid"]
+    assert "/v2/models/{model_name}/infer" in app_paths

@@ -19,12 +19,15 @@ LINKED = [*DOCS, ROOT / "bench" / "README.md", *sorted((ROOT / "bench" / "result
 
 # FISHER_GUARD_* variables the docs may name that are not settings, each with the file that reads it.
 NOT_SETTINGS = {
-    "FISHER_GUARD_URL": "service/commands/gate.py",  # gate's --url default
-    "FISHER_GUARD_API_KEY": "service/commands/gate.py",  # gate's --api-key default
+    "FISHER_GUARD_URL": "client/fisher_guard_client/gate.py",  # gate's --url default
+    "FISHER_GUARD_API_KEY": "client/fisher_guard_client/gate.py",  # gate's --api-key default
     "FISHER_GUARD_IMAGE": "docker-compose.yml",  # compose interpolation
     "FISHER_GUARD_PUBLISH_PORT": "docker-compose.yml",
     "FISHER_GUARD_USER_MODELS": "docker-compose.yml",
     "FISHER_GUARD_REDIS_PASSWORD": "docker-compose.yml",
+    "FISHER_GUARD_MEM_LIMIT": "docker-compose.yml",
+    "FISHER_GUARD_PROMETHEUS_PORT": "docker-compose.yml",
+    "FISHER_GUARD_METRICS_KEY_FILE": "docker-compose.yml",
 }
 
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)

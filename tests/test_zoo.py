@@ -25,7 +25,8 @@ from service.zoo.registry import (
     resolve_device,
     sha256_file,
 )
-from service.zoo.training import SHIPPED_MODELS, TrainConfig, accuracy, train_and_save
+from service.zoo.train_config import SHIPPED_MODELS
+from service.zoo.training import TrainConfig, accuracy, train_and_save
 
 MODELS = REPO_ROOT / "models"
 

@@ -17,6 +17,7 @@ newly activated detector in without a restart (service.serving.refresh_detector)
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import importlib
 import logging
@@ -30,7 +31,7 @@ import torch
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from service.api.errors import Problem, V2Error, error_content, install_error_handlers
 from service.api.metrics import Metrics
 from service.api.micro_batcher import Arrival
 from service.api.middleware import RequestContextMiddleware
@@ -73,7 +74,8 @@ async def load_models(app: FastAPI) -> None:
                                  on_pending=metrics.in_flight.labels(card.name).set,
                                  large_batch_threads=settings.api_torch_threads_large_batch,
                                  large_batch=settings.api_large_batch,
-                                 small_batch_onednn=settings.api_small_batch_onednn)
+                                 small_batch_onednn=settings.api_small_batch_onednn,
+                                 on_execution=functools.partial(metrics.observe_execution, card.name))
             app.state.workers.append(worker)
             metrics.in_flight.labels(card.name).set(0)
             served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
@@ -159,25 +161,51 @@ def arrival_announcer(app: FastAPI) -> Callable[[dict], Arrival | None]:
     return announce
 
 
+def binary_file_fields(schema: dict[str, Any]) -> None:
+    """Mark the files of every multipart body as `type: string, format: binary`, in place.
+
+    FastAPI's OpenAPI 3.1 schema gives an UploadFile `contentMediaType: application/octet-stream`, which generated
+    clients (openapi-python-client) read as a plain `str` field: they send the file's name, not its bytes, and the
+    server answers 422. `format: binary` is what every generator and swagger-ui understand as a file."""
+    components = schema.get("components", {}).get("schemas", {})
+
+    def mark(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "string" and "contentMediaType" in node:
+                node.pop("contentMediaType")
+                node["format"] = "binary"
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            content = operation.get("requestBody", {}).get("content", {}) if isinstance(operation, dict) else {}
+            body = content.get("multipart/form-data", {}).get("schema", {})
+            ref = body.get("$ref", "")
+            mark(components.get(ref.rsplit("/", 1)[-1]) if ref.startswith("#/components/schemas/") else body)
+
+
 def problem_openapi(app: FastAPI) -> dict[str, Any]:
-    """The OpenAPI schema with error responses as application/problem+json, and the errors any endpoint can give."""
+    """The OpenAPI schema with error responses as application/problem+json (on /v2: the protocol's JSON errors),
+    and the errors any endpoint can give."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    ref = {"$ref": "#/components/schemas/Problem"}
-    for path_item in schema.get("paths", {}).values():
+    binary_file_fields(schema)
+    for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})
             for status, description in COMMON_ERRORS.items():
                 responses.setdefault(status, {"description": description})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
-                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
-    if "Problem" not in schema.get("components", {}).get("schemas", {}):
-        from service.api.errors import Problem
-
-        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
-            ref_template="#/components/schemas/{model}")
+                    response["content"] = error_content(path)  # problem+json; the protocol's errors on /v2
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (Problem, V2Error):
+        components.setdefault(model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}"))
     app.openapi_schema = schema
     return schema
 
@@ -185,7 +213,9 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own settings, metrics registry and model workers (models load in its lifespan)."""
     settings = settings or get_settings()
-    app = FastAPI(title="fisher-guard", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc are served by the web router from packaged assets (no CDN): FastAPI's own pages are off
+    app = FastAPI(title="fisher-guard", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.models = {}

@@ -2,6 +2,8 @@
 
 Raise `ProblemError(status, code, detail)` anywhere in a request; the handlers here turn it, validation errors,
 unknown routes, bad image inputs and any unexpected exception into a problem document (never a stack trace).
+On the Open Inference Protocol paths (/v2) the same errors take that protocol's form instead: `application/json`
+with the message in `error`, which is what Triton's and KServe's clients read and show (`V2Error`).
 """
 
 from __future__ import annotations
@@ -65,9 +67,35 @@ class ProblemError(StarletteHTTPException):
         self.extra = extra
 
 
+class V2Error(BaseModel):
+    """An error on the Open Inference Protocol paths: the protocol's `error` message, with the problem's code."""
+
+    error: str = Field(description="One sentence saying what was wrong (what tritonclient and KServe's client show).")
+    code: str = Field(description="Machine-readable problem code, e.g. 'invalid_binary_data', 'unknown_model'.")
+    status: int = Field(description="The HTTP status code.")
+    request_id: str | None = Field(None, description="The X-Request-ID of the request, to quote in support requests.")
+    errors: list[dict[str, Any]] | None = Field(None, description="Validation errors: location, message, type.")
+
+
+def is_v2_path(path: str | None) -> bool:
+    """A path of the Open Inference Protocol v2, whose errors are `V2Error` documents."""
+    return path is not None and (path == "/v2" or path.startswith("/v2/"))
+
+
+def error_content(path: str) -> dict[str, Any]:
+    """The OpenAPI `content` of an error response on `path` (app.problem_openapi)."""
+    if is_v2_path(path):
+        return {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}
+    return {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
 def problem_response(path: str | None, status: int, code: str, detail: str,
                      headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    """The JSON response of a problem; on Open Inference Protocol paths it also carries `error` (their field)."""
+    """The JSON response of a problem: a problem document, or a `V2Error` on Open Inference Protocol paths."""
+    if is_v2_path(path):
+        v2: dict[str, Any] = {"error": detail, "code": code, "status": status, "request_id": request_id.get(),
+                              **{k: v for k, v in extra.items() if v is not None}}
+        return JSONResponse(v2, status_code=status, headers=headers)
     body: dict[str, Any] = {
         "type": f"urn:fisher-guard:problem:{code}",
         "title": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
@@ -78,8 +106,6 @@ def problem_response(path: str | None, status: int, code: str, detail: str,
         "request_id": request_id.get(),
         **{k: v for k, v in extra.items() if v is not None},
     }
-    if path is not None and path.startswith("/v2/"):
-        body["error"] = detail
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,6 +66,14 @@ class Arrival:
 
 
 current_arrival: ContextVar[Arrival | None] = ContextVar("current_arrival", default=None)
+# the ASGI scope of the request being handled (set by the middleware): its route names the endpoint in metrics
+current_scope: ContextVar[dict[str, Any] | None] = ContextVar("current_scope", default=None)
+
+
+def current_endpoint() -> str:
+    """The route path of the request being handled (e.g. "/v1/models/{model}/screen"), or "-" outside one."""
+    scope = current_scope.get()
+    return getattr(scope.get("route") if scope else None, "path", "-")
 
 
 def micro_batched(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,6 +88,8 @@ class _Item:
     images: Tensor
     future: asyncio.Future
     counted: bool = True  # its images are in the worker's count and not yet handed to the model
+    endpoint: str = field(default_factory=current_endpoint)
+    queued_ns: int = field(default_factory=time.perf_counter_ns)  # when it entered the model's queue
 
     @property
     def size(self) -> int:
@@ -88,9 +100,10 @@ class MicroBatcher:
     """Joins waiting requests of one kind into batches of up to `max_batch` images, waiting up to `max_wait` s."""
 
     def __init__(self, worker: ModelWorker, fn: BatchFn, max_batch: int, max_wait: float,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, *, kind: str = "batch") -> None:
         self.worker = worker
         self.fn = fn
+        self.kind = kind  # the kind of work, in the worker's measurements
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
         self.on_batch = on_batch
@@ -183,7 +196,10 @@ class MicroBatcher:
                 batch = items[0].images if len(items) == 1 else torch.cat([it.images for it in items])
                 if self.on_batch is not None:
                     self.on_batch(int(batch.shape[0]))
-                work = self.worker._start(int(batch.shape[0]), self.worker.with_threads, self.fn, batch)
+                size = int(batch.shape[0])
+                waiting = [(it.endpoint, it.size, it.queued_ns) for it in items]
+                report = functools.partial(self.worker.report, self.kind, size, waiting)
+                work = self.worker._start(size, report, self.worker.with_threads, self.fn, batch)
             except Exception as exc:  # nothing reached the model: the thread is free, the items get the error
                 self.worker.model_free.release()
                 self._fail(items, exc)

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ProblemError, problem_response
 from service.api.metrics import Metrics
-from service.api.micro_batcher import Arrival, current_arrival
+from service.api.micro_batcher import Arrival, current_arrival, current_scope
 from service.observability import request_id
 
 log = logging.getLogger("service.api.access")
@@ -64,6 +64,7 @@ class RequestContextMiddleware:
         max_body = self.max_job_body if path.startswith("/v1/jobs") else self.max_body
         arrival = self.announce(scope)
         arrival_token = current_arrival.set(arrival)
+        scope_token = current_scope.set(scope)  # the model worker's measurements read the route from it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -151,5 +152,6 @@ class RequestContextMiddleware:
             request_id.reset(token)
             request_deadline.reset(deadline_token)
             current_arrival.reset(arrival_token)
+            current_scope.reset(scope_token)
             if arrival is not None:
                 arrival.close()

@@ -1,23 +1,47 @@
 """One model's worker thread: where all of that model's torch work runs (so the event loop never blocks and models
 never fight over one module), with a bounded count of images in flight (beyond it: QueueFullError, answered with
-503 + Retry-After) and one micro-batcher per kind of work (service.api.micro_batcher)."""
+503 + Retry-After) and one micro-batcher per kind of work (service.api.micro_batcher).
+
+It is also where each request's queue wait and compute time are measured, once for everything that reports them:
+each run of the model is timed in the model's thread (`ModelClock`), and handed with the waits of the requests it
+served, as a service.api.metrics.Execution, to `on_execution` (the app's metrics)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from service.api.cpu_kernels import KernelPolicy, with_kernels
-from service.api.micro_batcher import BatchFn, MicroBatcher, QueueFullError, WorkerClosedError
+from service.api.metrics import Execution, QueuedRequest
+from service.api.micro_batcher import BatchFn, MicroBatcher, QueueFullError, WorkerClosedError, current_endpoint
 
 T = TypeVar("T")
+Waiting = tuple[str, int, int]  # a request in a run: (endpoint, images, time.perf_counter_ns() when it was queued)
+
+
+@dataclass
+class ModelClock:
+    """When a run of the model started and finished in its thread (time.perf_counter_ns(); 0: not yet)."""
+
+    started_ns: int = 0
+    finished_ns: int = 0
+
+
+def _clocked(clock: ModelClock, fn: Callable[..., T], *args: Any) -> T:
+    clock.started_ns = time.perf_counter_ns()
+    try:
+        return fn(*args)
+    finally:
+        clock.finished_ns = time.perf_counter_ns()
 
 
 class ModelWorker:
@@ -27,7 +51,7 @@ class ModelWorker:
                  on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
                  on_pending: Callable[[int], None] | None = None,
                  large_batch_threads: int | None = None, large_batch: int = 48,
-                 small_batch_onednn: bool = True) -> None:
+                 small_batch_onednn: bool = True, on_execution: Callable[[Execution], None] | None = None) -> None:
         self.name = name
         self.kernels = KernelPolicy(threads, large_batch_threads or threads, large_batch, small_batch_onednn)
         self.capacity = capacity
@@ -42,6 +66,7 @@ class ModelWorker:
         self.closed = False
         self._on_batch = on_batch
         self._on_pending = on_pending  # told the count of images in flight each time it changes (a metrics gauge)
+        self._on_execution = on_execution  # told each run of the model, with its requests' waits (metrics)
         self._batchers: dict[Hashable, MicroBatcher] = {}
 
     @property
@@ -74,7 +99,7 @@ class ModelWorker:
         if key not in self._batchers:
             kind = str(key[0]) if isinstance(key, tuple) else str(key)
             on_batch = functools.partial(self._on_batch, kind) if self._on_batch else None
-            self._batchers[key] = MicroBatcher(self, fn, self.max_batch, self.max_wait, on_batch)
+            self._batchers[key] = MicroBatcher(self, fn, self.max_batch, self.max_wait, on_batch, kind=kind)
         return self._batchers[key]
 
     async def submit(self, key: Hashable, fn: BatchFn, images: Tensor) -> list[Any]:
@@ -85,6 +110,7 @@ class ModelWorker:
     async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
         """Unbatched work in the model's thread (attacks), counted against the capacity like batched work. A
         request abandoned while it waits for the thread (timeout, client gone) never runs."""
+        waiting = [(current_endpoint(), images, time.perf_counter_ns())]
         self._admit(images)
         try:
             await self.model_free.acquire()
@@ -94,29 +120,43 @@ class ModelWorker:
         try:
             if self.closed:
                 raise WorkerClosedError("the service is shutting down")
-            work = self._start(images, fn, *args)
+            work = self._start(images, functools.partial(self.report, getattr(fn, "__name__", "work"), images,
+                                                         waiting), fn, *args)
         except BaseException:
             self.model_free.release()
             self.release(images)
             raise
         return await asyncio.wrap_future(work)
 
-    def _start(self, images: int, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-        """Hand work to the model's thread (`model_free` held). When it is really over there (a request that
-        times out leaves it running), its images leave the count and the thread is free again."""
+    def _start(self, images: int, report: Callable[[ModelClock], None], fn: Callable[..., T],
+               *args: Any) -> concurrent.futures.Future[T]:
+        """Hand work to the model's thread (`model_free` held), timed there. When it is really over there (a
+        request that times out leaves it running), its images leave the count, the thread is free again, and
+        `report` gets its clock."""
         loop = asyncio.get_running_loop()
-        work = self.executor.submit(fn, *args)
+        clock = ModelClock()
+        work = self.executor.submit(_clocked, clock, fn, *args)
 
         def done(_: object) -> None:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._work_done, images)
+                loop.call_soon_threadsafe(self._work_done, images, clock, report)
 
         work.add_done_callback(done)
         return work
 
-    def _work_done(self, images: int) -> None:
+    def _work_done(self, images: int, clock: ModelClock, report: Callable[[ModelClock], None]) -> None:
         self.release(images)
         self.model_free.release()
+        if clock.started_ns:  # it ran (work cancelled before it started has nothing to report)
+            report(clock)
+
+    def report(self, kind: str, images: int, waiting: Sequence[Waiting], clock: ModelClock) -> None:
+        """One run of the model, on `images` images, for the `waiting` requests: to `on_execution`."""
+        if self._on_execution is None:
+            return
+        requests = tuple(QueuedRequest(endpoint, count, max(0, clock.started_ns - queued_ns))
+                         for endpoint, count, queued_ns in waiting)
+        self._on_execution(Execution(kind, images, clock.finished_ns - clock.started_ns, requests))
 
     async def close(self) -> None:
         """Refuse new work, fail what still waits, and let the running batch finish."""

@@ -104,6 +104,7 @@ class ServedModel(ModelBundle):
             adv = adversarial[i].detach().cpu().float()
             if output in ("png", "both"):
                 item["adversarial_png"] = encode_png(adv)
+                item["perturbation_png"] = vector_png(adv - images[i].detach().cpu().float())
             if output in ("tensor", "both"):
                 item["adversarial"] = adv.tolist()
             out.append(item)

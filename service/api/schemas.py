@@ -211,6 +211,8 @@ class AttackItem(BaseModel):
     least_norm: float | None = Field(None, description="least-norm: smallest fooling epsilon (null: not found).")
     found: bool | None = None
     adversarial_png: str | None = Field(None, description="The adversarial image as base64 PNG (8-bit).")
+    perturbation_png: str | None = Field(None, description="The perturbation (adversarial - original) as base64 PNG: "
+                                         "mid-grey is 0, white and black +/- its largest pixel change.")
     adversarial: list[Any] | None = Field(None, description="The adversarial image [C, H, W] in [0, 1].")
 
 
@@ -234,14 +236,18 @@ class Readiness(BaseModel):
 class InferTensor(BaseModel):
     name: str
     shape: list[int]
-    datatype: str = Field(description="FP32, FP64, FP16, UINT8, INT8..INT64, BOOL.")
-    data: list[Any] = Field(description="Values in row-major order (flat or nested).")
-    parameters: dict[str, Any] | None = None
+    datatype: str = Field(description="FP32, FP64, FP16, UINT8 (0-255), UINT16..UINT64, INT8..INT64, BOOL (BYTES: "
+                          "encoded images, as binary data only).")
+    data: list[Any] | None = Field(None, description="Values in row-major order (flat or nested); absent when the "
+                                   "tensor is binary data (`parameters.binary_data_size`).")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_size`: bytes of this tensor after the "
+                                              "JSON header (binary tensor data extension).")
 
 
 class InferRequestedOutput(BaseModel):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data`: true to get this output as binary "
+                                              "data after the JSON header.")
 
 
 class InferRequest(BaseModel):
@@ -249,8 +255,10 @@ class InferRequest(BaseModel):
         {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}]})
 
     id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor] = Field(min_length=1, max_length=1, description="One tensor [N, C, H, W] of images.")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_output`: true to get every output "
+                                              "(unless it says otherwise) as binary data.")
+    inputs: list[InferTensor] = Field(min_length=1, max_length=1, description="One tensor [N, C, H, W] of images, "
+                                      "or BYTES [N]: N encoded images (PNG, JPEG, .npy).")
     outputs: list[InferRequestedOutput] | None = None
 
 
@@ -287,3 +295,68 @@ class ServerMetadata(BaseModel):
 class V2Health(BaseModel):
     live: bool | None = None
     ready: bool | None = None
+
+
+class ConfigReshape(BaseModel):
+    shape: list[int]
+
+
+class ConfigTensor(BaseModel):
+    """A tensor of a Triton model configuration (dims without the batch dimension)."""
+
+    name: str
+    data_type: str = Field(description="Triton's type name, e.g. TYPE_FP32.")
+    format: str | None = Field(None, description="FORMAT_NCHW for image inputs.")
+    dims: list[int]
+    reshape: ConfigReshape | None = Field(None, description="Shape per batch item when it is a scalar ([]).")
+
+
+class ModelConfig(BaseModel):
+    """The model configuration extension: Triton's field names, for what this service really does."""
+
+    name: str
+    platform: str
+    backend: str
+    version_policy: dict[str, Any]
+    max_batch_size: int = Field(description="Most images in one request.")
+    input: list[ConfigTensor]
+    output: list[ConfigTensor]
+    dynamic_batching: dict[str, Any] = Field(description="Micro-batching: the longest wait for more requests.")
+    instance_group: list[dict[str, Any]]
+    parameters: dict[str, dict[str, str]] = Field(description="What else describes the model (Triton's "
+                                                  "`{key: {string_value}}` form).")
+
+
+class StatisticDuration(BaseModel):
+    count: int
+    ns: int = Field(description="Cumulative nanoseconds.")
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration = Field(description="Answered requests, from their routing to their answer.")
+    fail: StatisticDuration = Field(description="Refused or failed requests, from their routing to their answer.")
+    queue: StatisticDuration = Field(description="Per request: its wait for the model.")
+    compute_infer: StatisticDuration = Field(description="Per request: the model's time on the batch that held it.")
+
+
+class BatchStatistics(BaseModel):
+    batch_size: int
+    compute_infer: StatisticDuration
+
+
+class ModelStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="When the model last ran, ms since the epoch (0: never).")
+    inference_count: int = Field(description="Images inferred.")
+    execution_count: int = Field(description="Model runs (micro-batches).")
+    inference_stats: InferStatistics
+    batch_stats: list[BatchStatistics]
+
+
+class InferenceStatisticsResponse(BaseModel):
+    """The statistics extension: per model, its v2 inference requests in the process that answers."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_stats: list[ModelStatistics]

@@ -8,11 +8,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from service.detect.defaults import DEFAULT_ATTACKS, DEFAULT_FPR, OPT_PARAMS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-detector", help="train the adversarial detector of a model on your labelled images",
                        description="Choose each attack's L2 budget on the fit images (or take --epsilon), build the "
-                       "detection set (clean + noisy vs FGM/OTCM/Opt/BIM/OSSA), pick the feature set among the "
+                       "detection set (clean + noisy vs the detection attacks), pick the feature set among the "
                        "candidates for the input by out-of-fold AUC (or take --feature-set), set the threshold at "
                        "--fpr on the clean fit images, measure on the test images, and write the detector as a "
                        "candidate with its card and a Markdown report. Activate it with --activate or "
@@ -28,13 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of --fit held out for testing when --test is not given (stratified, seeded)")
     p.add_argument("--images", type=int, default=None, help="use only the first N images of each part")
     p.add_argument("--attacks", default=None,
-                   help="comma-separated detection attacks (default: all five: fgm, otcm, opt, bim, ossa)")
+                   help=f"comma-separated detection attacks (default: all of {', '.join(DEFAULT_ATTACKS)})")
     p.add_argument("--epsilon", action="append", default=[], metavar="ATTACK=L2",
                    help="an attack's L2 budget instead of the rule's; repeatable")
     p.add_argument("--feature-set", default=None, help="features (default: chosen among the candidates)")
     p.add_argument("--classifier", default="rf", choices=["rf", "gnb"])
-    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the threshold on clean images")
-    p.add_argument("--opt-steps", type=int, default=None, help="C&W's Adam steps (default 100)")
+    p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
+                   help="false-positive rate of the threshold on clean images")
+    p.add_argument("--opt-steps", type=int, default=None, help=f"C&W's Adam steps (default {OPT_PARAMS['steps']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None,

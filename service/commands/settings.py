@@ -6,8 +6,6 @@ import argparse
 import json
 import re
 
-from service.config import Settings, settings_markdown
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("settings", help="list the settings (environment variables, defaults, meanings)",
@@ -19,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.config import Settings, settings_markdown  # pydantic-settings: a quarter second, not for --help
+
     if args.current:
         values = Settings().model_dump(mode="json")
         for secret in ("api_keys", "admin_api_keys"):

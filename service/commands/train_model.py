@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.zoo.train_config import BUILTIN_ARCHITECTURES, SHIPPED_MODELS, DatasetTrainConfig, TrainConfig
+
 if TYPE_CHECKING:  # torch-heavy: imported inside the handlers only
     from service.data.datasets import LabelledImages
-    from service.zoo.training import DatasetTrainConfig, TrainConfig
 
 DATASET_ONLY = ("architecture", "val_fraction", "test_fraction", "arch_arg")  # options that need --dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from service.zoo.architectures import ARCHITECTURES
-    from service.zoo.training import SHIPPED_MODELS, DatasetTrainConfig, TrainConfig
-
     defaults, data_defaults = TrainConfig(), DatasetTrainConfig(dataset="", name="x")
     p = sub.add_parser("train-model", help="Train a model (the paper's MNIST models, or any architecture on your "
                        "labelled images with --dataset); write <out>/<name>.pt and .json.",
@@ -37,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on these labelled images: a .npz (images, labels[, class_names]), an ImageFolder "
                    "folder or a zip of one, or a server-side name (mnist:*, data:<name>)")
     p.add_argument("--architecture", metavar="NAME", default=None,
-                   help=f"with --dataset: a builtin architecture ({', '.join(ARCHITECTURES)}; default "
+                   help=f"with --dataset: a builtin architecture ({', '.join(BUILTIN_ARCHITECTURES)}; default "
                    f"{data_defaults.architecture}) or torchvision:<name>, e.g. torchvision:resnet18")
     p.add_argument("--arch-arg", metavar="KEY=VALUE", action="append", default=None,
                    help="with --dataset: an extra constructor argument of the architecture (repeatable), e.g. width=16")
@@ -126,8 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 def mnist_config(args: argparse.Namespace) -> TrainConfig:
     """The MNIST run that parsed arguments without --dataset ask for."""
-    from service.zoo.training import TrainConfig
-
     return TrainConfig(name=args.name or TrainConfig.name, epochs=args.epochs, seed=args.seed,
                        adversarial=args.adversarial, threads=args.threads, limit=args.limit,
                        shift=TrainConfig.shift if args.shift is None else args.shift, lr=args.lr,
@@ -136,8 +132,6 @@ def mnist_config(args: argparse.Namespace) -> TrainConfig:
 
 def dataset_config(args: argparse.Namespace) -> DatasetTrainConfig:
     """The dataset run that parsed arguments with --dataset ask for (ValueError for inconsistent options)."""
-    from service.zoo.training import DatasetTrainConfig
-
     defaults = DatasetTrainConfig(dataset="", name="x")
     architecture = args.architecture or defaults.architecture
     return DatasetTrainConfig(
@@ -151,7 +145,7 @@ def dataset_config(args: argparse.Namespace) -> DatasetTrainConfig:
 
 
 def _run_mnist(args: argparse.Namespace) -> int:
-    from service.zoo.training import SHIPPED_MODELS, TrainConfig, train_and_save
+    from service.zoo.training import train_and_save
 
     given = [f"--{opt.replace('_', '-')}" for opt in DATASET_ONLY if getattr(args, opt) is not None]
     if given:

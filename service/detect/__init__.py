@@ -1,12 +1,26 @@
-"""Adversarial detection on Fisher features: features, the detection set, the detector, baselines, evaluation."""
+"""Adversarial detection on Fisher features: features, the detection set, the detector, baselines, evaluation.
 
-from service.detect.baselines import BASELINES, KernelDensityScorer, baseline_features, bayesian_uncertainty
-from service.detect.dataset import DEFAULT_ATTACKS, MNIST_EPSILONS, DetectionSet, build_detection_set
-from service.detect.detector import Detector, ScreenResult, threshold_at_fpr, train_detector
-from service.detect.features import FEATURE_SETS, fisher_features
-from service.detect.files import DetectorLoadError, detector_path, load_detector
+The names below load on first use (PEP 562): importing a torch-free module of this package, such as
+service.detect.defaults (read by the CLI's parser), does not import torch and sklearn."""
 
-__all__ = ["BASELINES", "DEFAULT_ATTACKS", "MNIST_EPSILONS", "FEATURE_SETS", "DetectionSet", "Detector",
-           "DetectorLoadError", "KernelDensityScorer", "ScreenResult", "baseline_features", "bayesian_uncertainty",
-           "build_detection_set", "detector_path", "fisher_features", "load_detector", "threshold_at_fpr",
-           "train_detector"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "BASELINES": "baselines", "KernelDensityScorer": "baselines", "baseline_features": "baselines",
+    "bayesian_uncertainty": "baselines",
+    "DEFAULT_ATTACKS": "defaults",
+    "MNIST_EPSILONS": "dataset", "DetectionSet": "dataset", "build_detection_set": "dataset",
+    "Detector": "detector", "ScreenResult": "detector", "threshold_at_fpr": "detector", "train_detector": "detector",
+    "FEATURE_SETS": "features", "fisher_features": "features",
+    "DetectorLoadError": "files", "detector_path": "files", "load_detector": "files",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -17,17 +17,15 @@ from torch import Tensor, nn
 
 from service.attacks import AttackResult, attack_spec
 from service.detect.budgets import options_at
+from service.detect.defaults import DEFAULT_ATTACKS, OPT_PARAMS
 from service.detect.features import EXACT, SpectrumRoute
 from service.fisher.checks import model_device_dtype
-
-DEFAULT_ATTACKS: tuple[str, ...] = ("fgm", "otcm", "opt", "bim", "ossa")
 
 # The MNIST reproduction's L2 budgets in [0, 1] pixel space (the paper's MNIST attacks have norms ~1-3), chosen
 # on the validation split with LeNet-5 by the reproduction's rule: the smallest epsilon of its grid whose fooling
 # rate reaches 80% (val, first 500 images; FGM 83%, OSSA 85%, OTCM 85%, BIM 90%). Other data get theirs from
 # service.detect.budgets. "opt" is C&W L2 with trade-off c and no budget: it finds its own (small) norm.
 MNIST_EPSILONS: dict[str, float] = {"fgm": 3.0, "otcm": 4.0, "bim": 2.0, "ossa": 3.0}
-OPT_PARAMS: dict[str, float] = {"c": 1.0, "steps": 100, "lr": 0.05}
 BIM_STEPS = 20
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from service.detect.budgets import SELECT_RATE, select_budgets
 from service.detect.compiled import CompiledClassifier, compile_classifier
 from service.detect.dataset import DEFAULT_ATTACKS, DetectionSet, build_detection_set, protocol_options
+from service.detect.defaults import DEFAULT_FPR
 from service.detect.features import (
     DEFAULT_K,
     EXACT,
@@ -50,7 +51,6 @@ CLASSIFIERS: dict[str, str] = {
     "gnb": "GaussianNB()",
     "logreg": "StandardScaler + LogisticRegression (the KD+BU baseline)",
 }
-DEFAULT_FPR = 0.05
 CV_FOLDS = 5
 SELECTION_FOLDS = 3  # the feature-set comparison's CV folds and forest size (cheaper than the final fit's)
 SELECTION_TREES = 100

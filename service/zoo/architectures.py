@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from service.zoo.train_config import BUILTIN_ARCHITECTURES
+
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU}
 
 
@@ -106,4 +108,6 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
-ARCHITECTURES = {"lenet5": LeNet5, "vgg-shallow": ShallowVGG, "small-cnn": SmallCNN}
+# the classes of BUILTIN_ARCHITECTURES, in its order (its names live without torch, for the CLI)
+ARCHITECTURES: dict[str, type[nn.Module]] = dict(zip(BUILTIN_ARCHITECTURES, (LeNet5, ShallowVGG, SmallCNN),
+                                                     strict=True))

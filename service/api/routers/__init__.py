@@ -5,4 +5,4 @@ name here to mount it."""
 
 from __future__ import annotations
 
-ROUTER_MODULES: list[str] = ["health", "models", "inference", "v2", "metrics", "jobs"]
+ROUTER_MODULES: list[str] = ["health", "models", "inference", "v2", "metrics", "jobs", "samples", "web"]

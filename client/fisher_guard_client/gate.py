@@ -1,5 +1,6 @@
-"""`fisher-guard gate`: screen a folder of images (or an .npz / .npy) through a running server and exit non-zero
-when adversarial inputs are found: a CI step or a data pipeline's gate."""
+"""`fisher-guard gate` (`fisher-guard-gate` where only this client is installed): screen a folder of images (or an
+.npz / .npy) through a running server and exit non-zero when adversarial inputs are found: a CI step or a data
+pipeline's gate."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-import numpy as np
+from fisher_guard_client.console import run_handler
 
-from service.client import FILE_TYPES, FisherGuardClient, FisherGuardError
+if TYPE_CHECKING:
+    import numpy as np
 
 EXIT_CLEAN, EXIT_ADVERSARIAL, EXIT_ERROR = 0, 1, 2
+HELP = "screen files through a running server; exit 1 when adversarial inputs are found"
+DESCRIPTION = ("Screen a folder of images (PNG/JPEG/.npy), single files, or an .npz/.npy batch through a running "
+               "fisher-guard server. Prints a summary (or JSON) and exits 0 when at most --max-adversarial inputs "
+               "are flagged, 1 when more are, 2 on errors (server unreachable, bad input), and 141 (128 + SIGPIPE) "
+               "without a word when the reader of its output leaves early (`| head`).")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "gate", help="screen files through a running server; exit 1 when adversarial inputs are found",
-        description="Screen a folder of images (PNG/JPEG/.npy), single files, or an .npz/.npy batch through a "
-        "running fisher-guard server. Prints a summary (or JSON) and exits 0 when at most --max-adversarial "
-        "inputs are flagged, 1 when more are, 2 on errors (server unreachable, bad input).")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """gate's options, shared by `fisher-guard gate` and `fisher-guard-gate`."""
     parser.add_argument("paths", nargs="+", type=Path, help="folders, image files, .npy or .npz files")
     parser.add_argument("--url", default=os.environ.get("FISHER_GUARD_URL", "http://127.0.0.1:8000"),
                         help="server address (env FISHER_GUARD_URL)")
@@ -38,28 +41,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """`gate` as a subcommand of the main CLI (service.cli)."""
+    add_arguments(sub.add_parser("gate", help=HELP, description=DESCRIPTION))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The client-only install's own command, `fisher-guard-gate`."""
+    parser = argparse.ArgumentParser(prog="fisher-guard-gate", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_handler(run, build_parser().parse_args(argv))
+
+
+def load_array(path: Path) -> np.ndarray:
+    from fisher_guard_client.client import numpy_module
+
+    return numpy_module(f"{path}: reading .npy").load(path, allow_pickle=False)
+
+
 def collect(paths: list[Path]) -> tuple[list[Path], list[tuple[str, np.ndarray]]]:
     """Image files to upload, and arrays (name, (N, C, H, W)) from .npz / .npy batches."""
+    from fisher_guard_client.client import FILE_TYPES, numpy_module
+
     files: list[Path] = []
     arrays: list[tuple[str, np.ndarray]] = []
     for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_TYPES and p.suffix != ".npy")
-            arrays += [(str(p), np.load(p, allow_pickle=False)) for p in sorted(path.rglob("*.npy"))]
+            arrays += [(str(p), load_array(p)) for p in sorted(path.rglob("*.npy"))]
         elif path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as data:
+            with numpy_module(f"{path}: reading .npz").load(path, allow_pickle=False) as data:
                 key = "images" if "images" in data.files else data.files[0]
                 arrays.append((f"{path}:{key}", data[key]))
         elif path.suffix.lower() == ".npy":
-            arrays.append((str(path), np.load(path, allow_pickle=False)))
-        elif path.is_file():
-            files.append(path)
+            arrays.append((str(path), load_array(path)))
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            files.append(path)
     return files, arrays
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx  # here, not at the top: the parser (every --help) does without it
+
+    from fisher_guard_client.client import FisherGuardClient, FisherGuardError
+
     try:
         files, arrays = collect(args.paths)
         if not files and not arrays:
@@ -73,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 batch = array if array.ndim == 4 else array[None]
                 answer = client.screen(args.model, batch, args.threshold)
                 rows += [{"input": f"{name}[{i}]", **r} for i, r in enumerate(answer["results"])]
-    except (FisherGuardError, OSError, ValueError) as exc:
+    except (FisherGuardError, OSError, ValueError, ImportError) as exc:
         print(f"fisher-guard gate: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except httpx.HTTPError as exc:  # transport errors: the server is unreachable or too slow

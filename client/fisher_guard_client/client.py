@@ -1,12 +1,7 @@
-"""A small Python client for a running fisher-guard server (httpx), for pipelines that screen their inputs.
+"""FisherGuardClient: screening, spectra, attacks and jobs of a running fisher-guard server over HTTP (httpx).
 
-    from service.client import FisherGuardClient
-    with FisherGuardClient("http://127.0.0.1:8000", api_key="...") as client:
-        report = client.screen_files("lenet5", ["digit.png"])      # uploads the files
-        report = client.screen("lenet5", images)                    # a (N, C, H, W) array in [0, 1]
-        if any(r["adversarial"] for r in report["results"]): ...
-
-Errors come back as `FisherGuardError` carrying the server's problem+json code and sentence.
+Errors come back as `FisherGuardError` carrying the server's problem+json code and sentence. Arrays need numpy
+(`pip install 'fisher-guard-client[arrays]'`); uploading files does not.
 """
 
 from __future__ import annotations
@@ -14,10 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".npy": "application/octet-stream"}
 
@@ -30,7 +27,22 @@ class FisherGuardError(RuntimeError):
         self.status, self.code, self.detail = status, code, detail
 
 
+def numpy_module(purpose: str) -> Any:
+    """numpy, imported when arrays are used; an ImportError that says how to install it otherwise."""
+    try:
+        import numpy
+    except ImportError as exc:
+        raise ImportError(f"{purpose} needs numpy: pip install 'fisher-guard-client[arrays]'") from exc
+    return numpy
+
+
+def float32_array(images: Any, purpose: str) -> np.ndarray:
+    """`images` (an array or nested lists) as float32, the dtype the server reads."""
+    return numpy_module(purpose).asarray(images, dtype="float32")
+
+
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most `size` items."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -79,7 +91,7 @@ class FisherGuardClient:
         """Screen an array of images (N, C, H, W) in [0, 1]; one response whose `results` cover all N."""
         body: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
         return self._merge(self._call("POST", f"/v1/models/{model}/screen", json={**body, "tensor": chunk.tolist()})
-                           for chunk in batches(np.asarray(images, dtype=np.float32), self.batch_size))
+                           for chunk in batches(float32_array(images, "screen(images)"), self.batch_size))
 
     def screen_files(self, model: str, paths: Sequence[str | Path], threshold: float | None = None) -> dict[str, Any]:
         """Upload image files (PNG, JPEG, .npy) for screening; `results[i]` answers for `paths[i]` (one image each)."""
@@ -89,11 +101,11 @@ class FisherGuardClient:
 
     def spectrum(self, model: str, images: np.ndarray, k: int = 10, method: str = "auto") -> dict[str, Any]:
         return self._call("POST", f"/v1/models/{model}/spectrum",
-                          json={"tensor": np.asarray(images, dtype=np.float32).tolist(), "k": k, "method": method})
+                          json={"tensor": float32_array(images, "spectrum(images)").tolist(), "k": k, "method": method})
 
     def attack(self, model: str, images: np.ndarray, attack: str = "ossa", epsilon: float = 1.0,
                **options: Any) -> dict[str, Any]:
-        body = {"tensor": np.asarray(images, dtype=np.float32).tolist(), "attack": attack, "epsilon": epsilon,
+        body = {"tensor": float32_array(images, "attack(images)").tolist(), "attack": attack, "epsilon": epsilon,
                 "output": "tensor", **options}
         return self._call("POST", f"/v1/models/{model}/attack", json=body)
 
