@@ -106,6 +106,13 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
     ({"type": "train-detector", "model": "lenet5", "params": {"feature_set": "geometry"}}, [], 422, "invalid_params"),
     ({"type": "least-norm", "model": "lenet5", "dataset": "mnist:test", "params": {"low": 5, "high": 1}}, [], 422,
      "invalid_params"),
+    *[({"type": "evaluate-detector", "model": "lenet5", "params": params}, [], 422, "invalid_params")
+      for params in ({"parts": ["heldout", "bogus"]}, {"budgets": [-1]}, {"heldout": ["fab"]},
+                     {"detector": "../lenet5.detector.npz"}, {"images": 0}, {"effort": "double"})],
+    ({"type": "evaluate-detector", "model": "lenet5", "params": {"detector": "none.npz"}}, [], 404,
+     "unknown_detector"),
+    ({"type": "evaluate-detector", "model": "lenet5", "params": {"test_dataset": "cifar:test"}}, [], 422,
+     "unknown_dataset"),
     *[({"type": "attack", "model": "lenet5", "dataset": "mnist:test", "params": {"attack": "bim", "options": o}}, [],
        422, "invalid_params")
       for o in ({"steps": 10**9}, {"steps": -3}, {"steps": "abc"}, {"step_size": -3}, {"step_size": float("nan")})],
@@ -319,6 +326,23 @@ def test_train_detector_job_writes_a_candidate_and_activation_is_a_separate_step
         queue.close()
         get_settings.cache_clear()
         model_cache.forget()
+
+
+def test_evaluate_detector_job_zips_its_report(models_dir):
+    queue = InProcessJobQueue(queue_settings(models_dir=models_dir))
+    try:
+        info = queue.submit(JobRequest(type="evaluate-detector", model="lenet5", params={
+            "images": 3, "budgets": [2.0], "effort": "quick", "parts": ["heldout", "shifts", "squeezing"],
+            "heldout": ["deepfool"], "shift_images": 10, "check_images": 0}))
+        final = wait_for(queue, info.id, timeout=300)
+        assert final.status == JobStatus.succeeded, final.error
+        summary = queue.result(info.id)
+        assert summary["model"] == "lenet5" and summary["clean"]["images"] == 3
+        with zipfile.ZipFile(io.BytesIO(queue.artifact(info.id).data)) as zf:
+            assert {"report.md", "results.json"} <= set(zf.namelist())
+            assert "## Held-out attacks" in zf.read("report.md").decode()
+    finally:
+        queue.close()
 
 
 # --------------------------------------------------------------------------------- Redis only: crashes

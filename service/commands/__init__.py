@@ -11,7 +11,8 @@ import importlib
 
 # each adds its own subcommand(s); gate lives in the client-only distribution (client/), which this one uses
 COMMAND_MODULES: list[str] = ["service.commands.settings", "service.commands.train_model", "service.commands.jobs",
-                              "service.commands.serve", "service.commands.detect", "service.commands.convert_detector",
+                              "service.commands.serve", "service.commands.detect", "service.commands.evaluate_detector",
+                              "service.commands.convert_detector",
                               "fisher_guard_client.gate", "service.commands.export_dataset"]
 
 

@@ -11,9 +11,18 @@ from service.jobs.types import JobInputError
 
 
 def _table() -> dict[str, JobType]:
-    from service.jobs.kinds import attack, debug_crash, evaluate, least_norm, screen, train_detector
+    from service.jobs.kinds import (
+        attack,
+        debug_crash,
+        evaluate,
+        evaluate_detector,
+        least_norm,
+        screen,
+        train_detector,
+    )
 
-    return {kind.JOB.name: kind.JOB for kind in (screen, least_norm, attack, train_detector, evaluate, debug_crash)}
+    return {kind.JOB.name: kind.JOB for kind in (screen, least_norm, attack, train_detector, evaluate,
+                                                         evaluate_detector, debug_crash)}
 
 
 JOB_TYPES: dict[str, JobType] = _table()
