@@ -37,6 +37,7 @@ class TrainingOptions:
     target_fpr: float = DEFAULT_FPR
     seed: int = 0
     opt_steps: int | None = None  # C&W's Adam steps (default: the protocol's 100)
+    hardening_rounds: int = 0  # rounds of service.detect.hardening after the paper's training (0: none)
 
 
 @dataclass
@@ -97,6 +98,12 @@ def train_and_write(loaded: LoadedModel, fit: LabelledImages, test: LabelledImag
         classifier=options.classifier, k=options.k, target_fpr=options.target_fpr, seed=options.seed,
         progress=progress, command=command, data_description=_describe(fit, test),
         opt_params=None if options.opt_steps is None else {"steps": options.opt_steps})
+    if options.hardening_rounds:
+        from service.detect.hardening import Hardening, harden_detector
+
+        run = harden_detector(loaded.module, run, torch.from_numpy(fit.images), torch.from_numpy(fit.labels),
+                              Hardening(rounds=options.hardening_rounds), classifier=options.classifier,
+                              seed=options.seed, progress=progress)
     seconds = time.perf_counter() - start
     run.detector.card["wall_time_s"] = round(seconds, 1)
     run.detector.card["training_data"]["fit"] = fit.describe()

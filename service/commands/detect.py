@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
                    help="false-positive rate of the threshold on clean images")
     p.add_argument("--opt-steps", type=int, default=None, help=f"C&W's Adam steps (default {OPT_PARAMS['steps']})")
+    p.add_argument("--harden", type=int, default=0, metavar="ROUNDS",
+                   help="rounds of hardening after the paper's training: adaptive attacks on the detector as "
+                   "positives, benign shifts as negatives (docs/robustness.md; default 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None,
@@ -97,7 +100,7 @@ def train_detector_command(args: argparse.Namespace) -> int:
         options = TrainingOptions(attacks=attacks or TrainingOptions.attacks,
                                   epsilons=parse_epsilons(args.epsilon), feature_set=args.feature_set,
                                   classifier=args.classifier, target_fpr=args.fpr, seed=args.seed,
-                                  opt_steps=args.opt_steps)
+                                  opt_steps=args.opt_steps, hardening_rounds=args.harden)
         folders, limits = list(settings.dataset_folders), dataset_limits(settings)
         fit = open_dataset(fit_spec, card, folders, limits, args.images)
         if test_spec:

@@ -97,7 +97,8 @@ class DetectionSet:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per attack group and kind."""
-        return {a: {k: int(((self.attack == a) & (self.kind == k)).sum()) for k in ("clean", "noisy", "adversarial")}
+        kinds = ("clean", "noisy", "adversarial") + (("shifted",) if (self.kind == "shifted").any() else ())
+        return {a: {k: int(((self.attack == a) & (self.kind == k)).sum()) for k in kinds}
                 for a in dict.fromkeys(self.attack.tolist())}
 
 

@@ -89,10 +89,11 @@ def rotation(images: Tensor, degrees: float) -> Tensor:
     return TF.rotate(images, float(degrees), interpolation=InterpolationMode.BILINEAR, fill=0.0).clamp(0, 1)
 
 
-def translation(images: Tensor, pixels: int) -> Tensor:
-    """A shift by `pixels` to the right and `pixels` down (the uncovered border filled with 0)."""
+def translation(images: Tensor, pixels: int, down: int | None = None) -> Tensor:
+    """A shift by `pixels` to the right and `down` (default: `pixels`) down, the uncovered border filled with 0."""
     images = _check(images)
-    return TF.affine(images, angle=0.0, translate=[float(pixels), float(pixels)], scale=1.0, shear=[0.0, 0.0],
+    down = pixels if down is None else down
+    return TF.affine(images, angle=0.0, translate=[float(pixels), float(down)], scale=1.0, shear=[0.0, 0.0],
                      interpolation=InterpolationMode.NEAREST, fill=0.0)
 
 
@@ -181,3 +182,33 @@ def other_source(shape: tuple[int, int, int], limit: int | None = None,
     return LabelledImages(images.numpy(), base.labels.copy(), names,
                           f"sklearn digits upscaled (bilinear) into {channels}x{height}x{width}, border {border:.3g} "
                           f"of each side; {len(base)} images, 10 classes", base.class_names)
+
+
+# What a detector's training draws its shifted negatives from (service.detect.hardening): per family a sampler of
+# its parameters, in ranges wider than the mild limits so the detector is not fitted to the evaluation's grid
+RANDOM_SHIFTS: dict[str, Callable[[torch.Generator], dict[str, float]]] = {
+    "blur": lambda g: {"sigma": _uniform(g, 0.3, 1.5)},
+    "jpeg": lambda g: {"quality": int(_uniform(g, 30, 95))},
+    "brightness": lambda g: {"factor": _uniform(g, 0.6, 1.4)},
+    "contrast": lambda g: {"factor": _uniform(g, 0.6, 1.4)},
+    "rotation": lambda g: {"degrees": _uniform(g, -15, 15)},
+    "translation": lambda g: {"pixels": int(torch.randint(-3, 4, (), generator=g)),
+                              "down": int(torch.randint(-3, 4, (), generator=g))},
+    "noise": lambda g: {"sigma": _uniform(g, 0.01, 0.1), "seed": int(torch.randint(0, 2**31, (), generator=g))},
+}
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64))
+
+
+def random_shift(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image through one benign shift: a family drawn uniformly from RANDOM_SHIFTS, its parameters drawn from
+    the family's range (one draw per image)."""
+    images = _check(images)
+    families = list(RANDOM_SHIFTS)
+    out = torch.empty_like(images)
+    for i in range(len(images)):
+        family = families[int(torch.randint(0, len(families), (), generator=generator))]
+        out[i] = FAMILIES[family][0](images[i:i + 1], **RANDOM_SHIFTS[family](generator))[0]
+    return out

@@ -43,6 +43,8 @@ class TrainDetectorParams(BaseModel):
     k: int = Field(20, ge=1, le=100)
     target_fpr: float = Field(0.05, ge=0, lt=1)
     opt_steps: int | None = Field(None, ge=1, le=1000, description="C&W's Adam steps (default 100).")
+    harden: int = Field(0, ge=0, le=5, description="Rounds of hardening after the paper's training: adaptive "
+                        "attacks on the detector as positives, benign shifts as negatives (0: none).")
     seed: int = 0
 
     @field_validator("feature_set")
@@ -82,7 +84,8 @@ def run(spec: JobSpec, ctx: TaskContext) -> dict[str, Any]:
         fit, test = split(fit, p["test_fraction"], p["seed"])
     options = TrainingOptions(attacks=tuple(p["attacks"] or TrainingOptions.attacks), epsilons=p["epsilons"],
                               feature_set=p["feature_set"], classifier=p["classifier"], k=p["k"],
-                              target_fpr=p["target_fpr"], seed=p["seed"], opt_steps=p["opt_steps"])
+                              target_fpr=p["target_fpr"], seed=p["seed"], opt_steps=p["opt_steps"],
+                              hardening_rounds=p["harden"])
     ctx.progress(0, 1)
     files = train_and_write(loaded, fit, test, candidate_path(ctx.settings.models_dir, loaded.name, spec.id),
                             options, command=f"job {spec.id}: {json.dumps(spec.params, sort_keys=True)}")
