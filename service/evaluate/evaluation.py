@@ -326,24 +326,21 @@ def evaluate_detector(model: nn.Module, detector: Detector, fit: LabelledImages,
                "squeezing_threshold": None if squeezing is None else squeezing.threshold,
                "squeezing_fpr": None if squeezing is None else _rate(screens.clean_squeeze >= squeezing.threshold)},
         surrogate=fidelity)
+    def timed(name: str, label: str, work: Callable[[], Any]) -> Any:
+        say(label)
+        begun = time.perf_counter()
+        out = work()
+        timings[name] = time.perf_counter() - begun
+        return out
+
     if "heldout" in plan.parts:
-        say("held-out attacks")
-        start = time.perf_counter()
-        result.heldout = _heldout_part(plan, screens, x, y)
-        timings["heldout"] = time.perf_counter() - start
+        result.heldout = timed("heldout", "held-out attacks", lambda: _heldout_part(plan, screens, x, y))
     if "adaptive" in plan.parts:
-        say("adaptive attacks")
-        start = time.perf_counter()
-        result.adaptive, result.best_of = _adaptive_part(plan, screens, x, y)
-        timings["adaptive"] = time.perf_counter() - start
-        say("effort check (twice the effort)")
-        start = time.perf_counter()
-        result.effort_check = _effort_check(plan, target, x, y)
-        timings["effort_check"] = time.perf_counter() - start
+        result.adaptive, result.best_of = timed("adaptive", "adaptive attacks",
+                                                lambda: _adaptive_part(plan, screens, x, y))
+        result.effort_check = timed("effort_check", "effort check (twice the effort)",
+                                    lambda: _effort_check(plan, target, x, y))
     if "shifts" in plan.parts:
-        say("benign shifts")
-        start = time.perf_counter()
-        result.shifts = _shift_part(plan, screens, test, model, class_names)
-        timings["shifts"] = time.perf_counter() - start
+        result.shifts = timed("shifts", "benign shifts", lambda: _shift_part(plan, screens, test, model, class_names))
     result.timings = {k: round(v, 1) for k, v in timings.items()}
     return result
