@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `fisher-guard serve` binds to (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="Port `fisher-guard serve` listens on.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every model once).")
+    worker_healthcheck_timeout_s: int = Field(60, ge=1, description="With workers > 1: seconds a worker process "
+                                              "may take to answer the supervisor's ping (at start, while it loads "
+                                              "its models, and when busy) before it is killed and replaced.")
     metrics_multiproc_dir: str | None = Field(None, description="With workers > 1: the directory where the worker "
                                               "processes share their Prometheus metrics, so that /metrics sums "
                                               "them (its *.db files are removed at start-up); unset: "

@@ -77,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
             host=args.host or settings.host,
             port=args.port or settings.port,
             workers=workers,
+            timeout_worker_healthcheck=settings.worker_healthcheck_timeout_s,
             log_config=None,  # keep our JSON logging
             log_level=settings.log_level.lower(),
             access_log=False,  # the API logs one line per request itself, with its request id
