@@ -244,7 +244,8 @@ def _adaptive_part(plan: EvaluationPlan, screens: _Screens, x: Tensor,
             fooled_any = np.any(fooled, axis=0)
             best.append({"scope": scope, "budget": budget, "attacks": [n for n in names if (n, budget) in through],
                          "images": int(len(x)), "fooled_by_any": _rate(fooled_any), "through": _rate(through_any),
-                         "tpr": 1.0 - float(through_any.sum()) / max(1, int(fooled_any.sum()))})
+                         "tpr": 1.0 - float(through_any.sum()) / fooled_any.sum() if fooled_any.any() else
+                         float("nan")})
     for row in rows:
         row.pop("fooled_mask")
     return rows, best

@@ -23,6 +23,32 @@ ATTACK_HEADER = ["attack", "L2 budget", "fooled %", "median L2", "TPR %", "AUC %
                  "squeezing TPR %"]
 
 
+def envelope(result: EvaluationResult) -> list[list[Any]]:
+    """Per budget, the worst TPR over the held-out attacks, the adaptive white-box best-of TPR and the
+    score-query TPR: what is detected, at which budget, against which attacker."""
+    rows = []
+    for budget in result.plan["budgets"]:
+        heldout = [r["tpr"] for r in result.heldout if r["budget"] == budget and r["tpr"] == r["tpr"]]
+        worst = min(heldout, default=None)
+        worst_name = next((r["attack"] for r in result.heldout if r["budget"] == budget and r["tpr"] == worst), "")
+        best = next((b["tpr"] for b in result.best_of if b["scope"] == "white-box" and b["budget"] == budget), None)
+        query = next((r["tpr"] for r in result.adaptive if r["attack"] == "score-query" and r["budget"] == budget),
+                     None)
+        rows.append([fmt(budget, 1), f"{pct(worst)} ({worst_name})" if worst is not None else "n/a", pct(best),
+                     pct(query)])
+    return rows
+
+
+def _mild_shift_line(result: EvaluationResult) -> str:
+    clean = next((r["fpr"] for r in result.shifts if r["shift"] == "clean"), None)
+    mild = [r for r in result.shifts if r["mild"] and r["shift"] != "clean"]
+    if not mild or clean is None:
+        return ""
+    worst = max(mild, key=lambda r: r["fpr"])
+    return (f"Benign shifts: clean FPR {pct(clean)}% on the shifted set's images; the worst mild shift is "
+            f"{worst['shift']} at {pct(worst['fpr'])}% FPR.")
+
+
 def write_evaluation_report(out: Path, result: EvaluationResult, *, command: str, machine: str) -> Path:
     """Write `out`/report.md, results.json and adaptive-tpr.png; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +67,10 @@ def write_evaluation_report(out: Path, result: EvaluationResult, *, command: str
              f"Clean test images: FPR {pct(c['fpr'])}% (detector)"
              + ("" if c["squeezing_fpr"] is None else f", {pct(c['squeezing_fpr'])}% (feature squeezing)") + ".",
              ""]
+    if result.heldout or result.adaptive:
+        lines += ["## Envelope", "",
+                  *table(["L2 budget", "held-out: worst TPR %", "adaptive white-box best-of TPR %",
+                          "score-query TPR %"], envelope(result)), "", _mild_shift_line(result), ""]
     if result.heldout:
         lines += ["## Held-out attacks (ART)", "",
                   "Attacks from a library nobody here wrote, at their tuned `full` effort (service/evaluate/heldout.py "
