@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive", type=_names, default=None, help="adaptive attacks (default all)")
     p.add_argument("--check-images", type=int, default=32,
                    help="images of the double-effort check (0: skip it; default 32)")
+    p.add_argument("--check-budget", type=float, default=3.0,
+                   help="L2 budget of the double-effort check (default 3: where images get through)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/evaluate-<model>)")
@@ -76,6 +78,7 @@ def evaluate_detector_command(args: argparse.Namespace) -> int:
     try:
         plan = EvaluationPlan(
             images=args.images, budgets=args.budgets, effort=args.effort, check_images=args.check_images,
+            check_budget=args.check_budget,
             shift_images=args.shift_images, parts=args.parts, seed=args.seed,
             **({"heldout": args.heldout} if args.heldout is not None else {}),
             **({"adaptive": args.adaptive} if args.adaptive is not None else {}))

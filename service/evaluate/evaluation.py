@@ -65,7 +65,7 @@ class EvaluationPlan:
     budgets: tuple[float, ...] = (1.0, 2.0, 3.0)
     effort: str = "full"
     check_images: int = 32
-    check_budget: float = 2.0
+    check_budget: float = 3.0
     shift_images: int = 500
     fit_images: int = 300
     parts: tuple[str, ...] = PARTS

@@ -40,6 +40,7 @@ class EvaluateDetectorParams(BaseModel):
     heldout: list[str] | None = Field(None, description="Held-out attacks (null: all).")
     adaptive: list[str] | None = Field(None, description="Adaptive attacks (null: all).")
     check_images: int = Field(32, ge=0, le=1000, description="Images of the double-effort check (0: skip it).")
+    check_budget: float = Field(3.0, gt=0, lt=1e6, description="L2 budget of the double-effort check.")
     seed: int = 0
 
     @field_validator("budgets")
@@ -67,7 +68,8 @@ def _plan(params: dict[str, Any]) -> Any:
 
     names = {k: tuple(params[k]) for k in ("heldout", "adaptive") if params[k] is not None}
     return EvaluationPlan(images=params["images"], budgets=tuple(params["budgets"]), effort=params["effort"],
-                          check_images=params["check_images"], shift_images=params["shift_images"],
+                          check_images=params["check_images"],
+                          check_budget=params["check_budget"], shift_images=params["shift_images"],
                           parts=tuple(params["parts"]), seed=params["seed"], **names)
 
 
