@@ -58,8 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(handler=evaluate_command)
 
 
-def _command_line() -> str:
+def command_line() -> str:
     return "fisher-guard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def default_datasets(input_shape: list[int], fit: str | None, test: str | None) -> tuple[str | None, str | None]:
+    """--fit and --test as given, else mnist:val and mnist:test for 1x28x28 models (no default for others)."""
+    fit = fit or ("mnist:val" if list(input_shape) == [1, 28, 28] else None)
+    return fit, test or ("mnist:test" if fit == "mnist:val" else None)
 
 
 def parse_epsilons(pairs: list[str]) -> dict[str, float]:
@@ -89,12 +95,11 @@ def train_detector_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     loaded = load_model(args.model, device="cpu", folders=settings.model_folders())
     card = loaded.card
-    fit_spec = args.fit or ("mnist:val" if list(card.input_shape) == [1, 28, 28] else None)
+    fit_spec, test_spec = default_datasets(card.input_shape, args.fit, args.test)
     if fit_spec is None:
         print(f"model {loaded.name} takes {card.input_shape} images: give its labelled images with --fit",
               file=sys.stderr)
         return 2
-    test_spec = args.test or ("mnist:test" if fit_spec == "mnist:val" else None)
     try:
         attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else None
         options = TrainingOptions(attacks=attacks or TrainingOptions.attacks,
@@ -111,7 +116,7 @@ def train_detector_command(args: argparse.Namespace) -> int:
         print(f"train-detector: {exc}", file=sys.stderr)
         return 2
     out = args.out or candidate_path(settings.models_dir, loaded.name)
-    files = train_and_write(loaded, fit, test, out, options, command=_command_line(), progress=True)
+    files = train_and_write(loaded, fit, test, out, options, command=command_line(), progress=True)
     detector = files.run.detector
     val, tst = detector.card["validation"], detector.card["test"]
     print(f"wrote {files.detector}, {files.card} and {files.report} ({files.seconds:.0f} s)")
@@ -136,7 +141,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from service.reproduce.run import run_evaluation
 
     torch.set_num_threads(args.threads)
-    cfg = EvalConfig.make(args.out, quick=args.quick, seed=args.seed, command=_command_line())
+    cfg = EvalConfig.make(args.out, quick=args.quick, seed=args.seed, command=command_line())
     path = write_report(cfg, run_evaluation(cfg))
     print(f"wrote {path} ({cfg.timings.get('total', 0):.0f} s)")
     return 0

@@ -4,7 +4,6 @@ model's detector, written as a Markdown report (service.evaluate.evaluation)."""
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def evaluate_detector_command(args: argparse.Namespace) -> int:
     import torch
 
+    from service.commands.detect import command_line, default_datasets
     from service.config import get_settings
     from service.data.datasets import DatasetError
     from service.evaluate.evaluation import EvaluationPlan
@@ -69,8 +69,7 @@ def evaluate_detector_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     loaded = load_model(args.model, device="cpu", folders=settings.model_folders())
     card = loaded.card
-    fit_spec = args.fit or ("mnist:val" if list(card.input_shape) == [1, 28, 28] else None)
-    test_spec = args.test or ("mnist:test" if fit_spec == "mnist:val" else None)
+    fit_spec, test_spec = default_datasets(card.input_shape, args.fit, args.test)
     if fit_spec is None or test_spec is None:
         print(f"model {loaded.name} takes {card.input_shape} images: give its labelled images with --fit and --test",
               file=sys.stderr)
@@ -89,7 +88,7 @@ def evaluate_detector_command(args: argparse.Namespace) -> int:
         print(f"evaluate-detector: {exc}", file=sys.stderr)
         return 2
     out = args.out or Path("reports") / f"evaluate-{loaded.name}"
-    command = "fisher-guard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     try:
         report = run_and_write(loaded, args.detector, fit, test, plan, out, command=command,
                                progress=lambda part: print(f"... {part}", flush=True))
