@@ -150,6 +150,26 @@ def test_tritonclient_infers_with_binary_and_json_tensors(server, triton_client,
                         {o["name"]: np.reshape(o["data"], o["shape"]) for o in from_json["outputs"]})
 
 
+def test_a_request_for_the_models_outputs_alone_runs_no_screen(server, triton_client, images, expected):
+    """Asking for logits, probabilities or predictions only: the forward pass answers (the same values), no image
+    is screened and no detector is named; asking for a detector output screens every image once."""
+    screened = lambda: metric_value(httpx.get(f"{server}/metrics").text,  # noqa: E731
+                                    "fisher_guard_images_screened_total", model=MODEL)
+    before = screened()
+    wanted = [triton.InferRequestedOutput(name) for name in ("logits", "probabilities", "predictions")]
+    result = triton_client.infer(MODEL, [triton_input(images, binary=True)], outputs=wanted)
+    response = result.get_response()
+    assert response["parameters"]["method"] == "forward pass" and "detector_id" not in response["parameters"]
+    assert_same_outputs({name: result.as_numpy(name) for name in ("logits", "probabilities", "predictions")},
+                        expected)
+    assert screened() == before
+    result = triton_client.infer(MODEL, [triton_input(images, binary=True)],
+                                 outputs=[triton.InferRequestedOutput("adversarial")])
+    assert "detector_id" in result.get_response()["parameters"]
+    assert_same_outputs({"adversarial": result.as_numpy("adversarial")}, expected)
+    assert screened() == before + len(images)
+
+
 def test_tritonclient_shows_the_error_message(triton_client, images):
     tensor = triton_input(images[:1], binary=True)
     tensor.set_shape([2, 1, 28, 28])  # the shape now says 2 images, the bytes hold 1

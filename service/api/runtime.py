@@ -66,18 +66,21 @@ class ServedModel(ModelBundle):
             out.append(item)
         return out
 
-    def infer_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        """Logits and probabilities, and the detector's score when there is one (Open Inference Protocol)."""
+    def forward_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """Logits, probabilities and prediction per image: the model's forward pass alone, no screen (Open
+        Inference Protocol requests that ask for none of the detector's outputs)."""
         logits = serving.logits(self, images)
-        screen = self.screen_batch(images) if self.detector is not None else None
-        out = []
-        for i in range(logits.shape[0]):
-            item = {"logits": logits[i].tolist(), "probabilities": logits[i].softmax(-1).tolist(),
-                    "prediction": int(logits[i].argmax())}
-            if screen is not None:  # the score with the threshold of the detector that gave it
-                state = screen[i]["detector"]
-                item |= {"score": screen[i]["score"], "threshold": state.detector.threshold, "detector_id": state.id}
-            out.append(item)
+        return [{"logits": row.tolist(), "probabilities": row.softmax(-1).tolist(), "prediction": int(row.argmax())}
+                for row in logits]
+
+    def infer_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """`forward_batch`'s outputs and the detector's score when there is one (Open Inference Protocol)."""
+        out = self.forward_batch(images)
+        if self.detector is None:
+            return out
+        for item, screened in zip(out, self.screen_batch(images), strict=True):
+            state = screened["detector"]  # the score with the threshold of the detector that gave it
+            item |= {"score": screened["score"], "threshold": state.detector.threshold, "detector_id": state.id}
         return out
 
     def attack(self, images: torch.Tensor, attack: str, epsilon: float, labels: list[int] | None,
@@ -119,6 +122,7 @@ class ServedModel(ModelBundle):
             blank = torch.full((size, *self.shape), 0.5)
             self.worker.with_threads(lambda x: self.spectrum_batch(x, 1, "auto", "none"), blank)
             self.worker.with_threads(self.infer_batch, blank)
+            self.worker.with_threads(self.forward_batch, blank)
             if self.detector is not None:
                 self.worker.with_threads(self.screen_batch, blank)
         return time.perf_counter() - start

@@ -63,7 +63,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_clas
 PLATFORM = "pytorch_libtorch"  # Triton's platform name for PyTorch models
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 TRITON_TYPES = {"FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
-OUTPUTS = ("logits", "probabilities", "predictions", "adversarial_score", "adversarial")
+SCREEN_OUTPUTS = ("adversarial_score", "adversarial")  # the detector's outputs: only these need the screen
 TENSOR_BYTES = "fisher_guard.v2_tensor_bytes"  # scope key: the body's bytes after the JSON header
 ACCEPTED_MEDIA = ("", "application/json", BINARY_MEDIA_TYPE)  # Triton's clients send no Content-Type at all
 INLINE_VALUES = 4096  # tensors this small are converted on the event loop: cheaper than a hop to a thread
@@ -387,7 +387,10 @@ async def infer(body: InferRequest, request: Request, model: ServedModel) -> Inf
     """One inference request: its images through the model's micro-batcher, then the outputs asked for."""
     wanted = requested_outputs(body, model)
     batch = await input_batch(body.inputs[0], request, model)
-    results = await run_batched(model, (OIP_WORK,), model.infer_batch, batch.images)
+    if any(name in SCREEN_OUTPUTS for name, _ in wanted):
+        results = await run_batched(model, (OIP_WORK, "screen"), model.infer_batch, batch.images)
+    else:  # only the model's own outputs asked for: its forward pass, no screen
+        results = await run_batched(model, (OIP_WORK, "forward"), model.forward_batch, batch.images)
     n, k = len(results), model.card.num_classes
     scored = bool(results) and "score" in results[0]
     columns: dict[str, tuple[str, list[int], list[Any]]] = {
@@ -402,7 +405,7 @@ async def infer(body: InferRequest, request: Request, model: ServedModel) -> Inf
         metrics.screened.labels(model.name).inc(n)
         metrics.adversarial.labels(model.name).inc(sum(r["score"] >= r["threshold"] for r in results))
     method = "forward pass" + (f" + detector on Fisher features '{model.detector.feature_set}'"
-                               if model.detector is not None else "")
+                               if scored and model.detector is not None else "")
     parameters: dict[str, Any] = {"sha256": model.sha256, "method": method}
     if scored:
         parameters["detector_id"] = results[0]["detector_id"]
