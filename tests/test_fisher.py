@@ -399,3 +399,27 @@ def test_replicated_and_separate_backward_passes_agree(case, batch):
     separate_rows, _, _, _ = factor_rows(case.model, x, class_chunk=1)
     assert (probs.shape[1] - 1) * 1 <= REPLICATE_MAX_ROWS  # batch 1 exercises the replicated path
     torch.testing.assert_close(auto_rows, separate_rows, rtol=1e-5, atol=1e-6 * float(separate_rows.abs().max()))
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_an_images_spectrum_does_not_depend_on_its_batch_or_the_kernels(onednn):
+    """The shipped LeNet-5 on MNIST digits (flat backgrounds: max-pooling ties that rounding breaks): image 0's
+    spectrum alone, in batches of 2, 3 and 17 (one pass over copies, and K-1 passes of 17 images), with oneDNN on
+    or off as the caller left it, equals the float64 dense reference's; the caller's setting is restored."""
+    import copy
+
+    from service.data.mnist import load_mnist
+    from service.zoo.registry import load_model
+
+    model = load_model("lenet5", device="cpu").module
+    images = load_mnist("test")[0][:17]
+    dense = dense_spectrum(dense_fisher(copy.deepcopy(model).double(), images[0].double())[0])[0][:9]
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        for n in (1, 2, 3, 17):
+            top = fisher_spectrum(model, images[:n], k=9).eigenvalues[0]
+            torch.testing.assert_close(top, dense, rtol=1e-5, atol=1e-5 * float(dense[0]), msg=f"batch of {n}")
+            assert torch.backends.mkldnn.enabled is onednn
+    finally:
+        torch.backends.mkldnn.enabled = previous

@@ -15,7 +15,9 @@ would leak the softmax-invariant direction J^T 1, which is large in deep nets.)
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -114,9 +116,37 @@ def replicated_rows(model: nn.Module, x: Tensor, num_classes: int, margin: bool 
     return grads[:r], probs, None if gap is None else (gap, grads[r])
 
 
+@contextlib.contextmanager
+def onednn_on_cpu(x: Tensor) -> Iterator[None]:
+    """oneDNN convolutions on the CPU for the rows' forward and backward passes, whatever the caller chose (the API
+    turns them off for small batches: faster forward passes). The native kernels round a convolution differently
+    from 16 images (or copies) on, and on digits' flat backgrounds that rounding is what breaks the ties of
+    max-pooling, i.e. which pixel a window's gradient goes to: an image's spectrum then depended on its batch (up
+    to 3% on LeNet-5's top eigenvalues). oneDNN's agree at every batch size (to 1e-8), and with the float64 dense
+    reference (tests/test_fisher.py)."""
+    if x.device.type != "cpu" or torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = False
+
+
 def factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
                 class_chunk: int | None = None, num_classes: int | None = None, margin: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images (oneDNN on, on the
+    CPU: `onednn_on_cpu`)."""
+    with onednn_on_cpu(x):
+        return _factor_rows(model, x, mass=mass, max_classes=max_classes, class_chunk=class_chunk,
+                            num_classes=num_classes, margin=margin)
+
+
+def _factor_rows(model: nn.Module, x: Tensor, *, mass: float = 1.0, max_classes: int | None = None,
+                 class_chunk: int | None = None, num_classes: int | None = None, margin: bool = False,
+                 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """Rows of F^T J, F F^T = A (or A restricted to the kept classes), for a chunk of images.
 
     x: (B, *S). All K classes (mass=1, no max_classes): F = reduced_fisher_factor, K-1 rows. Otherwise the
