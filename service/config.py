@@ -43,6 +43,18 @@ class Settings(BaseSettings):
     worker_healthcheck_timeout_s: int = Field(60, ge=1, description="With workers > 1: seconds a worker process "
                                               "may take to answer the supervisor's ping (at start, while it loads "
                                               "its models, and when busy) before it is killed and replaced.")
+    model_process: bool = Field(False, description="`serve` runs the models in one separate model process (per "
+                                "device), which every API process (`workers` of them) hands its work to over a Unix "
+                                "socket, the images through shared memory: requests of all API processes are "
+                                "batched together, and the model is loaded once (docs/api.md#model-process). "
+                                "`serve` restarts the model process when it dies; meanwhile requests get 503.")
+    model_process_socket: str | None = Field(None, description="The model process's Unix socket. Set by `serve` "
+                                             "with model_process (in a private temporary folder); set it yourself "
+                                             "to run `fisher-guard model-process --socket PATH` apart (a sidecar) "
+                                             "and have API processes hand their work to it.")
+    model_process_arena_mb: int = Field(64, ge=1, description="With a model process: shared memory per API process "
+                                        "for the images of its requests in flight (MiB); a request that finds it "
+                                        "full gets 503, one larger than all of it 422.")
     metrics_multiproc_dir: str | None = Field(None, description="With workers > 1: the directory where the worker "
                                               "processes share their Prometheus metrics, so that /metrics sums "
                                               "them (its *.db files are removed at start-up); unset: "

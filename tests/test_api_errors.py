@@ -220,7 +220,7 @@ def test_overload_and_timeout_over_http(api_models_dir, digits):
         wait_ready(tight_client)
         worker = tight_client.app.state.models[MODEL].worker
         hold = threading.Event()
-        held = tight_client.portal.start_task_soon(functools.partial(worker.run, hold.wait, images=3))
+        held = tight_client.portal.start_task_soon(functools.partial(worker.run, ("hold",), hold.wait, images=3))
         try:
             deadline = time.monotonic() + 30
             while worker.pending != 3 or not worker.model_free.locked():

@@ -116,7 +116,7 @@ def test_micro_batcher_capacity():
     async def scenario() -> None:
         worker = ModelWorker("m", capacity=2, max_batch=1, max_wait_ms=0, on_pending=reported.append)
         try:
-            slow = asyncio.ensure_future(worker.run(time.sleep, 0.3, images=2))
+            slow = asyncio.ensure_future(worker.run(("sleep",), time.sleep, 0.3, images=2))
             await asyncio.sleep(0.05)
             with pytest.raises(QueueFullError):
                 await worker.submit(("k",), lambda b: b.tolist(), torch.zeros(1, 1))
@@ -150,7 +150,7 @@ def test_abandoned_work_failures_and_closing_never_jam_the_model():
         with pytest.raises(RuntimeError, match="hiccup"):  # fails its own batch ...
             await worker.submit(("k",), record, torch.zeros(1, 1))
         assert await worker.submit(("k",), record, torch.zeros(1, 1)) == [0]  # ... and only that one
-        attack = asyncio.ensure_future(worker.run(time.sleep, 0.3, images=1))
+        attack = asyncio.ensure_future(worker.run(("sleep",), time.sleep, 0.3, images=1))
         await asyncio.sleep(0.05)
         abandoned = [asyncio.ensure_future(worker.submit(("k",), record, torch.zeros(1, 1))) for _ in range(3)]
         await asyncio.sleep(0.05)
@@ -161,9 +161,9 @@ def test_abandoned_work_failures_and_closing_never_jam_the_model():
         await attack
         await asyncio.sleep(0.05)
         assert ran == [1] and worker.pending == 0 and not worker.model_free.locked()  # they never ran
-        busy = asyncio.ensure_future(worker.run(time.sleep, 0.2, images=1))
+        busy = asyncio.ensure_future(worker.run(("sleep",), time.sleep, 0.2, images=1))
         await asyncio.sleep(0.05)
-        waiting = [asyncio.ensure_future(worker.run(time.sleep, 0, images=1)),
+        waiting = [asyncio.ensure_future(worker.run(("sleep",), time.sleep, 0, images=1)),
                    asyncio.ensure_future(worker.submit(("k",), record, torch.zeros(1, 1)))]
         await asyncio.sleep(0.05)
         await worker.close()

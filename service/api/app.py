@@ -35,13 +35,12 @@ from service.api.errors import Problem, V2Error, error_content, install_error_ha
 from service.api.metrics import Metrics
 from service.api.micro_batcher import Arrival
 from service.api.middleware import RequestContextMiddleware
-from service.api.model_worker import ModelWorker
+from service.api.model_link import ModelLink, RemoteWorker
 from service.api.routers import ROUTER_MODULES
-from service.api.runtime import discover_cards, load_served_model
+from service.api.runtime import discover_cards, load_served_model, local_worker, watch_detectors
 from service.api.security import accepted_keys, require_api_key
 from service.config import Settings, get_settings
 from service.observability import configure_logging
-from service.serving import refresh_detector
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,9 @@ def router_modules() -> list[ModuleType]:
 
 
 async def load_models(app: FastAPI) -> None:
-    """Load and warm up every model in its own worker thread, then mark the app ready."""
+    """Load every model with its detector, then mark the app ready: each warmed up in its own worker thread, or,
+    with a model process (setting model_process_socket), once the model process answers (this process then keeps
+    a copy of each on the CPU for what it answers itself, and hands all model work to the model process)."""
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     try:
@@ -66,19 +67,27 @@ async def load_models(app: FastAPI) -> None:
         cards = await asyncio.to_thread(discover_cards, settings)
         if not cards:
             raise ValueError(f"no model cards found in {settings.models_dir}")
+        link = app.state.model_link
+        if link is not None:
+            await link.start()
+            await link.wait_connected()
+            missing = [card.name for card, _ in cards if card.name not in link.models]
+            if missing:
+                raise ValueError(f"the model process serves no model {', '.join(missing)}")
         loop = asyncio.get_running_loop()
         for card, path in cards:
-            worker = ModelWorker(card.name, settings.queue_capacity, settings.batch_max_size,
-                                 settings.batch_max_wait_ms, on_batch=lambda kind, size, name=card.name:
-                                 metrics.observe_batch(name, kind, size), threads=settings.api_torch_threads,
-                                 on_pending=metrics.in_flight.labels(card.name).set,
-                                 large_batch_threads=settings.api_torch_threads_large_batch,
-                                 large_batch=settings.api_large_batch,
-                                 small_batch_onednn=settings.api_small_batch_onednn,
-                                 on_execution=functools.partial(metrics.observe_execution, card.name))
-            app.state.workers.append(worker)
+            callbacks = {"on_batch": lambda kind, size, name=card.name: metrics.observe_batch(name, kind, size),
+                         "on_pending": metrics.in_flight.labels(card.name).set,
+                         "on_execution": functools.partial(metrics.observe_execution, card.name)}
             metrics.in_flight.labels(card.name).set(0)
-            served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
+            if link is not None:
+                remote = RemoteWorker(link, card.name, settings.queue_capacity, **callbacks)
+                app.state.workers.append(remote)
+                served = await asyncio.to_thread(load_served_model, path, settings, remote)
+            else:
+                worker = local_worker(settings, card.name, **callbacks)
+                app.state.workers.append(worker)
+                served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
             app.state.models[served.name] = served
             app.state.known_models.add(served.name)
         # Everything loaded so far (torch, the models, the forests) lives as long as the process: out of the
@@ -94,19 +103,6 @@ async def load_models(app: FastAPI) -> None:
         log.exception("loading the models failed")
 
 
-async def watch_detectors(app: FastAPI, poll_s: float) -> None:
-    """Every `poll_s` seconds, stat each served model's active detector card; on a change, load the new detector
-    in a thread (every check: a refusal is logged and the old detector stays) and swap it in whole. A screening
-    batch reads the model's detector state once: it uses the old detector or the new, never a mix."""
-    while True:
-        await asyncio.sleep(poll_s)
-        for model in list(app.state.models.values()):
-            try:
-                await asyncio.to_thread(refresh_detector, model)
-            except Exception:  # a watcher that dies would leave the process on a stale detector for good
-                log.exception("watching the detector of model %s failed", model.name)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     modules: list[ModuleType] = app.state.router_modules
@@ -114,7 +110,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.metrics.ready.set(0)
     loader = asyncio.create_task(load_models(app), name="load-models")
     poll_s = app.state.settings.detector_poll_s
-    watcher = asyncio.create_task(watch_detectors(app, poll_s), name="watch-detectors") if poll_s > 0 else None
+    watcher = asyncio.create_task(watch_detectors(app.state.models, poll_s), name="watch-detectors") \
+        if poll_s > 0 else None
     for module in modules:
         if hasattr(module, "on_startup"):
             await module.on_startup(app)
@@ -135,6 +132,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await module.on_shutdown(app)
         for worker in app.state.workers:
             await worker.close()
+        if app.state.model_link is not None:
+            await app.state.model_link.close()
         app.state.metrics.process_exit()
 
 
@@ -220,6 +219,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.models = {}
     app.state.workers = []
+    app.state.model_link = ModelLink(settings.model_process_socket, settings.model_process_arena_mb << 20) \
+        if settings.model_process_socket else None
     app.state.known_models = set()
     app.state.ready = False
     app.state.load_error = None

@@ -21,11 +21,15 @@ from service.data.images import DecodedBatch, InputLimits, decode_base64_images,
 
 
 def check_ready(request: Request) -> None:
-    """503 until every model is loaded and warmed up."""
+    """503 until every model is loaded and warmed up, and while the model process (when there is one) is down."""
     if not request.app.state.ready:
         error = request.app.state.load_error
         detail = f"the service failed to load its models: {error}" if error else "the models are still loading"
         raise ProblemError(503, "not_ready", detail, headers={"Retry-After": "1"})
+    link = request.app.state.model_link
+    if link is not None and not link.connected:
+        raise ProblemError(503, "model_unavailable", "the model process is not reachable (it is restarting)",
+                           headers={"Retry-After": "1"})
 
 
 def lookup_model(request: Request, name: str) -> ServedModel:

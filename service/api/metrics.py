@@ -85,6 +85,7 @@ class Execution:
     images: int
     compute_ns: int
     requests: tuple[QueuedRequest, ...]
+    runs: int = 1  # model runs it counts: 0 for a share of a run that another request's report counts (model process)
 
 
 @dataclass
@@ -124,13 +125,14 @@ class InferenceStatistics:
         (self.success if ok else self.fail).add(duration_ns)
 
     def record_execution(self, execution: Execution) -> None:
-        self.execution_count += 1
+        self.execution_count += execution.runs
         self.inference_count += sum(r.images for r in execution.requests)
         self.last_inference_ms = int(time.time() * 1000)
         for request in execution.requests:
             self.queue.add(request.queue_ns)
             self.compute_infer.add(execution.compute_ns)
-        self.batches.setdefault(execution.images, Duration()).add(execution.compute_ns)
+        if execution.runs:
+            self.batches.setdefault(execution.images, Duration()).add(execution.compute_ns, execution.runs)
 
     def as_triton(self, name: str, version: str) -> dict[str, Any]:
         """The `model_stats` entry of Triton's statistics extension (field names as Triton's)."""

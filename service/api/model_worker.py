@@ -107,9 +107,10 @@ class ModelWorker:
         self._admit(int(images.shape[0]))  # released by the batcher when the batch is done
         return await self.batcher(key, fn).submit(images)
 
-    async def run(self, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
-        """Unbatched work in the model's thread (attacks), counted against the capacity like batched work. A
-        request abandoned while it waits for the thread (timeout, client gone) never runs."""
+    async def run(self, key: tuple, fn: Callable[..., T], *args: Any, images: int = 1) -> T:
+        """Unbatched work `fn(*args)` in the model's thread (attacks; `key` names it: its first item is the kind
+        in the measurements), counted against the capacity like batched work. A request abandoned while it waits
+        for the thread (timeout, client gone) never runs."""
         waiting = [(current_endpoint(), images, time.perf_counter_ns())]
         self._admit(images)
         try:
@@ -120,8 +121,7 @@ class ModelWorker:
         try:
             if self.closed:
                 raise WorkerClosedError("the service is shutting down")
-            work = self._start(images, functools.partial(self.report, getattr(fn, "__name__", "work"), images,
-                                                         waiting), fn, *args)
+            work = self._start(images, functools.partial(self.report, str(key[0]), images, waiting), fn, *args)
         except BaseException:
             self.model_free.release()
             self.release(images)

@@ -5,8 +5,10 @@ warmed up, each with its worker thread. The functions here run in that thread an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ from typing import Any
 import torch
 
 from service import serving
+from service.api.metrics import Execution
+from service.api.model_link import RemoteWorker
 from service.api.model_worker import ModelWorker
 from service.config import Settings
 from service.data.images import encode_png, vector_png
-from service.serving import ModelBundle
+from service.serving import DetectorState, ModelBundle
 from service.zoo.cards import ModelCard
 from service.zoo.registry import cards_by_name
 
@@ -29,20 +33,23 @@ class ServedModel(ModelBundle):
     """A model bundle as the API serves it: with its worker thread, and each use case's answer formatted as one
     plain dict per image (the use cases themselves are service.serving's, which the job workers call too)."""
 
-    worker: ModelWorker
+    worker: ModelWorker | RemoteWorker
     memory_budget: int = 1 << 30  # bytes of Jacobian the spectrum may hold at once (setting memory_budget_mb)
+    served_device: str | None = None  # where the model process runs it, when one does (else: `device`)
 
     # ---- work that runs in the worker thread; each returns one plain dict per image ----
 
     def screen_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        """The detector's score, eigenvalues, prediction and probabilities, and under "detector" the state whose
-        detector scored them: read once per batch, so a batch never mixes two detectors while one is swapped in."""
+        """The detector's score, eigenvalues, prediction and probabilities, and under "detector" what the answer
+        says of the detector that scored them (`detector_summary`): its state is read once per batch, so a batch
+        never mixes two detectors while one is swapped in."""
         state = self.detector_state
         result = serving.screen(self, images, state)
+        summary = detector_summary(state, self.name)
         return [
             {"score": float(result.scores[i]), "eigenvalues": result.eigenvalues[i].tolist(),
              "prediction": int(result.predictions[i]), "probabilities": result.probabilities[i].tolist(),
-             "detector": state}
+             "detector": summary}
             for i in range(len(result.scores))
         ]
 
@@ -73,15 +80,25 @@ class ServedModel(ModelBundle):
         return [{"logits": row.tolist(), "probabilities": row.softmax(-1).tolist(), "prediction": int(row.argmax())}
                 for row in logits]
 
-    def infer_batch(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        """`forward_batch`'s outputs and the detector's score when there is one (Open Inference Protocol)."""
+    def infer_batch(self, images: torch.Tensor, screened: bool = True) -> list[dict[str, Any]]:
+        """`forward_batch`'s outputs, and with `screened` the detector's score when there is one, with the
+        threshold and id of the detector that gave it (Open Inference Protocol)."""
         out = self.forward_batch(images)
-        if self.detector is None:
+        if not screened or self.detector is None:
             return out
-        for item, screened in zip(out, self.screen_batch(images), strict=True):
-            state = screened["detector"]  # the score with the threshold of the detector that gave it
-            item |= {"score": screened["score"], "threshold": state.detector.threshold, "detector_id": state.id}
+        for item, screen in zip(out, self.screen_batch(images), strict=True):
+            item |= {"score": screen["score"], "threshold": screen["detector"]["threshold"],
+                     "detector_id": screen["detector"]["id"]}
         return out
+
+    def work(self, key: tuple) -> Callable[[torch.Tensor], list[dict[str, Any]]]:
+        """The batch function that a work key names: (kind, *arguments after the images), kind a row of WORK. The
+        key says all there is to the work, so a model process is sent the key, never a function."""
+        kind, *arguments = key
+        method = WORK.get(kind)
+        if method is None:
+            raise ValueError(f"unknown work {kind!r} (known: {', '.join(WORK)})")
+        return lambda images: method(self, images, *arguments)
 
     def attack(self, images: torch.Tensor, attack: str, epsilon: float, labels: list[int] | None,
                options: dict[str, Any], output: str) -> list[dict[str, Any]]:
@@ -120,12 +137,29 @@ class ServedModel(ModelBundle):
         start = time.perf_counter()
         for size in sorted({1, 4, max(4, min(self.worker.max_batch, self.worker.large_batch))}):
             blank = torch.full((size, *self.shape), 0.5)
-            self.worker.with_threads(lambda x: self.spectrum_batch(x, 1, "auto", "none"), blank)
-            self.worker.with_threads(self.infer_batch, blank)
-            self.worker.with_threads(self.forward_batch, blank)
+            for key in (("spectrum", 1, "auto", "none"), ("infer", True), ("infer", False)):
+                self.worker.with_threads(self.work(key), blank)
             if self.detector is not None:
                 self.worker.with_threads(self.screen_batch, blank)
         return time.perf_counter() - start
+
+
+def detector_summary(state: DetectorState, model_name: str) -> dict[str, Any]:
+    """What a screening answer says of the detector that scored it (plain values: they cross to API processes)."""
+    detector = state.require(model_name)
+    classifier = (detector.card.get("classifier") or {}).get("name", "classifier")
+    return {"id": state.id, "threshold": detector.threshold, "auc": state.measured["auc"],
+            "method": f"detector: {classifier} on Fisher features '{detector.feature_set}' (k={detector.k}, exact "
+                      "spectrum)", "feature_set": detector.feature_set}
+
+
+# The model's work by kind: a work key is (kind, *the arguments after the images), see ServedModel.work
+WORK: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "screen": ServedModel.screen_batch,  # ()
+    "spectrum": ServedModel.spectrum_batch,  # (k, method, vectors)
+    "infer": ServedModel.infer_batch,  # (screened,)
+    "attack": ServedModel.attack,  # (attack, epsilon, labels, options, output)
+}
 
 
 def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
@@ -141,12 +175,39 @@ def discover_cards(settings: Settings) -> list[tuple[ModelCard, Path]]:
     return list(found.values())
 
 
-def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker) -> ServedModel:
-    """Load one model bundle (service.serving.load_bundle) and warm it up in its worker."""
-    bundle = serving.load_bundle(card_path, settings.device, settings.model_folders(),
+def local_worker(settings: Settings, name: str, *, on_batch: Callable[[str, int], None] | None = None,
+                 on_pending: Callable[[int], None] | None = None,
+                 on_execution: Callable[[Execution], None] | None = None) -> ModelWorker:
+    """A model's worker thread with the settings' capacity, micro-batching and CPU-kernel policy."""
+    return ModelWorker(name, settings.queue_capacity, settings.batch_max_size, settings.batch_max_wait_ms,
+                       on_batch=on_batch, threads=settings.api_torch_threads, on_pending=on_pending,
+                       large_batch_threads=settings.api_torch_threads_large_batch, large_batch=settings.api_large_batch,
+                       small_batch_onednn=settings.api_small_batch_onednn, on_execution=on_execution)
+
+
+def load_served_model(card_path: Path, settings: Settings, worker: ModelWorker | RemoteWorker) -> ServedModel:
+    """Load one model bundle (service.serving.load_bundle) and warm it up in its worker. With a RemoteWorker the
+    model runs in the model process: this process keeps a copy on the CPU for what it answers itself (cards,
+    detector figures), never runs it, and shows the model process's device."""
+    remote = isinstance(worker, RemoteWorker)
+    bundle = serving.load_bundle(card_path, "cpu" if remote else settings.device, settings.model_folders(),
                                  settings.allow_pickled_detectors)
-    served = ServedModel(**vars(bundle), worker=worker, memory_budget=settings.memory_budget_mb << 20)
-    seconds = served.warm_up()
-    log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", bundle.name, bundle.device,
-             bundle.sha256[:12], bundle.detector_state.id or "none", seconds)
+    served = ServedModel(**vars(bundle), worker=worker, memory_budget=settings.memory_budget_mb << 20,
+                         served_device=worker.device if remote else None)
+    seconds = 0.0 if remote else served.warm_up()
+    log.info("model %s loaded on %s (sha256 %s, detector %s), warm-up %.2f s", bundle.name,
+             served.served_device or bundle.device, bundle.sha256[:12], bundle.detector_state.id or "none", seconds)
     return served
+
+
+async def watch_detectors(models: dict[str, ServedModel], poll_s: float) -> None:
+    """Every `poll_s` seconds, stat each model's active detector card; on a change, load the new detector in a
+    thread (every check: a refusal is logged and the old detector stays) and swap it in whole. A screening batch
+    reads the model's detector state once: it uses the old detector or the new, never a mix."""
+    while True:
+        await asyncio.sleep(poll_s)
+        for model in list(models.values()):
+            try:
+                await asyncio.to_thread(serving.refresh_detector, model)
+            except Exception:  # a watcher that dies would leave the process on a stale detector for good
+                log.exception("watching the detector of model %s failed", model.name)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable (see service.api.metrics)
+SOCKET_ENV = "FISHER_GUARD_MODEL_PROCESS_SOCKET"  # the setting model_process_socket, read by every API process
+MODEL_PROCESS_RESTART_S = 1.0  # pause before a model process that exited is started again
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: FISHER_GUARD_WORKERS, 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: FISHER_GUARD_API_TORCH_THREADS, 1)")
+    p.add_argument("--model-process", action="store_true", default=None,
+                   help="run the models in one model process that every worker process hands its work to (batched "
+                        "together); it is restarted when it dies (default: FISHER_GUARD_MODEL_PROCESS)")
     p.set_defaults(handler=serve)
+    m = sub.add_parser("model-process", help="serve the models to API processes over a Unix socket",
+                       description="Load every model and its detector, then answer the work of API processes on a "
+                       "Unix socket (`serve --model-process` starts and restarts one itself; run it apart, e.g. as a "
+                       "sidecar, and set FISHER_GUARD_MODEL_PROCESS_SOCKET for the API). Stops on SIGTERM.")
+    m.add_argument("--socket", type=Path, default=None,
+                   help="the socket's path (default: FISHER_GUARD_MODEL_PROCESS_SOCKET)")
+    m.set_defaults(handler=model_process)
 
 
 @contextlib.contextmanager
@@ -54,6 +72,81 @@ def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]
             shutil.rmtree(path, ignore_errors=True)
 
 
+class ModelProcessSupervisor(threading.Thread):
+    """Runs `fisher-guard model-process` on a socket in a private temporary folder, and starts it again when it
+    exits, until `stop` (SIGTERM; the model process ignores SIGINT, so Ctrl-C stops the API processes first)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="model-process-supervisor", daemon=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="fisher-guard-model-"))
+        self.socket = self.folder / "model.sock"
+        self.stopping = threading.Event()
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                if self.stopping.is_set():
+                    break
+                self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "model-process", "--socket",
+                                                 str(self.socket)])
+            code = self.process.wait()
+            if not self.stopping.is_set():
+                log.warning("the model process exited with status %s: starting it again", code)
+                self.stopping.wait(MODEL_PROCESS_RESTART_S)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.join(timeout=5)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def model_process_for_workers(enabled: bool) -> Iterator[None]:
+    """With `enabled`, a supervised model process for the API processes, its socket exported to them in
+    FISHER_GUARD_MODEL_PROCESS_SOCKET; stopped (and the variable restored) at exit."""
+    if not enabled:
+        yield
+        return
+    supervisor = ModelProcessSupervisor()
+    previous = os.environ.get(SOCKET_ENV)
+    os.environ[SOCKET_ENV] = str(supervisor.socket)
+    supervisor.start()
+    try:
+        yield
+    finally:
+        supervisor.stop()
+        if previous is None:
+            os.environ.pop(SOCKET_ENV, None)
+        else:
+            os.environ[SOCKET_ENV] = previous
+
+
+def model_process(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.api.model_process import serve_models
+    from service.config import get_settings
+    from service.observability import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    socket = args.socket or settings.model_process_socket
+    if socket is None:
+        raise SystemExit("model-process: give --socket PATH or set FISHER_GUARD_MODEL_PROCESS_SOCKET")
+    asyncio.run(serve_models(settings, Path(socket)))
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -66,11 +159,14 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["FISHER_GUARD_API_TORCH_THREADS"] = str(args.threads)
     if args.workers:  # the apps need the count too: the in-process job backend serves one process only
         os.environ["FISHER_GUARD_WORKERS"] = str(args.workers)
+    if args.model_process:
+        os.environ["FISHER_GUARD_MODEL_PROCESS"] = "true"
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     workers = settings.workers
-    with shared_metrics(workers, settings.metrics_multiproc_dir):
+    with shared_metrics(workers, settings.metrics_multiproc_dir), \
+            model_process_for_workers(settings.model_process and not settings.model_process_socket):
         uvicorn.run(
             "service.api.app:serve_app",
             factory=True,

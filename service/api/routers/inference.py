@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -12,7 +12,8 @@ from service.api.dependencies import decode_json_images, decode_upload, require_
 from service.api.errors import ProblemError, problem_responses
 from service.api.json_body import OffLoopJSONRoute
 from service.api.micro_batcher import QueueFullError, WorkerClosedError, micro_batched
-from service.api.runtime import ServedModel
+from service.api.model_link import ModelUnavailableError
+from service.api.runtime import ServedModel, detector_summary
 from service.api.schemas import (
     MAX_CLASS,
     AttackName,
@@ -40,28 +41,35 @@ Files = Annotated[list[UploadFile], File(description=FILES_DESCRIPTION)]
 ModelDep = Annotated[ServedModel, Depends(served_model)]
 
 
-async def run_batched(model: ServedModel, key: Hashable, fn: Callable[[Tensor], list[Any]],
-                      images: Tensor) -> list[Any]:
-    """Micro-batched work in the model's thread; overload -> 503, engine argument errors -> 422."""
-    try:
-        return await model.worker.submit(key, fn, images)
-    except QueueFullError as exc:
-        raise ProblemError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
-    except WorkerClosedError as exc:
-        raise ProblemError(503, "shutting_down", str(exc), headers={"Retry-After": "1"}) from exc
-    except ValueError as exc:  # the engine names the argument it refuses
-        raise ProblemError(422, "invalid_argument", str(exc)) from exc
+def _answer_errors(exc: Exception) -> ProblemError:
+    """The problem document for an error of the model's worker: overloaded, shutting down or gone -> 503, an engine
+    argument refused -> 422 (the engine names the argument)."""
+    if isinstance(exc, QueueFullError):
+        return ProblemError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, WorkerClosedError):
+        return ProblemError(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, ModelUnavailableError):
+        return ProblemError(503, "model_unavailable", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    return ProblemError(422, "invalid_argument", str(exc))
 
 
-async def run_unbatched(model: ServedModel, fn: Callable[..., Any], *args: Any, images: int) -> Any:
+ANSWERED_ERRORS = (QueueFullError, WorkerClosedError, ModelUnavailableError, ValueError)
+
+
+async def run_batched(model: ServedModel, key: Hashable, images: Tensor) -> list[Any]:
+    """The work `key` names (ServedModel.work), micro-batched in the model's worker."""
     try:
-        return await model.worker.run(fn, *args, images=images)
-    except QueueFullError as exc:
-        raise ProblemError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
-    except WorkerClosedError as exc:
-        raise ProblemError(503, "shutting_down", str(exc), headers={"Retry-After": "1"}) from exc
-    except ValueError as exc:
-        raise ProblemError(422, "invalid_argument", str(exc)) from exc
+        return await model.worker.submit(key, model.work(key), images)
+    except ANSWERED_ERRORS as exc:
+        raise _answer_errors(exc) from exc
+
+
+async def run_unbatched(model: ServedModel, key: tuple, images: Tensor) -> Any:
+    """The work `key` names on `images` alone, in the model's worker (attacks, the paper's slow spectrum)."""
+    try:
+        return await model.worker.run(key, model.work(key), images, images=int(images.shape[0]))
+    except ANSWERED_ERRORS as exc:
+        raise _answer_errors(exc) from exc
 
 
 def settings_of(request: Request) -> Settings:
@@ -76,11 +84,10 @@ async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatc
         model.require_detector()
     except NoDetectorError as exc:
         raise ProblemError(404, "no_detector", str(exc)) from exc
-    results = await run_batched(model, ("screen",), model.screen_batch, batch.images)
-    # the state the batch read: its detector scored every image here, so its threshold, id and figures answer
-    state = results[0]["detector"] if results else model.detector_state
-    detector = state.require(model.name)
-    chosen = detector.threshold if threshold is None else threshold
+    results = await run_batched(model, ("screen",), batch.images)
+    # the detector the batch read: it scored every image here, so its threshold, id and figures answer
+    detector = results[0]["detector"] if results else detector_summary(model.detector_state, model.name)
+    chosen = detector["threshold"] if threshold is None else threshold
     names = model.card.class_names
     items = [{"score": r["score"], "adversarial": r["score"] >= chosen, "prediction": r["prediction"],
               "class_name": names[r["prediction"]], "probability": r["probabilities"][r["prediction"]],
@@ -91,11 +98,9 @@ async def screen_answer(request: Request, model: ServedModel, batch: DecodedBatc
     if flagged:
         metrics.adversarial.labels(model.name).inc(flagged)
     metrics.request_images.labels("screen").observe(len(items))
-    classifier = (detector.card.get("classifier") or {}).get("name", "classifier")
-    method = f"detector: {classifier} on Fisher features '{detector.feature_set}' (k={detector.k}, exact spectrum)"
-    return ScreenResponse(model=model.name, sha256=model.sha256, method=method, notes=batch.notes,
+    return ScreenResponse(model=model.name, sha256=model.sha256, method=detector["method"], notes=batch.notes,
                           threshold=chosen, threshold_source="detector" if threshold is None else "request",
-                          detector_auc=state.measured["auc"], detector_id=state.id,
+                          detector_auc=detector["auc"], detector_id=detector["id"],
                           results=items)  # type: ignore[arg-type]
 
 
@@ -129,10 +134,9 @@ async def spectrum_answer(request: Request, model: ServedModel, batch: DecodedBa
         if n > settings.max_attack_batch:
             raise ProblemError(422, "too_heavy", f"method {method} on {n} images is too heavy for a request (at "
                                f"most {settings.max_attack_batch}); use method exact, or lanczos for many classes")
-        results = await run_unbatched(model, model.spectrum_batch, batch.images, k, method, vectors, images=n)
+        results = await run_unbatched(model, ("spectrum", k, method, vectors), batch.images)
     else:
-        results = await run_batched(model, ("spectrum", k, method, vectors),
-                                    lambda x: model.spectrum_batch(x, k, method, vectors), batch.images)
+        results = await run_batched(model, ("spectrum", k, method, vectors), batch.images)
     names = model.card.class_names
     notes = list(batch.notes) + [n for n in (results[0]["notes"] if results else []) if n not in batch.notes]
     items = [{**{key: value for key, value in r.items() if key not in ("method", "notes")},
@@ -197,8 +201,8 @@ async def attack_answer(request: Request, model: ServedModel, batch: DecodedBatc
             check_steps(spec, checked, settings.max_attack_steps, "max_attack_steps")
         except ValueError as exc:
             raise ProblemError(422, "too_heavy", f"{exc}: submit it as a job: POST /v1/jobs", jobs="/v1/jobs") from exc
-    results = await run_unbatched(model, model.attack, batch.images, body.attack, body.epsilon, body.labels,
-                                  options, body.output, images=n)
+    results = await run_unbatched(model, ("attack", body.attack, body.epsilon, body.labels, options, body.output),
+                                  batch.images)
     request.app.state.metrics.request_images.labels("attack").observe(n)
     return AttackResponse(model=model.name, sha256=model.sha256, method=body.attack, notes=batch.notes,
                           attack=body.attack, epsilon=body.epsilon, results=results)

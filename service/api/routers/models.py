@@ -52,7 +52,7 @@ def model_info(model: ServedModel) -> ModelInfo:
     """What a user needs to know about a served model (and its detector) to call and trust it."""
     card = model.card
     state = model.detector_state  # read once: one detector's figures
-    return ModelInfo(name=model.name, sha256=model.sha256, device=str(model.device),
+    return ModelInfo(name=model.name, sha256=model.sha256, device=str(model.served_device or model.device),
                      input_shape=list(card.input_shape), mean=list(card.mean), std=list(card.std),
                      class_names=list(card.class_names), num_classes=card.num_classes,
                      test_accuracy=card.test_accuracy, test_split=card.test_split, detector=detector_info(state),

@@ -387,10 +387,9 @@ async def infer(body: InferRequest, request: Request, model: ServedModel) -> Inf
     """One inference request: its images through the model's micro-batcher, then the outputs asked for."""
     wanted = requested_outputs(body, model)
     batch = await input_batch(body.inputs[0], request, model)
-    if any(name in SCREEN_OUTPUTS for name, _ in wanted):
-        results = await run_batched(model, (OIP_WORK, "screen"), model.infer_batch, batch.images)
-    else:  # only the model's own outputs asked for: its forward pass, no screen
-        results = await run_batched(model, (OIP_WORK, "forward"), model.forward_batch, batch.images)
+    # only the model's own outputs asked for: its forward pass alone, no screen
+    screened = any(name in SCREEN_OUTPUTS for name, _ in wanted)
+    results = await run_batched(model, (OIP_WORK, screened), batch.images)
     n, k = len(results), model.card.num_classes
     scored = bool(results) and "score" in results[0]
     columns: dict[str, tuple[str, list[int], list[Any]]] = {
