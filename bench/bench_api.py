@@ -140,10 +140,11 @@ def post_request(host: str, port: int, path: str, body: dict) -> bytes:
     return head + payload
 
 
-async def drive(host: str, port: int, model: str, scenario: Scenario, bodies: list[dict], duration: float) -> Outcome:
-    """`concurrency` clients, each on its own keep-alive connection, sending the next request as soon as the last
-    is answered, for `duration` s."""
-    requests = [post_request(host, port, f"/v1/models/{model}/screen", body) for body in bodies]
+async def drive(host: str, port: int, model: str, scenario: Scenario, bodies: list[dict], duration: float,
+                path: str = "/v1/models/{model}/screen") -> Outcome:
+    """`concurrency` clients, each on its own keep-alive connection, sending the next request (a POST of one of
+    `bodies` to `path`) as soon as the last is answered, for `duration` s."""
+    requests = [post_request(host, port, path.format(model=model), body) for body in bodies]
     latencies: list[float] = []
     errors = 0
     clients = [await RawClient.connect(host, port) for _ in range(scenario.concurrency)]

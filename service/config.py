@@ -52,6 +52,12 @@ class Settings(BaseSettings):
                                              "with model_process (in a private temporary folder); set it yourself "
                                              "to run `fisher-guard model-process --socket PATH` apart (a sidecar) "
                                              "and have API processes hand their work to it.")
+    model_process_torch_threads: int | None = Field(None, ge=1, description="torch CPU threads of the model "
+                                                    "process, for every batch size; unset: api_torch_threads_large_"
+                                                    "batch, at most the cores that the API processes leave (cores - "
+                                                    "workers, at least 1): on 2 cores with 2 API processes a second "
+                                                    "model thread only contended with them (bench/results/serving-"
+                                                    "cpu.md).")
     model_process_arena_mb: int = Field(64, ge=1, description="With a model process: shared memory per API process "
                                         "for the images of its requests in flight (MiB); a request that finds it "
                                         "full gets 503, one larger than all of it 422.")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from service.api.metrics import Execution, QueuedRequest
-from service.api.micro_batcher import QueueFullError, WorkerClosedError, current_endpoint
+from service.api.micro_batcher import QueueFullError, WorkerClosedError, current_arrival, current_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -270,11 +270,20 @@ class ModelLink:
         if not call.future.done():
             call.future.set_result(message)
 
-    async def call(self, model: str, key: tuple, images: Tensor, batched: bool) -> dict[str, Any]:
-        """Hand one request's work to the model process; its answer message (results or error, execution)."""
+    def tell(self, message: dict[str, Any]) -> None:
+        """A message that needs no answer (arrivals); dropped while the model process is not reachable."""
+        if self._writer is not None:
+            self._writer.write(encode_frame(message))
+
+    async def call(self, model: str, key: tuple, images: Tensor, batched: bool, arriving: int = 0) -> dict[str, Any]:
+        """Hand one request's work to the model process (with the count of this process's requests for the model
+        still arriving); its answer message (results or error, execution)."""
         if self._writer is None or self.arena is None:
             raise ModelUnavailableError("the model process is not reachable; it is starting or restarting")
         nbytes = images.numel() * images.element_size()
+        if nbytes > self.arena.size:
+            raise ValueError(f"the request's images ({nbytes} bytes) are larger than the shared memory for requests "
+                             f"in flight to the model process ({self.arena.size} bytes: model_process_arena_mb)")
         offset = self.arena.take(nbytes)
         if offset is None:
             raise QueueFullError(model, self.arena.size)
@@ -285,7 +294,7 @@ class ModelLink:
         self._calls[call_id] = call
         writer = self._writer
         writer.write(encode_frame({"id": call_id, "model": model, "key": list(key), "batched": batched,
-                                   "images": where}))
+                                   "images": where, "arriving": arriving}))
         try:
             return await asyncio.shield(call.future)
         except asyncio.CancelledError:  # abandoned: the model process drops it if it has not started it
@@ -313,9 +322,23 @@ class RemoteWorker:
                  on_execution: Callable[[Execution], None] | None = None) -> None:
         self.link, self.name, self.capacity = link, name, capacity
         self.pending = 0
-        self.arriving = 0  # counted by Arrival (the batching decisions are the model process's)
+        self._arriving = 0
         self.closed = False
         self._on_batch, self._on_pending, self._on_execution = on_batch, on_pending, on_execution
+
+    @property
+    def arriving(self) -> int:
+        """Requests for this model received by this process and not yet handed over (service.api.micro_batcher's
+        Arrival counts them). Each rise is told to the model process, whose batchers wait for arriving requests of
+        every API process; each work request carries the count after its own arrival ended."""
+        return self._arriving
+
+    @arriving.setter
+    def arriving(self, count: int) -> None:
+        rising = count > self._arriving
+        self._arriving = count
+        if rising:
+            self.link.tell({"arriving": {self.name: count}})
 
     @property
     def device(self) -> str | None:
@@ -338,9 +361,12 @@ class RemoteWorker:
     async def _call(self, key: tuple, images: Tensor, batched: bool) -> list[Any]:
         n = int(images.shape[0])
         endpoint = current_endpoint()
+        arrival = current_arrival.get()
+        if arrival is not None and arrival.worker is self:
+            arrival.close()  # it has arrived: the work request says so (with the count of those still arriving)
         self._admit(n)
         try:
-            answer = await self.link.call(self.name, key, images, batched)
+            answer = await self.link.call(self.name, key, images, batched, self._arriving)
         finally:
             self.release(n)
         self._report(answer.get("execution"), endpoint, n)

@@ -37,6 +37,14 @@ PARENT_POLL_S = 1.0
 KEPT_REPORTS = 4096  # execution reports waiting for their answer (a bound: reports of abandoned requests age out)
 
 
+def model_threads(settings: Settings) -> int:
+    """The model process's torch threads: model_process_torch_threads, else api_torch_threads_large_batch capped at
+    the cores the API processes leave (cores - workers, at least 1)."""
+    if settings.model_process_torch_threads:
+        return settings.model_process_torch_threads
+    return max(1, min(settings.api_torch_threads_large_batch, (os.cpu_count() or 1) - settings.workers))
+
+
 class ExecutionReports:
     """Each request's share of the model's runs, by the token its work was submitted under (`current_scope`'s route
     path in this process), until its answer takes it; the first request of a run counts the run itself."""
@@ -64,17 +72,23 @@ class ModelProcess:
         self.models: dict[str, ServedModel] = {}
         self.reports = ExecutionReports()
         self.connections = itertools.count(1)
+        self.arrivals: dict[int, dict[str, int]] = {}  # per connection: its requests still arriving, by model
 
     async def load(self) -> None:
-        """Every model with its detector, warmed up in its own worker thread (as the API's own lifespan does)."""
-        torch.set_num_threads(self.settings.api_torch_threads)
-        cards = await asyncio.to_thread(discover_cards, self.settings)
+        """Every model with its detector, warmed up in its own worker thread (as the API's own lifespan does), on
+        `model_threads` torch threads."""
+        settings = self.settings
+        threads = model_threads(settings)
+        settings = settings.model_copy(update={"api_torch_threads": threads,
+                                                "api_torch_threads_large_batch": threads})
+        torch.set_num_threads(threads)
+        cards = await asyncio.to_thread(discover_cards, settings)
         if not cards:
-            raise ValueError(f"no model cards found in {self.settings.models_dir}")
+            raise ValueError(f"no model cards found in {settings.models_dir}")
         loop = asyncio.get_running_loop()
         for card, path in cards:
-            worker = local_worker(self.settings, card.name, on_execution=self.reports.record)
-            served = await loop.run_in_executor(worker.executor, load_served_model, path, self.settings, worker)
+            worker = local_worker(settings, card.name, on_execution=self.reports.record)
+            served = await loop.run_in_executor(worker.executor, load_served_model, path, settings, worker)
             self.models[served.name] = served
         gc.collect()
         gc.freeze()  # see service.api.app.load_models
@@ -89,6 +103,7 @@ class ModelProcess:
         connection = next(self.connections)
         arena: ImageArena | None = None
         tasks: dict[Any, asyncio.Task] = {}
+        arriving = self.arrivals[connection] = {}
         try:
             hello = (await read_frame(reader) or {}).get("hello")
             if not isinstance(hello, dict):
@@ -97,6 +112,11 @@ class ModelProcess:
             writer.write(encode_frame(self.welcome()))
             log.info("API process %s connected (connection %d)", hello.get("pid"), connection)
             while (message := await read_frame(reader)) is not None:
+                if "arriving" in message:
+                    self.arrive(arriving, message["arriving"] if "id" not in message else
+                                {str(message.get("model")): message["arriving"]})
+                    if "id" not in message:
+                        continue
                 if "cancel" in message:
                     task = tasks.get(message["cancel"])
                     if task is not None:
@@ -115,7 +135,19 @@ class ModelProcess:
             writer.close()
             if arena is not None:
                 arena.close()
+            self.arrive(arriving, dict.fromkeys(arriving, 0))
+            del self.arrivals[connection]
             log.info("API process of connection %d is gone", connection)
+
+    def arrive(self, counts: dict[str, int], update: dict[str, Any]) -> None:
+        """One API process's counts of requests still arriving, by model (`update`: new counts); each model's
+        worker waits for the sum over every API process (service.api.micro_batcher)."""
+        for name, count in update.items():
+            model = self.models.get(name)
+            if model is None or type(count) is not int or count < 0:
+                continue
+            model.worker.arriving += count - counts.get(name, 0)
+            counts[name] = count
 
     async def work(self, token: str, message: dict[str, Any], arena: ImageArena,
                    writer: asyncio.StreamWriter) -> None:

@@ -167,6 +167,7 @@ def serve(args: argparse.Namespace) -> int:
     workers = settings.workers
     with shared_metrics(workers, settings.metrics_multiproc_dir), \
             model_process_for_workers(settings.model_process and not settings.model_process_socket):
+        get_settings.cache_clear()  # with one worker the app runs in this process: it reads the socket's variable
         uvicorn.run(
             "service.api.app:serve_app",
             factory=True,
