@@ -12,24 +12,16 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from provenance import commit
 
 from service.data.mnist import load_mnist
 from service.detect.features import fisher_features
 from service.detect.files import load_detector
 from service.zoo.registry import load_model
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -68,7 +60,7 @@ def main() -> None:
              f"`.venv/bin/python bench/bench_detector_cost.py {given}`"
              f" (--images {args.images} --batch {args.batch} --repeats {args.repeats} --threads {args.threads})", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}, {args.threads} thread(s); commit {_commit()}; "
+             f"{torch.__version__}, {args.threads} thread(s); commit {commit()}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| detector | features | ms / image (score) | ms / image (classifier alone) | ratio to the first |",
              "|---|---|---|---|---|"]

@@ -17,12 +17,12 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from provenance import commit
 
 from service.data.mnist import load_mnist
 from service.detect.features import FEATURE_SETS, _probe_round, fisher_features
@@ -33,13 +33,6 @@ from service.zoo.registry import SHIPPED_MODELS, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -140,7 +133,7 @@ def main() -> None:
     lines = [f"# What the screen costs next to the forward pass ({args.model}, detector "
              f"{detector.feature_set}, {probe_count(detector, x, model)} probe images per image)", "", command, "",
              f"Machine: {machine}; torch {torch.__version__}, {args.threads} thread(s); load average {load} at the "
-             f"end; commit {_commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians of "
+             f"end; commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians of "
              f"{args.repeats} repeats over {args.images} images (batch 1: {args.single_images} images one at a "
              "time).", "",
              "| stage | " + " | ".join(f"batch {b}: ms / image | batch {b}: x forward" for b in args.batches) + " |",

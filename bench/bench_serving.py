@@ -42,6 +42,7 @@ from bench_api import (  # noqa: E402
     png_b64,
     wait_ready,
 )
+from provenance import commit  # noqa: E402
 
 from service.data.mnist import load_mnist  # noqa: E402
 
@@ -181,13 +182,6 @@ def main() -> None:
     out = args.out or RESULTS / f"serving-{args.device.split(':')[0]}.md"
     out.write_text(report)
 
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from service.api.metrics import Execution, QueuedRequest
 from service.api.micro_batcher import QueueFullError, WorkerClosedError, current_arrival, current_endpoint
+from service.api.model_worker import ImagesInFlight
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class ModelLink:
             self.arena.close()
 
 
-class RemoteWorker:
+class RemoteWorker(ImagesInFlight):
     """A model's worker in the model process, seen from an API process: the ModelWorker interface that the routers
     use (submit, run, the count of images in flight), over the link. The micro-batching happens in the model
     process, across all API processes; the answers' execution reports feed this process's metrics."""
@@ -320,11 +321,10 @@ class RemoteWorker:
                  on_batch: Callable[[str, int], None] | None = None,
                  on_pending: Callable[[int], None] | None = None,
                  on_execution: Callable[[Execution], None] | None = None) -> None:
-        self.link, self.name, self.capacity = link, name, capacity
-        self.pending = 0
+        super().__init__(name, capacity, on_pending)
+        self.link = link
         self._arriving = 0
-        self.closed = False
-        self._on_batch, self._on_pending, self._on_execution = on_batch, on_pending, on_execution
+        self._on_batch, self._on_execution = on_batch, on_execution
 
     @property
     def arriving(self) -> int:
@@ -343,20 +343,6 @@ class RemoteWorker:
     @property
     def device(self) -> str | None:
         return (self.link.models.get(self.name) or {}).get("device")
-
-    def _admit(self, images: int) -> None:
-        if self.closed:
-            raise WorkerClosedError("the service is shutting down")
-        if self.pending + images > self.capacity and self.pending > 0:
-            raise QueueFullError(self.name, self.capacity)
-        self.pending += images
-        if self._on_pending is not None:
-            self._on_pending(self.pending)
-
-    def release(self, images: int) -> None:
-        self.pending -= images
-        if self._on_pending is not None:
-            self._on_pending(self.pending)
 
     async def _call(self, key: tuple, images: Tensor, batched: bool) -> list[Any]:
         n = int(images.shape[0])

@@ -44,38 +44,16 @@ def _clocked(clock: ModelClock, fn: Callable[..., T], *args: Any) -> T:
         clock.finished_ns = time.perf_counter_ns()
 
 
-class ModelWorker:
-    """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
+class ImagesInFlight:
+    """A model's bounded count of images in flight (accepted, not yet answered), shared by the local worker and
+    the one that hands work to a model process (service.api.model_link.RemoteWorker)."""
 
-    def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
-                 on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
-                 on_pending: Callable[[int], None] | None = None,
-                 large_batch_threads: int | None = None, large_batch: int = 48,
-                 small_batch_onednn: bool = True, on_execution: Callable[[Execution], None] | None = None) -> None:
+    def __init__(self, name: str, capacity: int, on_pending: Callable[[int], None] | None = None) -> None:
         self.name = name
-        self.kernels = KernelPolicy(threads, large_batch_threads or threads, large_batch, small_batch_onednn)
         self.capacity = capacity
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        # Held from the moment work is handed to the thread until it is done there: so nothing waits in the
-        # executor's own queue, where it could no longer be dropped when its request is abandoned.
-        self.model_free = asyncio.Lock()
         self.pending = 0
-        self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
         self.closed = False
-        self._on_batch = on_batch
         self._on_pending = on_pending  # told the count of images in flight each time it changes (a metrics gauge)
-        self._on_execution = on_execution  # told each run of the model, with its requests' waits (metrics)
-        self._batchers: dict[Hashable, MicroBatcher] = {}
-
-    @property
-    def large_batch(self) -> int:
-        return self.kernels.large_batch
-
-    def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
-        """fn(batch) with CPU kernels sized to the batch (service.api.cpu_kernels)."""
-        return with_kernels(fn, batch, self.kernels)
 
     def _admit(self, images: int) -> None:
         if self.closed:
@@ -93,6 +71,36 @@ class ModelWorker:
         self.pending -= images
         if self._on_pending is not None:
             self._on_pending(self.pending)
+
+
+class ModelWorker(ImagesInFlight):
+    """One model's worker thread, its bounded count of images in flight, and its micro-batchers."""
+
+    def __init__(self, name: str, capacity: int, max_batch: int, max_wait_ms: float,
+                 on_batch: Callable[[str, int], None] | None = None, *, threads: int = 1,
+                 on_pending: Callable[[int], None] | None = None,
+                 large_batch_threads: int | None = None, large_batch: int = 48,
+                 small_batch_onednn: bool = True, on_execution: Callable[[Execution], None] | None = None) -> None:
+        super().__init__(name, capacity, on_pending)
+        self.kernels = KernelPolicy(threads, large_batch_threads or threads, large_batch, small_batch_onednn)
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        # Held from the moment work is handed to the thread until it is done there: so nothing waits in the
+        # executor's own queue, where it could no longer be dropped when its request is abandoned.
+        self.model_free = asyncio.Lock()
+        self.arriving = 0  # requests received for this model and not yet submitted (see Arrival)
+        self._on_batch = on_batch
+        self._on_execution = on_execution  # told each run of the model, with its requests' waits (metrics)
+        self._batchers: dict[Hashable, MicroBatcher] = {}
+
+    @property
+    def large_batch(self) -> int:
+        return self.kernels.large_batch
+
+    def with_threads(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> T:
+        """fn(batch) with CPU kernels sized to the batch (service.api.cpu_kernels)."""
+        return with_kernels(fn, batch, self.kernels)
 
     def batcher(self, key: Hashable, fn: BatchFn) -> MicroBatcher:
         """The batcher for one kind of work (`key`), made on first use."""
