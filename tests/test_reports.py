@@ -274,3 +274,43 @@ def test_reproduction_report_writes_its_figures(tmp_path: Path) -> None:
         assert f"]({png})" in md
     assert "| paper (LeNet-5, full MNIST) | 10000 | 2.11 | 94.98 | 1.8 | 95.68 |  |" in md
     assert math.isclose(float(table_rows(md, "RF plain")[0][1]), 96.5)
+
+
+def test_the_reproduction_report_adds_an_evaluations_envelope(tmp_path: Path) -> None:
+    """`evaluate --report-only --robustness`: report.md written again from the saved results.json, measuring
+    nothing, with the envelope of an evaluate-detector record (its numbers, budget by budget); refusals say why."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from service.evaluate.evaluation import EvaluationResult
+
+    root = Path(__file__).resolve().parent.parent
+    record = root / "bench" / "results" / "evaluation" / "lenet5-hardened" / "results.json"
+    data = json.loads(record.read_text())
+    result = EvaluationResult.from_dict(data)
+    assert result.as_dict() == {k: data[k] for k in result.as_dict()}
+    with pytest.raises(ValueError, match="lack plan"):
+        EvaluationResult.from_dict({"detector": {}, "clean": {}})
+    out = tmp_path / "mnist"
+    out.mkdir()
+    shutil.copy(root / "reports" / "mnist" / "results.json", out / "results.json")
+    command = [sys.executable, "-m", "service.cli", "evaluate", "--out", str(out), "--report-only"]
+    plain = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert "## Table 4" in (out / "report.md").read_text() and "Beyond the paper" not in (out / "report.md").read_text()
+    run = subprocess.run([*command, "--robustness", str(record)], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = (out / "report.md").read_text()
+    assert "## Beyond the paper" in text and "## Table 4" in text
+    for budget in data["plan"]["budgets"]:
+        best = next(b["tpr"] for b in data["best_of"] if b["scope"] == "white-box" and b["budget"] == budget)
+        assert f"| {fmt(budget, 1)} |" in text and f"| {pct(best)} |" in text
+    missing = subprocess.run([*command, "--robustness", str(tmp_path / "none.json")], cwd=root, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "is not a file" in missing.stderr
+    (out / "results.json").unlink()
+    gone = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert gone.returncode != 0 and "does not exist" in gone.stderr

@@ -4,6 +4,7 @@ reproduction report)."""
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -55,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--quick", action="store_true", help="a small slice (about a minute), for tests")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    e.add_argument("--robustness", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="an `evaluate-detector` results.json: the report adds its envelope (held-out and adaptive "
+                        "attacks, benign shifts)")
+    e.add_argument("--report-only", action="store_true",
+                   help="measure nothing: write <out>/report.md again from <out>/results.json (with --robustness)")
     e.set_defaults(handler=evaluate_command)
 
 
@@ -137,11 +143,27 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import torch
 
     from service.reproduce.protocol import EvalConfig
-    from service.reproduce.report import write_report
+    from service.reproduce.report import markdown, write_report
     from service.reproduce.run import run_evaluation
 
+    if args.robustness is not None and not args.robustness.is_file():
+        raise SystemExit(f"evaluate: --robustness {args.robustness} is not a file")
+    if args.report_only:
+        results_file = args.out / "results.json"
+        if not results_file.is_file():
+            raise SystemExit(f"evaluate --report-only: {results_file} does not exist (run `fisher-guard evaluate` "
+                             "first)")
+        results = json.loads(results_file.read_text())
+        config = {**results["config"], "out": args.out, "robustness": args.robustness}
+        config["feature_sets"] = tuple(config["feature_sets"])
+        cfg = EvalConfig(**config)
+        path = args.out / "report.md"
+        path.write_text(markdown(results, cfg))
+        print(f"wrote {path} from {results_file}")
+        return 0
     torch.set_num_threads(args.threads)
-    cfg = EvalConfig.make(args.out, quick=args.quick, seed=args.seed, command=command_line())
+    cfg = EvalConfig.make(args.out, quick=args.quick, seed=args.seed, command=command_line(),
+                          robustness=args.robustness)
     path = write_report(cfg, run_evaluation(cfg))
     print(f"wrote {path} ({cfg.timings.get('total', 0):.0f} s)")
     return 0

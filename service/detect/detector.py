@@ -293,13 +293,9 @@ def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | Non
     val = evaluate_scores(fit_set, oof, threshold)
     test = test_set = test_scores = None
     if test_images is not None and test_labels is not None:
-        test_set = build_detection_set(model, test_images, test_labels, attacks, eps, seed + 1, progress=progress,
-                                       opt_params=opt_params, route=route)
-        test_feats = batched_features(model, test_set.images, chosen, k, progress=progress, desc="test features",
-                                      route=route)
-        test_scores = fitted.predict_proba(test_feats)[:, 1]
-        test = {**evaluate_scores(test_set, test_scores, threshold).as_dict(),
-                "detection_set": test_set.counts(), "attack_info": test_set.info}
+        test_set, test_scores, test = test_evaluation(model, Detector(fitted, chosen, k, threshold, route=route),
+                                                      test_images, test_labels, attacks, eps, seed, progress,
+                                                      opt_params)
     card = {
         "kind": "fisher-guard detector",
         "model": {"name": model_name, "sha256": model_sha256, "input_shape": list(image_shape),
@@ -327,6 +323,20 @@ def train_detector(model: nn.Module, *, model_name: str, model_sha256: str | Non
         "versions": {"torch": torch.__version__, "sklearn": _sklearn_version()},
     }
     return TrainingRun(Detector(fitted, chosen, k, threshold, card, route), fit_set, oof, test_set, test_scores)
+
+
+def test_evaluation(model: nn.Module, detector: Detector, images: Tensor, labels: Tensor, attacks: tuple[str, ...],
+                    epsilons: dict[str, float], seed: int = 0, progress: bool = False,
+                    opt_params: dict[str, float] | None = None) -> tuple[DetectionSet, np.ndarray, dict]:
+    """The card's "test" section: the detection set of the test images (the fit's attacks and budgets, seed + 1),
+    scored once by `detector`; returns the set, its scores and the section (AUC, TPR, FPR, per attack, counts)."""
+    data = build_detection_set(model, images, labels, attacks, epsilons, seed + 1, progress=progress,
+                               opt_params=opt_params, route=detector.route or EXACT)
+    features = batched_features(model, data.images, detector.feature_set, detector.k, progress=progress,
+                                desc="test features", route=detector.route or EXACT)
+    scores = detector.score_features(features)
+    return data, scores, {**evaluate_scores(data, scores, detector.threshold).as_dict(),
+                          "detection_set": data.counts(), "attack_info": data.info}
 
 
 def _sklearn_version() -> str:

@@ -108,8 +108,19 @@ class EvaluationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("detector", "plan", "clean", "heldout", "adaptive", "best_of",
-                                               "effort_check", "surrogate", "shifts", "timings")}
+        return {k: getattr(self, k) for k in RESULT_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        """The result as its results.json holds it (what `as_dict` wrote; other keys ignored)."""
+        missing = [k for k in ("detector", "plan", "clean") if k not in data]
+        if missing:
+            raise ValueError(f"an evaluation's results lack {', '.join(missing)}")
+        return cls(**{k: data[k] for k in RESULT_FIELDS if k in data})
+
+
+RESULT_FIELDS = ("detector", "plan", "clean", "heldout", "adaptive", "best_of", "effort_check", "surrogate", "shifts",
+         "timings")  # EvaluationResult's fields, in its results.json
 
 
 def _rate(flags: np.ndarray) -> float:

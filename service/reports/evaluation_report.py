@@ -39,7 +39,7 @@ def envelope(result: EvaluationResult) -> list[list[Any]]:
     return rows
 
 
-def _mild_shift_line(result: EvaluationResult) -> str:
+def mild_shift_line(result: EvaluationResult) -> str:
     clean = next((r["fpr"] for r in result.shifts if r["shift"] == "clean"), None)
     mild = [r for r in result.shifts if r["mild"] and r["shift"] != "clean"]
     if not mild or clean is None:
@@ -70,7 +70,7 @@ def write_evaluation_report(out: Path, result: EvaluationResult, *, command: str
     if result.heldout or result.adaptive:
         lines += ["## Envelope", "",
                   *table(["L2 budget", "held-out: worst TPR %", "adaptive white-box best-of TPR %",
-                          "score-query TPR %"], envelope(result)), "", _mild_shift_line(result), ""]
+                          "score-query TPR %"], envelope(result)), "", mild_shift_line(result), ""]
     if result.heldout:
         lines += ["## Held-out attacks (ART)", "",
                   "Attacks from a library nobody here wrote, at their tuned `full` effort (service/evaluate/heldout.py "

@@ -52,6 +52,7 @@ class EvalConfig:
     feature_sets: tuple[str, ...] = FEATURE_SETS_COMPARED
     ours: str = SHIPPED_FEATURE_SET
     command: str = ""
+    robustness: Path | None = None  # an `evaluate-detector` results.json whose envelope the report adds
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod

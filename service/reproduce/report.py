@@ -175,12 +175,34 @@ def markdown(results: dict, cfg: EvalConfig) -> str:
         "",
         f"ROC curves on test: ![roc]({FIGURES[3]})",
         "",
+        *(robustness_section(cfg.robustness) if cfg.robustness else []),
         "## Timings (s)",
         "",
         ", ".join(f"{k}: {v}" for k, v in results["timings"].items()),
         "",
     ]
     return "\n".join(lines)
+
+
+def robustness_section(path: Path) -> list[str]:
+    """Beyond the paper: the envelope of a detector evaluation (`fisher-guard evaluate-detector`'s results.json):
+    per budget the worst held-out library attack, the adaptive white-box best-of and the score-query attack."""
+    from service.evaluate.evaluation import EvaluationResult
+    from service.reports.evaluation_report import envelope, mild_shift_line
+
+    data = json.loads(Path(path).read_text())
+    result = EvaluationResult.from_dict(data)
+    d, c = result.detector, result.clean
+    return [
+        "## Beyond the paper: held-out and adaptive attacks, benign shifts", "",
+        f"A detector file (`{d.get('file', '')}`, {d['feature_set']} features), not the detectors fitted above, "
+        f"evaluated on {c.get('images', 'the')} test images by `{data.get('command', 'evaluate-detector')}` "
+        f"({data.get('machine', '')}); the full report: `{Path(path).parent / 'report.md'}`. TPR % at the "
+        f"detector's threshold (clean FPR {pct(c.get('fpr'))}%):", "",
+        *table(["L2 budget", "worst held-out library attack", "adaptive white-box, best-of", "score-query"],
+               envelope(result)),
+        "", mild_shift_line(result), "",
+    ]
 
 
 def _counts(counts: dict) -> str:

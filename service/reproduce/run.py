@@ -234,7 +234,7 @@ def run_evaluation(cfg: EvalConfig) -> Reproduction:
     val, test, train = load_mnist("val"), load_mnist("test"), load_mnist("train")
     lenet = models[cfg.detector_model]
     results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                                if k != "timings"},
+                                if k not in ("timings", "robustness")},
                      "models": {k: {"sha256": v.sha256, "test_accuracy": v.card.test_accuracy}
                                 for k, v in loaded.items()}}
     stages = tqdm(total=7, desc="evaluate")
