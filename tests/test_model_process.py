@@ -247,3 +247,44 @@ def test_an_api_process_dies_the_rest_answer_and_it_is_replaced(served, images):
         assert time.monotonic() < deadline, "uvicorn did not replace the API process"
         time.sleep(0.5)
     assert model_process(process).pid == model.pid and model.is_running()
+
+
+def test_a_request_larger_than_the_arena_is_refused_before_anything_is_sent(tmp_path):
+    from service.api.model_link import ModelLink
+
+    link = ModelLink(str(tmp_path / "nobody.sock"), 4 * BLOCK)  # never connected: the size is checked first
+    with pytest.raises(ValueError, match="model_process_arena_mb"):
+        asyncio.run(link.call(MODEL, ("screen",), torch.zeros(8, 1, 28, 28), batched=True))
+
+
+def test_a_full_arena_is_503_and_nothing_accepted_is_lost(api_models_dir, tmp_path, images):
+    """One API process with a 1 MiB arena, the model process frozen: a 256-image request in flight holds ~0.8 MiB,
+    so a second is refused with 503 `overloaded` that says why; once the model runs again the first is answered
+    in full and the second goes through."""
+    base, process = start_server(api_models_dir, tmp_path / "server.log", "--model-process",
+                                 FISHER_GUARD_MODEL_PROCESS_ARENA_MB="1")
+    try:
+        batch = load_mnist("test")[0][:256].tolist()
+        frozen = model_process(process)
+        frozen.send_signal(signal.SIGSTOP)
+        answer: dict = {}
+        first = threading.Thread(target=lambda: answer.setdefault("response", httpx.post(
+            f"{base}{SCREEN}", json={"tensor": batch}, timeout=120)))
+        first.start()
+        try:
+            deadline = time.monotonic() + 60
+            while metric_value(httpx.get(f"{base}/metrics").text, "fisher_guard_images_in_flight", model=MODEL) < 256:
+                assert time.monotonic() < deadline, "the first request did not reach the model"
+                time.sleep(0.05)
+            refused = httpx.post(f"{base}{SCREEN}", json={"tensor": batch}, timeout=120)
+            assert refused.status_code == 503 and refused.json()["code"] == "overloaded"
+            assert "shared memory" in refused.json()["detail"] and refused.headers["Retry-After"] == "1"
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        first.join(120)
+        assert answer["response"].status_code == 200 and len(answer["response"].json()["results"]) == 256
+        again = httpx.post(f"{base}{SCREEN}", json={"tensor": batch}, timeout=120)
+        assert again.status_code == 200 and len(again.json()["results"]) == 256
+    finally:
+        stop_server(process)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

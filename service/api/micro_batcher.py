@@ -42,8 +42,8 @@ BatchFn = Callable[[Tensor], list[Any]]  # (N, ...) images -> N per-image result
 class QueueFullError(RuntimeError):
     """The model's queue is at capacity; retry after `retry_after` seconds."""
 
-    def __init__(self, model: str, capacity: int, retry_after: int = 1) -> None:
-        super().__init__(f"model {model!r} has {capacity} images waiting already; retry in {retry_after} s")
+    def __init__(self, model: str, capacity: int, retry_after: int = 1, message: str | None = None) -> None:
+        super().__init__(message or f"model {model!r} has {capacity} images waiting already; retry in {retry_after} s")
         self.retry_after = retry_after
 
 

@@ -91,9 +91,7 @@ def error_document(exc: BaseException) -> dict[str, Any]:
 def raise_error(document: dict[str, Any]) -> None:
     kind, message = document.get("kind"), str(document.get("message", ""))
     if kind == "overloaded":
-        error = QueueFullError("", 0, int(document.get("retry_after", 1)))
-        error.args = (message,)
-        raise error
+        raise QueueFullError("", 0, int(document.get("retry_after", 1)), message)
     if kind == "closed":
         raise ModelUnavailableError(f"the model process is shutting down: {message}")
     if kind == "invalid":
@@ -279,15 +277,16 @@ class ModelLink:
     async def call(self, model: str, key: tuple, images: Tensor, batched: bool, arriving: int = 0) -> dict[str, Any]:
         """Hand one request's work to the model process (with the count of this process's requests for the model
         still arriving); its answer message (results or error, execution)."""
+        nbytes = images.numel() * images.element_size()
+        if nbytes > self.arena_bytes:
+            raise ValueError(f"the request's images ({nbytes} bytes) are larger than the shared memory for requests "
+                             f"in flight to the model process ({self.arena_bytes} bytes: model_process_arena_mb)")
         if self._writer is None or self.arena is None:
             raise ModelUnavailableError("the model process is not reachable; it is starting or restarting")
-        nbytes = images.numel() * images.element_size()
-        if nbytes > self.arena.size:
-            raise ValueError(f"the request's images ({nbytes} bytes) are larger than the shared memory for requests "
-                             f"in flight to the model process ({self.arena.size} bytes: model_process_arena_mb)")
         offset = self.arena.take(nbytes)
         if offset is None:
-            raise QueueFullError(model, self.arena.size)
+            raise QueueFullError(model, 0, message=f"the shared memory for requests in flight to the model process "
+                                 f"({self.arena.size} bytes) is full; retry in 1 s")
         where = self.arena.write(offset, images)
         self._next_id += 1
         call_id = self._next_id
