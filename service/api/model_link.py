@@ -328,15 +328,16 @@ class RemoteWorker(ImagesInFlight):
     @property
     def arriving(self) -> int:
         """Requests for this model received by this process and not yet handed over (service.api.micro_batcher's
-        Arrival counts them). Each rise is told to the model process, whose batchers wait for arriving requests of
-        every API process; each work request carries the count after its own arrival ended."""
+        Arrival counts them). The model process, whose batchers wait for arriving requests of every API process,
+        is told each rise and each return to 0 (a request refused before it was handed over); each work request
+        carries the count after its own arrival ended."""
         return self._arriving
 
     @arriving.setter
     def arriving(self, count: int) -> None:
-        rising = count > self._arriving
+        told = count > self._arriving or (count == 0 and self._arriving > 0)
         self._arriving = count
-        if rising:
+        if told:
             self.link.tell({"arriving": {self.name: count}})
 
     @property
@@ -347,8 +348,9 @@ class RemoteWorker(ImagesInFlight):
         n = int(images.shape[0])
         endpoint = current_endpoint()
         arrival = current_arrival.get()
-        if arrival is not None and arrival.worker is self:
-            arrival.close()  # it has arrived: the work request says so (with the count of those still arriving)
+        if arrival is not None and arrival.worker is self and arrival.open:
+            arrival.open = False  # it has arrived: the work request below says so, with the count still arriving
+            self._arriving -= 1
         self._admit(n)
         try:
             answer = await self.link.call(self.name, key, images, batched, self._arriving)
