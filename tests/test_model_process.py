@@ -7,6 +7,7 @@ and an API process dies (the rest answer on, the model process stays, uvicorn re
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from support import free_port
 from test_e2e import metric_value, start_server, stop_server
 
 from service.api.cpu_kernels import KernelPolicy, with_kernels
@@ -251,10 +253,15 @@ def test_an_api_process_dies_the_rest_answer_and_it_is_replaced(served, images):
     while not gone(victim):  # dead (a zombie until uvicorn's supervisor, not this test, reaps it)
         assert time.monotonic() < deadline, "the API process did not die"
         time.sleep(0.05)
-    for i in range(12):  # new connections each: whichever API process is alive takes them
-        response = httpx.post(f"{base}{SCREEN}", json={"tensor": images[i].tolist()}, timeout=60,
+    answered, deadline = 0, time.monotonic() + 120
+    while answered < 12:  # new connections each: the live API process, or its replacement once it is up
+        response = httpx.post(f"{base}{SCREEN}", json={"tensor": images[answered].tolist()}, timeout=60,
                               headers={"Connection": "close"})
-        assert response.status_code == 200, response.text
+        if response.status_code == 200:
+            answered += 1
+        else:  # only the replacement, still loading, may refuse
+            assert response.status_code == 503 and response.json()["code"] == "not_ready", response.text
+        assert time.monotonic() < deadline, "the API processes stopped answering"
     deadline = time.monotonic() + 180
     while len(replaced := api_processes(process)) != 2 or victim.pid in [p.pid for p in replaced]:
         assert time.monotonic() < deadline, "uvicorn did not replace the API process"
@@ -298,6 +305,61 @@ def test_a_full_arena_is_503_and_nothing_accepted_is_lost(api_models_dir, tmp_pa
         assert answer["response"].status_code == 200 and len(answer["response"].json()["results"]) == 256
         again = httpx.post(f"{base}{SCREEN}", json={"tensor": batch}, timeout=120)
         assert again.status_code == 200 and len(again.json()["results"]) == 256
+        # a request abandoned while the model process is frozen: its work and its cancellation arrive together,
+        # and its block still comes back (else the next 256-image request would find the arena full)
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{base}{SCREEN}", json={"tensor": batch}, timeout=httpx.Timeout(60, read=2))
+            deadline = time.monotonic() + 60
+            while metric_value(httpx.get(f"{base}/metrics").text, "fisher_guard_images_in_flight", model=MODEL) > 0:
+                assert time.monotonic() < deadline, "the abandoned request was not dropped"
+                time.sleep(0.05)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        after = httpx.post(f"{base}{SCREEN}", json={"tensor": batch}, timeout=120)
+        assert after.status_code == 200 and len(after.json()["results"]) == 256
     finally:
         stop_server(process)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_models_that_do_not_load_in_the_model_process_keep_the_api_unready_and_say_why(api_models_dir, tmp_path):
+    """Weights that are not the card's (not even a state dict): the model process stays up (no restart loop) and
+    every API process's readiness is 503 with its reason."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from test_e2e import REPO
+
+    folder = tmp_path / "models"
+    shutil.copytree(api_models_dir, folder)
+    card = json.loads((folder / f"{MODEL}.json").read_text())
+    (folder / card["weights"]).write_bytes(b"not a state dict")
+    port = free_port()
+    env = {**os.environ, "FISHER_GUARD_MODELS_DIR": str(folder), "FISHER_GUARD_SERVE_MODELS": MODEL,
+           "FISHER_GUARD_DEVICE": "cpu"}
+    env.pop("FISHER_GUARD_API_KEYS", None)
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--threads",
+                                    "1", "--model-process"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5)
+                if "could not load its models" in ready.text:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.3)
+        detail = ready.json()["detail"]
+        assert ready.status_code == 503 and "ModelLoadError" in detail and card["weights"] in detail
+        first = model_process(process).pid
+        time.sleep(2)  # a restart loop would have replaced it by now (its pause starts at 1 s)
+        assert model_process(process).pid == first
+    finally:
+        stop_server(process)

@@ -97,6 +97,8 @@ async def load_models(app: FastAPI) -> None:
         gc.freeze()
         app.state.ready = True
         metrics.ready.set(1)
+        if link is not None:  # readiness goes with the model process from now on
+            link.on_state = lambda up: metrics.ready.set(int(up))
         log.info("ready: %s", ", ".join(app.state.models))
     except Exception as exc:  # reported by /health/ready; the process stays up to say why
         app.state.load_error = str(exc)

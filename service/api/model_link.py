@@ -8,9 +8,9 @@ batched together. Each API process holds one Unix-socket connection to it:
   (service.api.runtime.ServedModel.work: the key says all there is to the work, no function crosses), the
   answer holds the per-image results (plain values) and how the model's run of them went (for the metrics);
 - the images never go through the socket: the API process writes them into its own shared-memory arena
-  (`ImageArena`, a file in /dev/shm mapped by both processes) and sends where they lie; the model process reads
-  them in place. A block stays taken until the model process has answered for it, even when the request was
-  abandoned, so it is never rewritten while a batch may still read it.
+  (`ImageArena`, a file in /dev/shm mapped by both processes, unlinked once both have it) and sends where they
+  lie; the model process copies them out once. A block stays taken until the model process has answered for it,
+  even when the request was abandoned, so it is never rewritten before that copy.
 
 When the model process dies, every request in flight and every new one gets ModelUnavailableError (503 with
 Retry-After), readiness turns off, and the link connects again as soon as the model process is back (the serve
@@ -70,9 +70,12 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     if size > MAX_FRAME:
         raise ConnectionError(f"a frame of {size} bytes is over the link's limit of {MAX_FRAME}")
     try:
-        return json.loads(await reader.readexactly(size))
+        message = json.loads(await reader.readexactly(size))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+    if not isinstance(message, dict):
+        raise ValueError(f"a frame holds {type(message).__name__}, not a JSON object")
+    return message
 
 
 def error_document(exc: BaseException) -> dict[str, Any]:
@@ -92,8 +95,8 @@ def raise_error(document: dict[str, Any]) -> None:
     kind, message = document.get("kind"), str(document.get("message", ""))
     if kind == "overloaded":
         raise QueueFullError("", 0, int(document.get("retry_after", 1)), message)
-    if kind == "closed":
-        raise ModelUnavailableError(f"the model process is shutting down: {message}")
+    if kind in ("closed", "cancelled"):
+        raise ModelUnavailableError(f"the model process dropped the work: {message}")
     if kind == "invalid":
         raise ValueError(message)
     raise RuntimeError(f"the model process failed: {message}")
@@ -171,12 +174,21 @@ class ImageArena:
             raise ValueError(f"the request's images ({nbytes} bytes at {offset}) lie outside the arena")
         return torch.frombuffer(self.map, dtype=dtype, count=count, offset=offset).view(shape)
 
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a tensor over it still alive: the mapping goes with the process
-            self.map.close()
+    def unlink(self) -> None:
+        """Remove the file (the mappings stay): once the model process has mapped it, nothing needs its name."""
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a tensor over it still alive: the mapping goes with the process
+            self.map.close()
+        self.unlink()
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass
@@ -189,29 +201,35 @@ class _Call:
 @dataclass
 class ModelLink:
     """One API process's connection to the model process: work requests out, answers in, reconnecting after a
-    loss. `models` is what the model process said it serves ({name: {"sha256", "device", "detector_id"}})."""
+    loss. `models` is what the model process said it serves ({name: {"sha256", "device", "detector_id"}});
+    `error`, why it serves none (its models failed to load); `on_state` is told True / False as the link comes up
+    and goes down (the readiness gauge)."""
 
     socket_path: str
     arena_bytes: int
     arena: ImageArena | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    on_state: Callable[[bool], None] | None = None
     _writer: asyncio.StreamWriter | None = None
     _calls: dict[int, _Call] = field(default_factory=dict)
     _next_id: int = 0
     _task: asyncio.Task | None = None
-    _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)  # connected once, or told why it cannot be
 
     @property
     def connected(self) -> bool:
         return self._writer is not None
 
     async def start(self) -> None:
-        """Create the arena and keep the link up in the background (connect, read answers, connect again)."""
-        self.arena = ImageArena.create(self.arena_bytes)
+        """Keep the link up in the background (connect, read answers, connect again)."""
         self._task = asyncio.create_task(self._keep_up(), name="model-link")
 
     async def wait_connected(self) -> None:
-        await self._connected.wait()
+        """Until the model process has answered once; ValueError with its reason when it has no models."""
+        await self._answered.wait()
+        if self.error is not None:
+            raise ValueError(f"the model process could not load its models: {self.error}")
 
     async def _keep_up(self) -> None:
         announced = False
@@ -225,20 +243,29 @@ class ModelLink:
                 await asyncio.sleep(RECONNECT_S)
                 continue
             try:
-                assert self.arena is not None
+                # a fresh arena per connection: nothing of the last one is in flight (`_lost`), and its file goes as
+                # soon as the model process has mapped it, so a killed API process leaves none behind in /dev/shm
+                self.arena = ImageArena.create(self.arena_bytes)
                 writer.write(encode_frame({"hello": {"arena": str(self.arena.path), "size": self.arena.size,
                                                      "pid": os.getpid()}}))
                 welcome = await read_frame(reader)
-                if not welcome or "models" not in welcome:
+                self.arena.unlink()
+                if welcome and welcome.get("error"):
+                    self.error = str(welcome["error"])
+                    self._answered.set()
+                    raise ConnectionError(f"the model process has no models: {self.error}")
+                if not welcome or not isinstance(welcome.get("models"), dict):
                     raise ConnectionError(f"the model process answered {welcome!r} to hello")
-                self.models = welcome["models"]
+                self.models, self.error = welcome["models"], None
                 self._writer = writer
-                self._connected.set()
+                self._answered.set()
+                if self.on_state is not None:
+                    self.on_state(True)
                 announced = False
                 log.info("connected to the model process (pid %s) at %s", welcome.get("pid"), self.socket_path)
                 while (message := await read_frame(reader)) is not None:
                     self._answer(message)
-            except (OSError, ConnectionError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever broke the link, it is rebuilt
                 log.warning("the link to the model process failed: %s", exc)
             finally:
                 self._lost(writer)
@@ -248,21 +275,25 @@ class ModelLink:
         """The model process is gone: every call in flight fails, its blocks are free again."""
         if self._writer is writer:
             log.warning("lost the model process: %d requests in flight answered 503", len(self._calls))
+            if self.on_state is not None:
+                self.on_state(False)
         self._writer = None
-        self._connected.clear()
         writer.close()
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            self._release(call)
             if not call.future.done():
                 call.future.set_exception(ModelUnavailableError("the model process stopped; it is restarting"))
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
 
     def _release(self, call: _Call) -> None:
         if self.arena is not None:
             self.arena.give_back(call.offset, call.nbytes)
 
     def _answer(self, message: dict[str, Any]) -> None:
-        call = self._calls.pop(message.get("id"), None)  # type: ignore[arg-type]
+        call_id = message.get("id")
+        call = self._calls.pop(call_id, None) if type(call_id) is int else None
         if call is None:
             return
         self._release(call)  # the model process is done with the images
@@ -298,6 +329,7 @@ class ModelLink:
         try:
             return await asyncio.shield(call.future)
         except asyncio.CancelledError:  # abandoned: the model process drops it if it has not started it
+            call.future.add_done_callback(_retrieved)  # its answer or its loss concerns nobody now
             if self._writer is writer and call_id in self._calls:
                 writer.write(encode_frame({"cancel": call_id}))
             raise
@@ -351,11 +383,15 @@ class RemoteWorker(ImagesInFlight):
         if arrival is not None and arrival.worker is self and arrival.open:
             arrival.open = False  # it has arrived: the work request below says so, with the count still arriving
             self._arriving -= 1
-        self._admit(n)
         try:
-            answer = await self.link.call(self.name, key, images, batched, self._arriving)
-        finally:
-            self.release(n)
+            self._admit(n)
+            try:
+                answer = await self.link.call(self.name, key, images, batched, self._arriving)
+            finally:
+                self.release(n)
+        except (QueueFullError, ValueError, ModelUnavailableError, WorkerClosedError):
+            self.link.tell({"arriving": {self.name: self._arriving}})  # it may never have been sent in a request
+            raise
         self._report(answer.get("execution"), endpoint, n)
         if "error" in answer:
             raise_error(answer["error"])

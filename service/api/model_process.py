@@ -73,6 +73,7 @@ class ModelProcess:
         self.reports = ExecutionReports()
         self.connections = itertools.count(1)
         self.arrivals: dict[int, dict[str, int]] = {}  # per connection: its requests still arriving, by model
+        self.load_error: str | None = None  # why there are no models: every API process is told, and says so
 
     async def load(self) -> None:
         """Every model with its detector, warmed up in its own worker thread (as the API's own lifespan does), on
@@ -94,6 +95,8 @@ class ModelProcess:
         gc.freeze()  # see service.api.app.load_models
 
     def welcome(self) -> dict[str, Any]:
+        if self.load_error is not None:
+            return {"pid": os.getpid(), "error": self.load_error}
         return {"pid": os.getpid(), "models": {
             name: {"sha256": model.sha256, "device": str(model.device), "detector_id": model.detector_state.id}
             for name, model in self.models.items()}}
@@ -108,8 +111,11 @@ class ModelProcess:
             hello = (await read_frame(reader) or {}).get("hello")
             if not isinstance(hello, dict):
                 return
-            arena = ImageArena(Path(str(hello["arena"])), int(hello["size"]), create=False)
+            if self.load_error is None:
+                arena = ImageArena(Path(str(hello["arena"])), int(hello["size"]), create=False)
             writer.write(encode_frame(self.welcome()))
+            if arena is None:
+                return
             log.info("API process %s connected (connection %d)", hello.get("pid"), connection)
             while (message := await read_frame(reader)) is not None:
                 if "arriving" in message:
@@ -123,10 +129,12 @@ class ModelProcess:
                         task.cancel()
                     continue
                 call_id = message.get("id")
+                if type(call_id) is not int:
+                    raise ValueError(f"a work request without an integer id: {call_id!r}")
                 task = asyncio.create_task(self.work(f"{connection}/{call_id}", message, arena, writer))
                 tasks[call_id] = task
-                task.add_done_callback(lambda _, call_id=call_id: tasks.pop(call_id, None))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                task.add_done_callback(lambda done, call_id=call_id: self.finished(done, call_id, tasks, writer))
+        except Exception as exc:  # noqa: BLE001 - a connection that breaks its protocol is closed, nothing else
             log.warning("connection %d from an API process failed: %s", connection, exc)
         finally:
             for task in list(tasks.values()):
@@ -138,6 +146,15 @@ class ModelProcess:
             self.arrive(arriving, dict.fromkeys(arriving, 0))
             del self.arrivals[connection]
             log.info("API process of connection %d is gone", connection)
+
+    @staticmethod
+    def finished(task: asyncio.Task, call_id: int, tasks: dict[Any, asyncio.Task],
+                 writer: asyncio.StreamWriter) -> None:
+        """A request's task is over. One cancelled before it ever ran (its cancellation came in the same read) has
+        written no answer: it gets one here, so that its API process frees the request's block."""
+        tasks.pop(call_id, None)
+        if task.cancelled() and not writer.is_closing():
+            writer.write(encode_frame({"id": call_id, "error": error_document(asyncio.CancelledError())}))
 
     def arrive(self, counts: dict[str, int], update: dict[str, Any]) -> None:
         """One API process's counts of requests still arriving, by model (`update`: new counts); each model's
@@ -171,8 +188,13 @@ class ModelProcess:
         execution = self.reports.take(token)
         if execution is not None:
             answer["execution"] = execution
+        try:
+            frame = encode_frame(answer)
+        except (TypeError, ValueError) as exc:  # results that are not JSON: a bug, answered as one
+            frame = encode_frame({"id": answer["id"], "error": error_document(RuntimeError(
+                f"the results could not be sent: {exc}"))})
         if not writer.is_closing():
-            writer.write(encode_frame(answer))
+            writer.write(frame)
 
     async def close(self) -> None:
         for model in self.models.values():
@@ -180,13 +202,13 @@ class ModelProcess:
 
 
 async def serve_models(settings: Settings, socket_path: Path) -> None:
-    """Load the models, then answer API processes on `socket_path` until SIGTERM or the parent process is gone."""
-    process = ModelProcess(settings)
-    await process.load()
+    """Load the models, then answer API processes on `socket_path` until SIGTERM or the parent process is gone. When
+    the models fail to load, it stays up and tells every API process why (so their readiness says it) instead of
+    exiting into a restart loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     async def watch_parent() -> None:
@@ -195,12 +217,22 @@ async def serve_models(settings: Settings, socket_path: Path) -> None:
         log.warning("the process that started the model process is gone: stopping")
         stop.set()
 
+    background = [asyncio.create_task(watch_parent())]
+    await refuse_a_taken_socket(socket_path)
+    process = ModelProcess(settings)
+    loading = asyncio.create_task(process.load())
+    await asyncio.wait([loading, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        loading.cancel()
+        return
+    if loading.exception() is not None:
+        process.load_error = f"{type(loading.exception()).__name__}: {loading.exception()}"
+        log.error("the model process could not load its models: %s", process.load_error)
     socket_path.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(process.handle, socket_path)
     os.chmod(socket_path, 0o600)
-    log.info("model process %d ready on %s: %s", os.getpid(), socket_path, ", ".join(process.models))
-    background = [asyncio.create_task(watch_parent())]
-    if settings.detector_poll_s > 0:
+    log.info("model process %d ready on %s: %s", os.getpid(), socket_path, ", ".join(process.models) or "no models")
+    if settings.detector_poll_s > 0 and process.models:
         background.append(asyncio.create_task(watch_detectors(process.models, settings.detector_poll_s)))
     try:
         await stop.wait()
@@ -211,3 +243,13 @@ async def serve_models(settings: Settings, socket_path: Path) -> None:
         await process.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
+
+
+async def refuse_a_taken_socket(socket_path: Path) -> None:
+    """SystemExit when another model process answers on `socket_path` (a stale socket file is taken over)."""
+    try:
+        _, writer = await asyncio.open_unix_connection(socket_path)
+    except OSError:
+        return
+    writer.close()
+    raise SystemExit(f"model-process: another model process is serving on {socket_path}")

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable (see service.api.metrics)
 SOCKET_ENV = "FISHER_GUARD_MODEL_PROCESS_SOCKET"  # the setting model_process_socket, read by every API process
-MODEL_PROCESS_RESTART_S = 1.0  # pause before a model process that exited is started again
+MODEL_PROCESS_RESTART_S = 1.0  # pause before a model process that exited is started again (doubling while it
+MODEL_PROCESS_MAX_PAUSE_S = 30.0  # keeps dying within 30 s of its start, up to this)
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +87,26 @@ class ModelProcessSupervisor(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
+        pause = MODEL_PROCESS_RESTART_S
         while not self.stopping.is_set():
+            started = time.monotonic()
             with self.lock:
                 if self.stopping.is_set():
                     break
-                self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "model-process", "--socket",
-                                                 str(self.socket)])
-            code = self.process.wait()
-            if not self.stopping.is_set():
-                log.warning("the model process exited with status %s: starting it again", code)
-                self.stopping.wait(MODEL_PROCESS_RESTART_S)
+                try:  # its own session: a signal to the terminal's process group (Ctrl-C) does not reach it
+                    self.process = subprocess.Popen([sys.executable, "-m", "service.cli", "model-process",
+                                                     "--socket", str(self.socket)], start_new_session=True)
+                except OSError as exc:
+                    log.error("could not start the model process: %s", exc)
+                    self.process = None
+            code = self.process.wait() if self.process is not None else None
+            if self.stopping.is_set():
+                break
+            # one that dies at once is retried less and less often, one that ran a while at once
+            pause = min(2 * pause, MODEL_PROCESS_MAX_PAUSE_S) if time.monotonic() - started < 30 \
+                else MODEL_PROCESS_RESTART_S
+            log.warning("the model process exited with status %s: starting it again in %.0f s", code, pause)
+            self.stopping.wait(pause)
 
     def stop(self) -> None:
         with self.lock:
