@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     model_process: bool = Field(False, description="`serve` runs the models in one separate model process (per "
                                 "device), which every API process (`workers` of them) hands its work to over a Unix "
                                 "socket, the images through shared memory: requests of all API processes are "
-                                "batched together, and the model is loaded once (docs/api.md#model-process). "
+                                "batched together, in one place per device (docs/api.md#model-process). "
                                 "`serve` restarts the model process when it dies; meanwhile requests get 503.")
     model_process_socket: str | None = Field(None, description="The model process's Unix socket. Set by `serve` "
                                              "with model_process (in a private temporary folder); set it yourself "
