@@ -197,7 +197,8 @@ def test_the_settings_reach_uvicorn(monkeypatch):
     monkeypatch.setenv("FISHER_GUARD_REQUEST_HEAD_TIMEOUT_S", "7")
     monkeypatch.delenv("FISHER_GUARD_WORKERS", raising=False)
     try:
-        assert serve_command.serve(argparse.Namespace(host=None, port=None, workers=None, threads=None)) == 0
+        assert serve_command.serve(argparse.Namespace(host=None, port=None, workers=None, threads=None,
+                                                       model_process=None)) == 0
     finally:
         get_settings.cache_clear()
     assert seen["timeout_keep_alive"] == 2.5
