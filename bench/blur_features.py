@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from provenance import commit
+from shipped import shipped_lenet5
 
 from service.data.mnist import load_mnist
 from service.detect.dataset import build_detection_set
 from service.detect.features import batched_features, feature_names
-from service.detect.files import find_detector, load_detector
 from service.evaluate.shifts import MILD_BLUR_SIGMA, gaussian_blur
-from service.zoo.registry import SHIPPED_MODELS, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,16 +41,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    loaded = load_model("lenet5", device="cpu")
-    detector = load_detector(find_detector(SHIPPED_MODELS, "lenet5"), loaded.sha256)
-    card = detector.card
+    loaded, detector = shipped_lenet5()
     x, y = load_mnist("val")
     x, y = x[args.start:], y[args.start:]
     with torch.no_grad():
         correct = loaded.module(x).argmax(1) == y
     clean = x[correct]
-    budgets = {name: choice["chosen"] for name, choice in card["budgets"].items()}
-    data = build_detection_set(loaded.module, x, y, tuple(card["training_data"]["attacks"]), budgets, 0)
+    attacks, budgets, seed = detector.training_protocol()
+    data = build_detection_set(loaded.module, x, y, attacks, budgets, seed)
     groups = {"clean": clean, f"blur sigma {MILD_BLUR_SIGMA:g}": gaussian_blur(clean, MILD_BLUR_SIGMA),
               "adversarial (paper's attacks)": data.images[torch.as_tensor(data.is_adversarial)]}
     features = {name: batched_features(loaded.module, images, detector.feature_set, detector.k)

@@ -67,11 +67,10 @@ def main() -> None:
 
 def card_test(model: torch.nn.Module, detector: Detector, images: int) -> dict:
     """The card's paper-style test section on mnist:test[:images], with the card's own attacks, budgets and seed."""
-    card = detector.card
     test_x, test_y = load_mnist("test")
-    budgets = {name: choice["chosen"] for name, choice in card["budgets"].items()}
-    return test_evaluation(model, detector, test_x[:images], test_y[:images], tuple(card["training_data"]["attacks"]),
-                           budgets, card["classifier"]["seed"], progress=True)[2]
+    attacks, budgets, seed = detector.training_protocol()
+    return test_evaluation(model, detector, test_x[:images], test_y[:images], attacks, budgets, seed,
+                           progress=True)[2]
 
 
 def check_card(args: argparse.Namespace) -> None:

@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from provenance import commit
+from shipped import shipped_lenet5
 
 from service.data.mnist import load_mnist
 from service.detect.dataset import build_detection_set
 from service.detect.detector import SELECTION_FOLDS, SELECTION_TREES, auc_score, out_of_fold_scores
 from service.detect.features import FEATURE_SETS, batched_features
-from service.detect.files import find_detector, load_detector
 from service.fisher import fisher_spectrum
-from service.zoo.registry import SHIPPED_MODELS, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,13 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    loaded = load_model("lenet5", device="cpu")
-    detector = load_detector(find_detector(SHIPPED_MODELS, "lenet5"), loaded.sha256)
-    card = detector.card
+    loaded, detector = shipped_lenet5()
     x, y = load_mnist("val")
-    budgets = {name: choice["chosen"] for name, choice in card["budgets"].items()}
-    data = build_detection_set(loaded.module, x[:args.fit], y[:args.fit], tuple(card["training_data"]["attacks"]),
-                               budgets, card["classifier"]["seed"], progress=True)
+    attacks, budgets, seed = detector.training_protocol()
+    data = build_detection_set(loaded.module, x[:args.fit], y[:args.fit], attacks, budgets, seed, progress=True)
     blocks = FEATURE_SETS[detector.feature_set].blocks
     features = batched_features(loaded.module, data.images, detector.feature_set, detector.k, progress=True)
     spectrum = fisher_spectrum(loaded.module, data.images[:1], k=detector.k, return_vectors=True, return_margin=True)
@@ -100,7 +96,7 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
              f"commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {seconds:.0f} s.", "",
              f"Detection set of mnist:val[:{args.fit}] (the shipped card's attacks and budgets {budgets}, seed "
-             f"{card['classifier']['seed']}): {int(data.is_adversarial.sum())} positives, "
+             f"{seed}): {int(data.is_adversarial.sum())} positives, "
              f"{int((~data.is_adversarial).sum())} negatives ({counts}). Out-of-fold ROC AUC, {SELECTION_FOLDS}-fold "
              f"CV grouped by source image, {SELECTION_TREES}-tree forests of the shipped depth. Paper-style attacks "
              "only: the adaptive and held-out rows are `evaluate-detector`'s. A probe block leaves with the "

@@ -150,7 +150,7 @@ def detector_summary(state: DetectorState, model_name: str) -> dict[str, Any]:
     classifier = (detector.card.get("classifier") or {}).get("name", "classifier")
     return {"id": state.id, "threshold": detector.threshold, "auc": state.measured["auc"],
             "method": f"detector: {classifier} on Fisher features '{detector.feature_set}' (k={detector.k}, exact "
-                      "spectrum)", "feature_set": detector.feature_set}
+                      "spectrum)"}
 
 
 # The model's work by kind: a work key is (kind, *the arguments after the images), see ServedModel.work

@@ -76,7 +76,8 @@ def shared_metrics(workers: int, configured: str | None) -> Iterator[str | None]
 
 class ModelProcessSupervisor(threading.Thread):
     """Runs `fisher-guard model-process` on a socket in a private temporary folder, and starts it again when it
-    exits, until `stop` (SIGTERM; the model process ignores SIGINT, so Ctrl-C stops the API processes first)."""
+    exits, until `stop` (SIGTERM). It runs in its own session, so Ctrl-C reaches the API processes only, and it is
+    stopped after they have finished their requests."""
 
     def __init__(self) -> None:
         super().__init__(name="model-process-supervisor", daemon=True)

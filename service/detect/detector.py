@@ -142,6 +142,13 @@ class Detector:
             self.route = SpectrumRoute(recorded.get("method", "exact"), recorded.get("max_classes")) \
                 if isinstance(recorded, dict) else EXACT
 
+    def training_protocol(self) -> tuple[tuple[str, ...], dict[str, float], int]:
+        """The attacks, L2 budgets and seed of the detection set its card says it was trained on: to build another
+        set the same way (its test part, validation studies)."""
+        card = self.card
+        return (tuple(card["training_data"]["attacks"]),
+                {name: choice["chosen"] for name, choice in card["budgets"].items()}, int(card["classifier"]["seed"]))
+
     def score_features(self, features: np.ndarray) -> np.ndarray:
         return self.classifier.predict_proba(features)[:, 1].astype(np.float64)
 
