@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=700)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--images-per-round", type=int, default=400)
+    parser.add_argument("--feature-set", default=None, help="the detector's feature set (default: the training's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--test", type=int, default=0, help="test images for the card's test metrics (0: none)")
     parser.add_argument("--detector", type=Path, default=None,
@@ -51,7 +52,8 @@ def main() -> None:
     start = time.perf_counter()
     run = train_detector(loaded.module, model_name=loaded.name, model_sha256=loaded.sha256, fit_images=fit_x,
                          fit_labels=fit_y, command=command,
-                         data_description=f"mnist:val[:{args.fit}]", progress=True)
+                         data_description=f"mnist:val[:{args.fit}]", feature_set=args.feature_set,
+                         progress=True)
     print(f"base trained in {time.perf_counter() - start:.0f} s", flush=True)
     save_detector(copy.deepcopy(run.detector), args.out / "base.detector.npz")
     hardened = harden_detector(loaded.module, run, fit_x, fit_y,

@@ -203,6 +203,30 @@ def test_fine_and_squeeze_directions_follow_their_definition(val_slice):
     assert torch.equal(squeeze_direction(binary, 0.5), torch.zeros_like(binary))
 
 
+def test_sharpness_features_follow_their_definition(lenet, val_slice):
+    from scipy.ndimage import uniform_filter
+
+    from service.evaluate.shifts import gaussian_blur
+
+    x = val_slice[0][:4]
+    feats = fisher_features(lenet.module, x, "spectral+noise+fine+squeeze+sharpness")
+    squeeze = fisher_features(lenet.module, x, "spectral+noise+fine+squeeze").matrix
+    np.testing.assert_allclose(feats.matrix[:, :squeeze.shape[1]], squeeze, rtol=1e-6, atol=1e-9)
+    for i in range(4):
+        image = x[i, 0].double().numpy()
+        once = uniform_filter(image, size=3, mode="nearest")  # the 3x3 box mean, edges replicated
+        twice = uniform_filter(once, size=3, mode="nearest")
+        centred = ((image - image.mean()) ** 2).sum()
+        for name, smooth in (("fine_log10_energy_share", once), ("coarse_log10_energy_share", twice)):
+            np.testing.assert_allclose(feats.matrix[i, feats.names.index(name)],
+                                       np.log10(((image - smooth) ** 2).sum() / centred), rtol=1e-9)
+    # what the block is for: blur lowers both shares, a brightness factor leaves them
+    blurred = fisher_features(lenet.module, gaussian_blur(x, 1.0), "spectral+noise+fine+squeeze+sharpness")
+    darker = fisher_features(lenet.module, x * 0.8, "spectral+noise+fine+squeeze+sharpness")
+    assert (blurred.matrix[:, -2:] < feats.matrix[:, -2:] - 0.3).all()
+    np.testing.assert_allclose(darker.matrix[:, -2:], feats.matrix[:, -2:], rtol=1e-6)
+
+
 @pytest.mark.parametrize(("head", "step", "direction", "steps"), [
     ("fine", "fine", fine_direction, FINE_STEPS),
     *[(f"squeeze{level}", f"squeeze{level}_step", lambda x, level=level: squeeze_direction(x, level), SQUEEZE_STEPS)

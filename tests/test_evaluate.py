@@ -23,14 +23,18 @@ from service.evaluate.adaptive import (
     ADAPTIVE_NAMES,
     EFFORTS,
     NOT_FOOLED,
+    Effort,
     Target,
+    blurred,
     fit_surrogate,
     hinge,
+    pgd_l2,
     run_adaptive,
     squeezings,
     straight_through,
 )
 from service.evaluate.evaluation import EvaluationPlan, build_target, evaluate_detector
+from service.evaluate.shifts import gaussian_blur
 from service.reports.evaluation_report import write_evaluation_report
 from service.zoo.registry import SHIPPED_MODELS, load_model
 
@@ -119,6 +123,21 @@ def test_adaptive_results_lie_in_the_ball_and_box_and_are_screened_as_reported(n
     assert np.array_equal(result.flagged, screened.scores >= target.detector.threshold)
     # an image the attack could not fool comes back unchanged (its clean self)
     assert torch.equal(result.adversarial[torch.as_tensor(~result.fooled)], x[torch.as_tensor(~result.fooled)])
+
+
+def test_pgd_from_a_start_begins_at_its_projection_onto_the_ball(target, digits) -> None:
+    x, y = digits
+    start = blurred(x, sigma=1.0, kappa=0.0)
+    assert torch.equal(start, gaussian_blur(x, 1.0))
+    budget = 1.0  # below a sigma-1 blur's L2 (about 3 for a digit): the start is projected onto the ball
+    expected = x + (start - x) * (budget / (start - x).flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
+    flat = lambda candidates, labels: (candidates * 0).flatten(1).sum(1)  # noqa: E731  (no gradient: PGD stays)
+    wrong = (y + 1) % 10  # every candidate counts as fooled, so the first check keeps it
+    once = Effort(steps=1, restarts=1, check_every=1, queries=0, feature_steps=1, feature_restarts=1)
+    best_x, keys = pgd_l2(target, flat, x, wrong, budget, once, torch.Generator().manual_seed(0),
+                          (x.clone(), np.full(len(x), NOT_FOOLED)), start)
+    torch.testing.assert_close(best_x, expected.clamp(0, 1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(keys, target.keys(expected.clamp(0, 1), wrong), atol=1e-6)
 
 
 def test_keys_rank_fooled_candidates_by_score_and_the_rest_last(target, digits) -> None:

@@ -399,6 +399,26 @@ class Direction(Block):
         return torch.cat([head, per_step.flatten(1)], 1)
 
 
+class Sharpness(Block):
+    """How sharp the image itself is, with no probe: log10 of the share of its centred energy at fine scale,
+    ||x - box3(x)||^2 / ||x - mean(x)||^2, and at a coarser scale (box3 twice). Blur lowers both, an L2 attack
+    keeps them or raises them (it adds fine detail): the forest can tell a blurred image, whose Fisher features
+    move the way an attack's do (bench/blur_features.py), from an attacked one. Invariant to brightness and
+    contrast factors (up to clipping)."""
+
+    def names(self, k: int) -> list[str]:
+        return ["fine_log10_energy_share", "coarse_log10_energy_share"]
+
+    def columns(self, data: BlockInput) -> Tensor:
+        images = data.images.double()
+        if images.ndim != 4:
+            raise ValueError(f"images: the sharpness features need (N, C, H, W) images, got {tuple(images.shape)}")
+        centred = (images - images.mean(dim=(1, 2, 3), keepdim=True)).flatten(1).pow(2).sum(1).clamp(min=1e-30)
+        once = box_blur(images)
+        shares = [(images - once).flatten(1).pow(2).sum(1), (images - box_blur(once)).flatten(1).pow(2).sum(1)]
+        return torch.stack([(share / centred).clamp(min=EIGENVALUE_FLOOR).log10() for share in shares], 1)
+
+
 def _table(*rows: tuple) -> dict[str, FeatureSet]:
     """The feature sets from rows (name, the earlier set it extends or None, description, its own blocks, and
     optionally the channels it suits and whether a training run compares it)."""
@@ -457,6 +477,12 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      "left out too)",
      tuple(Direction(f"squeeze{level}", f"squeeze{level}_step", partial(squeeze_direction, level=level), SQUEEZE_STEPS)
            for level in SQUEEZE_LEVELS), (1,), True),
+    ("spectral+noise+fine+squeeze+sharpness", "spectral+noise+fine+squeeze",
+     "spectral+noise+fine+squeeze, plus how sharp the image itself is (no probe): log10 of the share of its "
+     "centred energy ||x - mean(x)||^2 at fine scale, ||x - b(x)||^2, and at a coarser one, ||x - b(b(x))||^2 "
+     "(b: 3x3 box mean); blur lowers them, an attack does not, so a detector trained with blurred negatives can "
+     "tell the two apart (the shipped detectors, with train-detector --harden)",
+     (Sharpness(),), (1,)),
     ("spectral+noise+fine+natural", "spectral+noise+fine",
      "spectral+noise+fine, plus the same Fisher geometry along the squeezings that Xu et al. 2018 use for "
      f"natural images (CIFAR-10, ImageNet), per channel: bit-depth reduction to b bits for b in {BIT_DEPTHS} "

@@ -10,6 +10,8 @@ keeps the best per image, so a setting that suits one image does not have to sui
 - high-confidence: the hinge alone at confidence kappa (logit margin), deep past the boundary;
 - squeeze-bpda: misclassified through the squeezings the features probe as well (1-bit or bit-depth reduction with
   a straight-through backward pass, BPDA; median smoothing and the 3x3 blur differentiated as they are);
+- blur-start: the hinge from a Gaussian blur of the image (projected onto the ball): an attacker who knows that the
+  detector lets blurred images through and starts from one;
 - fisher-penalty: plus the distance of the detector's features to their clean mean (z-scored), so that the Fisher
   quantities look clean (service.detect.features.differentiable_features: the exact route with its graph);
 - surrogate: plus the logit of a differentiable surrogate of the forest, an MLP distilled from the detector's own
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from service.attacks.common import l2_normalize, project_l2
 from service.detect.detector import Detector
 from service.detect.features import box_blur, differentiable_features, median_smooth
+from service.evaluate.shifts import gaussian_blur
 
 NOT_FOOLED = 2.0  # the key of a candidate the model still classifies right (detector scores lie in [0, 1])
 
@@ -168,8 +171,14 @@ def squeezings(images: Tensor) -> list[Callable[[Tensor], Tensor]]:
 Loss = Callable[[Tensor, Tensor], Tensor]  # (candidates, labels) -> per-image loss to minimise
 
 
-def high_confidence_loss(target: Target, kappa: float) -> Loss:
+def high_confidence_loss(target: Target, kappa: float, **start: float) -> Loss:
+    """The hinge alone (`start`: the settings of a spec's start, which the loss does not read)."""
     return lambda x, labels: hinge(target.model(x), labels, kappa)
+
+
+def blurred(images: Tensor, sigma: float, **loss: float) -> Tensor:
+    """The blur-start attack's starting images: a Gaussian blur of `sigma` pixels."""
+    return gaussian_blur(images, sigma)
 
 
 def squeeze_loss(target: Target, kappa: float) -> Loss:
@@ -202,13 +211,18 @@ def _random_start(images: Tensor, budget: float, generator: torch.Generator) -> 
 
 
 def pgd_l2(target: Target, loss: Loss, images: Tensor, labels: Tensor, budget: float, effort: Effort,
-           generator: torch.Generator, best: tuple[Tensor, np.ndarray]) -> tuple[Tensor, np.ndarray]:
+           generator: torch.Generator, best: tuple[Tensor, np.ndarray],
+           start: Tensor | None = None) -> tuple[Tensor, np.ndarray]:
     """Minimise `loss` over the L2 ball of radius `budget` around `images` inside [0, 1]: normalised-gradient steps
-    from budget/4 down to budget/50, restarts from random points; every `check_every` steps and at the end the real
-    detector scores the iterates and each image keeps its best (`best`: the candidates and keys so far)."""
+    from budget/4 down to budget/50, from `start` (default: the images; projected onto the ball), restarts from
+    random points about it; every `check_every` steps and at the end the real detector scores the iterates and each
+    image keeps its best (`best`: the candidates and keys so far)."""
     best_x, best_key = best[0].clone(), best[1].copy()
+    origin = torch.zeros_like(images) if start is None else project_l2(start.detach() - images, budget)
     for restart in range(effort.restarts):
-        delta = torch.zeros_like(images) if restart == 0 else _random_start(images, budget, generator)
+        delta = origin.clone() if restart == 0 else origin + _random_start(images, budget, generator)
+        if start is not None:
+            delta = (images + project_l2(delta, budget)).clamp(0, 1) - images
         for step in range(effort.steps):
             candidate = (images + delta).detach().requires_grad_(True)
             with torch.enable_grad():
@@ -261,6 +275,7 @@ class AdaptiveSpec:
     needs: str | None  # "surrogate", "scale" or None
     settings: tuple[dict[str, float], ...]
     loss: Callable[..., Loss] | None  # (target, **setting) -> Loss for PGD; None: the score-query search
+    start: Callable[..., Tensor] | None = None  # (images, **setting) -> PGD's starting images (None: the images)
 
     @property
     def white_box(self) -> bool:
@@ -273,6 +288,9 @@ ADAPTIVE_SPECS: dict[str, AdaptiveSpec] = {spec.name: spec for spec in (
                  ({"kappa": 0.0}, {"kappa": 5.0}, {"kappa": 15.0}, {"kappa": 40.0}), high_confidence_loss),
     AdaptiveSpec("squeeze-bpda", "PGD-L2 through the squeezings (BPDA)", None,
                  ({"kappa": 0.0}, {"kappa": 10.0}), squeeze_loss),
+    AdaptiveSpec("blur-start", "High-confidence PGD-L2 from a blurred image", None,
+                 ({"kappa": 0.0, "sigma": 0.7}, {"kappa": 0.0, "sigma": 1.0}, {"kappa": 5.0, "sigma": 1.0}),
+                 high_confidence_loss, blurred),
     AdaptiveSpec("fisher-penalty", "PGD-L2 with a penalty on the Fisher features", "scale",
                  ({"kappa": 2.0, "weight": 0.1}, {"kappa": 2.0, "weight": 1.0}, {"kappa": 10.0, "weight": 1.0}),
                  fisher_penalty_loss),
@@ -313,7 +331,8 @@ def run_adaptive(name: str, target: Target, images: Tensor, labels: Tensor, budg
                            generator, best)
             best = score_query(target, images, labels, budget, plan, generator, start)
         else:
-            best = pgd_l2(target, spec.loss(target, **setting), images, labels, budget, plan, generator, best)
+            begin = spec.start(images, **setting) if spec.start else None
+            best = pgd_l2(target, spec.loss(target, **setting), images, labels, budget, plan, generator, best, begin)
     adversarial, keys = best
     scores, predictions = target.screen(adversarial)
     fooled = predictions != labels.cpu().numpy()
