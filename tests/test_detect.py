@@ -227,6 +227,18 @@ def test_sharpness_features_follow_their_definition(lenet, val_slice):
     np.testing.assert_allclose(darker.matrix[:, -2:], feats.matrix[:, -2:], rtol=1e-6)
 
 
+def test_the_lean_set_is_the_full_sets_columns_without_its_probes(lenet, val_slice):
+    x = val_slice[0][:4]
+    full = fisher_features(lenet.module, x, "spectral+noise+fine+squeeze+sharpness")
+    lean = fisher_features(lenet.module, x, "eigen+fine+squeeze+sharpness")
+    assert set(lean.names) < set(full.names)
+    assert not any(name.startswith(("step", "noise", "margin")) for name in lean.names)
+    for i, name in enumerate(lean.names):
+        # float32 probe passes of another batch composition: the KLs agree to ~1e-5 relative
+        np.testing.assert_allclose(lean.matrix[:, i], full.matrix[:, full.names.index(name)], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize(("head", "step", "direction", "steps"), [
     ("fine", "fine", fine_direction, FINE_STEPS),
     *[(f"squeeze{level}", f"squeeze{level}_step", lambda x, level=level: squeeze_direction(x, level), SQUEEZE_STEPS)

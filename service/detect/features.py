@@ -287,6 +287,35 @@ class Margin(Block):
         return torch.cat([head.to(kl.device), torch.stack([kl, _flips(data.p, data.q)], -1).flatten(1)], 1)
 
 
+def _padded_eigenvalues(spectrum: FisherSpectrum) -> Tensor:
+    """(N, >= 3) float64 eigenvalues, clamped at 0 and zero-padded to at least three."""
+    lam = spectrum.eigenvalues.double().clamp(min=0)
+    return torch.nn.functional.pad(lam, (0, 3 - lam.shape[1])) if lam.shape[1] < 3 else lam
+
+
+def spread_columns(lam: Tensor) -> Tensor:
+    """(N, 4): log10 lambda_1 / lambda_2, log10 lambda_2 / lambda_3, log10 of their sum (the trace of the top-k)
+    and the effective rank exp(H(lambda / sum lambda)), from (N, >= 3) eigenvalues."""
+    log_lam = lam.clamp(min=EIGENVALUE_FLOOR).log10()
+    trace = lam.sum(1).clamp(min=EIGENVALUE_FLOOR)
+    share = lam / trace[:, None]
+    effective_rank = (-(share * share.clamp(min=1e-300).log()).sum(1)).exp()
+    return torch.stack([log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], trace.log10(), effective_rank], 1)
+
+
+SPREAD_NAMES = ["log10_lambda1_over_lambda2", "log10_lambda2_over_lambda3", "log10_trace", "effective_rank"]
+
+
+class Spread(Block):
+    """How the spectrum spreads (no probe): the first columns of Ratios (`spread_columns`)."""
+
+    def names(self, k: int) -> list[str]:
+        return list(SPREAD_NAMES)
+
+    def columns(self, data: BlockInput) -> Tensor:
+        return spread_columns(_padded_eigenvalues(data.spectrum))
+
+
 class Ratios(Block):
     """Ratios of quantities the earlier blocks hold (see the "spectral+noise+ratios" set; it reads the
     TopEigenvectorSteps and IsotropicNoise columns): the Fisher quadratic form is the local KL, so log10 KL minus
@@ -295,27 +324,20 @@ class Ratios(Block):
     margin = True
 
     def names(self, k: int) -> list[str]:
-        return ["log10_lambda1_over_lambda2", "log10_lambda2_over_lambda3", "log10_trace", "effective_rank",
-                *[f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS],
+        return [*SPREAD_NAMES, *[f"step{t}_log10_kl_over_quadratic" for t in KL_STEPS],
                 *[f"noise{r}_log10_kl_over_quadratic" for r in NOISE_NORMS], "margin_log10_lambda1_d2"]
 
     def columns(self, data: BlockInput) -> Tensor:
-        lam = data.spectrum.eigenvalues.double().clamp(min=0)
-        if lam.shape[1] < 3:
-            lam = torch.nn.functional.pad(lam, (0, 3 - lam.shape[1]))
-        log_lam = lam.clamp(min=EIGENVALUE_FLOOR).log10()
+        lam = _padded_eigenvalues(data.spectrum)
         trace = lam.sum(1).clamp(min=EIGENVALUE_FLOOR)
-        share = lam / trace[:, None]
-        effective_rank = (-(share * share.clamp(min=1e-300).log()).sum(1)).exp()
         scale = probe_scale(data.images)
         steps = lam.new_tensor([(t * scale) ** 2 / 2 for t in KL_STEPS])
         norms = lam.new_tensor([(r * scale) ** 2 / (2 * data.images[0].numel()) for r in NOISE_NORMS])
         step_kl = torch.stack([data.earlier[f"step{t}_max_log10_kl"] for t in KL_STEPS], 1).to(lam.device)
         mean_noise_kl = torch.stack([data.earlier[f"noise{r}_mean_log10_kl"] for r in NOISE_NORMS], 1).to(lam.device)
         d = _margin_distance(data.images, data.spectrum)[2].double().to(lam.device).clamp(min=1e-30)
-        spread = [log_lam[:, 0] - log_lam[:, 1], log_lam[:, 1] - log_lam[:, 2], trace.log10(), effective_rank]
         return torch.cat([
-            torch.stack(spread, 1),
+            spread_columns(lam),
             step_kl - (steps[None] * lam[:, :1]).clamp(min=EIGENVALUE_FLOOR).log10(),
             mean_noise_kl - (norms[None] * trace[:, None]).clamp(min=EIGENVALUE_FLOOR).log10(),
             (lam[:, 0] * d * d).clamp(min=EIGENVALUE_FLOOR).log10()[:, None],
@@ -483,6 +505,17 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      "(b: 3x3 box mean); blur lowers them, an attack does not, so a detector trained with blurred negatives can "
      "tell the two apart (the shipped detectors, with train-detector --harden)",
      (Sharpness(),), (1,)),
+    ("eigen+fine+squeeze+sharpness", None,
+     "spectral+noise+fine+squeeze+sharpness without the probes that the forest does not need "
+     "(bench/probe_ablation.py, on validation): the eigenvalues, the output's entropy and top probability, the "
+     "top-3 eigenvectors' shape, how the spectrum spreads (log10 lambda_1 / lambda_2 and lambda_2 / lambda_3, "
+     "log10 tr, the effective rank), the Fisher geometry of the fine-scale and the three squeezing directions "
+     f"and the sharpness; no steps along v_1, no isotropic probes, no margin: {len(FINE_STEPS)} + "
+     f"{len(SQUEEZE_LEVELS) * len(SQUEEZE_STEPS)} forward probes per image instead of 32",
+     (Eigenvalues(), OutputProbabilities(), EigenvectorShape(), Spread(),
+      Direction("fine", "fine", fine_direction, FINE_STEPS),
+      *(Direction(f"squeeze{level}", f"squeeze{level}_step", partial(squeeze_direction, level=level), SQUEEZE_STEPS)
+        for level in SQUEEZE_LEVELS), Sharpness()), (1,)),
     ("spectral+noise+fine+natural", "spectral+noise+fine",
      "spectral+noise+fine, plus the same Fisher geometry along the squeezings that Xu et al. 2018 use for "
      f"natural images (CIFAR-10, ImageNet), per channel: bit-depth reduction to b bits for b in {BIT_DEPTHS} "

@@ -48,7 +48,7 @@ class Hardening:
     round attacks, and the shifted negatives per clean image."""
 
     rounds: int = 2
-    attacks: tuple[str, ...] = ("high-confidence", "squeeze-bpda", "fisher-penalty")
+    attacks: tuple[str, ...] = ("high-confidence", "squeeze-bpda", "blur-start", "fisher-penalty")
     budgets: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
     images_per_round: int = 400
     shifts_per_image: int = 2
