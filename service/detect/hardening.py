@@ -51,7 +51,7 @@ class Hardening:
     attacks: tuple[str, ...] = ("high-confidence", "squeeze-bpda", "blur-start", "fisher-penalty")
     budgets: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
     images_per_round: int = 400
-    shifts_per_image: int = 2
+    shifts_per_image: int = 12  # enough rows for the forest to spend splits on (bench/shifted_negatives.py)
     effort: Effort = Effort(steps=40, restarts=1, check_every=10, queries=0, feature_steps=15, feature_restarts=1)
 
     def as_dict(self) -> dict[str, Any]:
