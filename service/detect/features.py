@@ -421,23 +421,26 @@ class Direction(Block):
         return torch.cat([head, per_step.flatten(1)], 1)
 
 
+SHARPNESS_MEDIAN = 2  # the median window that takes small-amplitude perturbations out before sharpness is measured
+
+
 class Sharpness(Block):
-    """How sharp the image itself is, with no probe: log10 of the share of its centred energy at fine scale,
-    ||x - box3(x)||^2 / ||x - mean(x)||^2, and at a coarser scale (box3 twice). Blur lowers both, an L2 attack
-    keeps them or raises them (it adds fine detail): the forest can tell a blurred image, whose Fisher features
-    move the way an attack's do (bench/blur_features.py), from an attacked one. Invariant to brightness and
-    contrast factors (up to clipping)."""
+    """How sharp the image's edges are, with no probe: after a 2x2 median smoothing m(x), which takes out
+    small-amplitude perturbations (noise, an L2 attack) and keeps edges, log10 of the share of m(x)'s centred
+    energy at fine scale, ||m - b(m)||^2 / ||m - mean(m)||^2, and at a coarser one (b twice; b: the 3x3 box mean).
+    Blur lowers both; noise and attacks leave them (on validation, bench/blur_features.py): the forest can tell a
+    blurred image, whose Fisher features move the way an attack's do, from an attacked one, and cannot use them to
+    tell noise from an attack (the raw image's share would: noise is whiter than an attack). Invariant to
+    brightness and contrast factors (up to clipping)."""
 
     def names(self, k: int) -> list[str]:
         return ["fine_log10_energy_share", "coarse_log10_energy_share"]
 
     def columns(self, data: BlockInput) -> Tensor:
-        images = data.images.double()
-        if images.ndim != 4:
-            raise ValueError(f"images: the sharpness features need (N, C, H, W) images, got {tuple(images.shape)}")
-        centred = (images - images.mean(dim=(1, 2, 3), keepdim=True)).flatten(1).pow(2).sum(1).clamp(min=1e-30)
-        once = box_blur(images)
-        shares = [(images - once).flatten(1).pow(2).sum(1), (images - box_blur(once)).flatten(1).pow(2).sum(1)]
+        smooth = median_smooth(data.images.double(), SHARPNESS_MEDIAN)
+        centred = (smooth - smooth.mean(dim=(1, 2, 3), keepdim=True)).flatten(1).pow(2).sum(1).clamp(min=1e-30)
+        once = box_blur(smooth)
+        shares = [(smooth - once).flatten(1).pow(2).sum(1), (smooth - box_blur(once)).flatten(1).pow(2).sum(1)]
         return torch.stack([(share / centred).clamp(min=EIGENVALUE_FLOOR).log10() for share in shares], 1)
 
 
@@ -500,10 +503,10 @@ FEATURE_SETS: dict[str, FeatureSet] = _table(
      tuple(Direction(f"squeeze{level}", f"squeeze{level}_step", partial(squeeze_direction, level=level), SQUEEZE_STEPS)
            for level in SQUEEZE_LEVELS), (1,), True),
     ("spectral+noise+fine+squeeze+sharpness", "spectral+noise+fine+squeeze",
-     "spectral+noise+fine+squeeze, plus how sharp the image itself is (no probe): log10 of the share of its "
-     "centred energy ||x - mean(x)||^2 at fine scale, ||x - b(x)||^2, and at a coarser one, ||x - b(b(x))||^2 "
-     "(b: 3x3 box mean); blur lowers them, an attack does not, so a detector trained with blurred negatives can "
-     "tell the two apart (the shipped detectors, with train-detector --harden)",
+     "spectral+noise+fine+squeeze, plus how sharp the image's edges are (no probe): after a 2x2 median smoothing "
+     "m (it takes out small-amplitude perturbations), log10 of the share of m's centred energy at fine scale, "
+     "||m - b(m)||^2, and at a coarser one, ||m - b(b(m))||^2 (b: 3x3 box mean); blur lowers them, noise and "
+     "attacks do not, so a detector trained with blurred negatives (train-detector --harden) tells the two apart",
      (Sharpness(),), (1,)),
     ("eigen+fine+squeeze+sharpness", None,
      "spectral+noise+fine+squeeze+sharpness without the probes that the forest does not need "
