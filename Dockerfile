@@ -20,8 +20,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
 # Dependencies first, from the lock file: this layer stays cached until requirements.lock changes.
-COPY requirements.lock ./
-RUN pip install -r requirements.lock
+COPY requirements.lock requirements-nodeps.lock ./
+RUN pip install -r requirements.lock && pip install --no-deps -r requirements-nodeps.lock
 
 # Then the code, and the models that ship with it. models/ belongs to the service's uid: a train-detector job writes
 # its candidate in models/candidates/ and activation writes next to the card. docker-compose.yml mounts a named

@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: install serve worker test test-all lint lock image
 
-$(BIN)/fisher-guard: pyproject.toml client/pyproject.toml requirements.lock requirements-dev.lock
+$(BIN)/fisher-guard: pyproject.toml client/pyproject.toml requirements.lock requirements-dev.lock requirements-nodeps.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.lock
 	$(BIN)/pip install -q --no-deps -e ./client -e '.[evaluate]'
 	touch $@
 
@@ -36,7 +37,7 @@ lock:
 	rm -rf .lock-venv && $(PY) -m venv .lock-venv
 	.lock-venv/bin/pip install -q -c .lock-all.txt -e ./client -e '.[evaluate]'
 	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock
-	grep -vxFf requirements.lock .lock-all.txt > requirements-dev.lock
+	grep -vxFf requirements.lock .lock-all.txt | grep -vxFf requirements-nodeps.lock > requirements-dev.lock
 	rm -rf .lock-venv .lock-all.txt
 
 # The container image (Dockerfile), with docker where a daemon answers, else with buildah (no daemon needed):

@@ -150,7 +150,7 @@ def test_keys_rank_fooled_candidates_by_score_and_the_rest_last(target, digits) 
 
 
 def test_plan_refuses_unknown_names_and_bad_budgets() -> None:
-    for bad in ({"parts": ("heldout", "nonsense")}, {"heldout": ("fab",)}, {"adaptive": ("nope",)},
+    for bad in ({"parts": ("heldout", "nonsense")}, {"heldout": ("jsma",)}, {"adaptive": ("nope",)},
                 {"budgets": (0.0,)}, {"budgets": ()}, {"effort": "double"}, {"shifts": ("blur=9",)}):
         with pytest.raises(ValueError):
             EvaluationPlan(**bad)

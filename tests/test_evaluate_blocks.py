@@ -83,6 +83,7 @@ def test_each_heldout_adversarial_is_in_the_box_within_its_budget_and_misclassif
         assert (predict(lenet, adv).argmax(-1) != y[fooled]).all(), f"{name}: a fooled image is classified right"
     # the attacks are real: at L2 3 every one fools some of LeNet-5's digits, even at the quick effort
     assert result.fooled[-1].any(), name
+    assert not result.projected.any(), f"{name} returned images outside its budget"
 
 
 def test_minimal_norm_attacks_fool_at_a_budget_exactly_the_images_whose_norm_fits(heldout):
@@ -133,13 +134,22 @@ def test_heldout_runs_are_seeded(lenet, digits):
 def test_heldout_refuses_bad_arguments(lenet, digits):
     x, y = digits
     with pytest.raises(ValueError, match="unknown held-out attack"):
-        run_heldout("fab", lenet, x, y, (1.0,))
+        run_heldout("jsma", lenet, x, y, (1.0,))
     with pytest.raises(ValueError, match="budgets"):
         run_heldout("pgd-l2", lenet, x, y, (0.0,))
     with pytest.raises(ValueError, match="effort"):
         run_heldout("pgd-l2", lenet, x, y, (1.0,), effort="thorough")
     with pytest.raises(ValueError, match="unknown effort settings"):
         run_heldout("pgd-l2", lenet, x, y, (1.0,), effort={"iterations": 3})
+
+
+def test_a_missing_torchattacks_names_its_lock_file(lenet, digits, monkeypatch):
+    for module in [m for m in sys.modules if m == "torchattacks" or m.startswith("torchattacks.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    x, y = digits
+    with pytest.raises(ImportError, match=r"requirements-nodeps.lock"):
+        run_heldout("fab-l2", lenet, x, y, (1.0,), effort="quick")
 
 
 def test_a_missing_art_names_the_extra(lenet, digits, monkeypatch):

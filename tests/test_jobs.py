@@ -107,7 +107,7 @@ def test_uploads_keep_valid_items_and_report_bad_ones(queue):
     ({"type": "least-norm", "model": "lenet5", "dataset": "mnist:test", "params": {"low": 5, "high": 1}}, [], 422,
      "invalid_params"),
     *[({"type": "evaluate-detector", "model": "lenet5", "params": params}, [], 422, "invalid_params")
-      for params in ({"parts": ["heldout", "bogus"]}, {"budgets": [-1]}, {"heldout": ["fab"]},
+      for params in ({"parts": ["heldout", "bogus"]}, {"budgets": [-1]}, {"heldout": ["jsma"]},
                      {"detector": "../lenet5.detector.npz"}, {"images": 0}, {"effort": "double"})],
     ({"type": "evaluate-detector", "model": "lenet5", "params": {"detector": "none.npz"}}, [], 404,
      "unknown_detector"),
