@@ -143,6 +143,18 @@ def test_heldout_refuses_bad_arguments(lenet, digits):
         run_heldout("pgd-l2", lenet, x, y, (1.0,), effort={"iterations": 3})
 
 
+def test_fab_runs_on_a_model_with_another_number_of_classes(digits):
+    """A user's model with 3 classes, not MNIST's 10: FAB is given the model's class count and fools it within
+    the budget."""
+    x, _ = digits
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 3)).eval()
+    torch.manual_seed(0)
+    nn.init.normal_(model[1].weight, std=0.05)
+    labels = predict(model, x).argmax(-1)
+    result = run_heldout("fab-l2", model, x, labels, (3.0,), effort="quick", seed=0)
+    assert result.fooled.any() and not result.projected.any()
+
+
 def test_a_missing_torchattacks_names_its_lock_file(lenet, digits, monkeypatch):
     for module in [m for m in sys.modules if m == "torchattacks" or m.startswith("torchattacks.")]:
         monkeypatch.delitem(sys.modules, module)

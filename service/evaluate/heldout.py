@@ -46,8 +46,7 @@ Measured 2026-12-03 (fooling rate at L2 1 / 2 / 3; seconds for the three budgets
     square-l2  5000 queries                             0.06 / 0.52 / 0.94               277 s
     square-l2  5000 queries, p_init 0.3                 0.05 / 0.44 / 0.87
 
-Measured 2026-12-07 (the same call for each row, 1 thread, machine shared
-with two other runs):
+Measured 2026-12-07 (the same call for each row; 1 thread, the machine shared with two other runs):
 
     apgd-l2    steps 50, 1 start                        0.25 / 0.95 / 1.00               18 s
     apgd-l2    steps 100, 1 start                       0.25 / 0.95 / 1.00               24 s
@@ -80,6 +79,7 @@ import torch
 from torch import Tensor, nn
 
 from service.attacks.common import predict, project_l2, setup
+from service.fisher.checks import model_device_dtype
 
 Effort = Literal["full", "quick"]
 EFFORTS: tuple[str, ...] = ("full", "quick")
@@ -102,7 +102,7 @@ def _art() -> Any:
 def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int) -> Any:
     """`model` (pixel space [0, 1], logits out) as ART's PyTorchClassifier, clip_values (0, 1), on its device."""
     _, classifier = _art()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device, _ = model_device_dtype(model)
     kwargs = dict(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(int(d) for d in input_shape),
                   nb_classes=int(num_classes), clip_values=(0.0, 1.0),
                   device_type="gpu" if device.type == "cuda" else "cpu")
@@ -151,10 +151,11 @@ def _torchattacks() -> Any:
 
 
 class _TorchattacksAttack:
-    """A torchattacks attack behind ART's `generate(x=, y=)` call, numpy in and out, in batches of BATCH_SIZE."""
+    """A torchattacks attack behind ART's `generate(x=, y=)` call, numpy in and out, in batches of BATCH_SIZE, on
+    the attacked model's device."""
 
-    def __init__(self, attack: Any, device: torch.device) -> None:
-        self.attack, self.device = attack, device
+    def __init__(self, attack: Any, model: nn.Module) -> None:
+        self.attack, (self.device, _) = attack, model_device_dtype(model)
 
     def generate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         out = []
@@ -165,29 +166,25 @@ class _TorchattacksAttack:
         return np.concatenate(out)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def _fab_l2(model: nn.Module, classifier: Any, budget: float | None, effort: Mapping[str, Any]) -> Any:
     attack = _torchattacks().FAB(model, norm="L2", eps=budget, steps=effort["steps"], n_restarts=effort["restarts"],
                                  alpha_max=effort["alpha_max"], eta=effort["eta"], beta=effort["beta"],
-                                 seed=int(torch.initial_seed() % 2**31), n_classes=effort["classes"])
-    return _TorchattacksAttack(attack, _device(model))
+                                 seed=int(torch.initial_seed() % 2**31), n_classes=classifier.nb_classes)
+    return _TorchattacksAttack(attack, model)
 
 
 def _apgd_l2(model: nn.Module, classifier: Any, budget: float | None, effort: Mapping[str, Any]) -> Any:
     attack = _torchattacks().APGD(model, norm="L2", eps=budget, steps=effort["steps"], n_restarts=effort["restarts"],
                                   loss=effort["loss"], rho=effort["rho"], seed=int(torch.initial_seed() % 2**31))
-    return _TorchattacksAttack(attack, _device(model))
+    return _TorchattacksAttack(attack, model)
 
 
 @dataclass(frozen=True)
 class HeldOutSpec:
     """One held-out attack: its name and title, whether it finds its own norm, how to build the library's attack
-    object (from the model, its ART classifier, the budget or None, and the effort settings: an object with
-    ART's `generate(x=, y=)`), its effort settings (`full`: an
-    honest upper bound on LeNet-5 MNIST; `quick`: for tests) and what it is."""
+    object (from the model, its ART classifier, the budget or None, and the effort settings; anything with ART's
+    `generate(x=, y=)`), its effort settings (`full`: an honest upper bound on LeNet-5 MNIST; `quick`: for tests)
+    and what it is."""
 
     name: str
     title: str
@@ -228,8 +225,8 @@ HELDOUT_SPECS: dict[str, HeldOutSpec] = {spec.name: spec for spec in (
                 description="projected gradient descent on the cross-entropy in the L2 ball (Madry et al. 2018), "
                             "random starts in the ball, the best restart kept"),
     HeldOutSpec("fab-l2", "FAB L2 (torchattacks)", False, _fab_l2,
-                full={"steps": 100, "restarts": 5, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9, "classes": 10},
-                quick={"steps": 10, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9, "classes": 10},
+                full={"steps": 100, "restarts": 5, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
+                quick={"steps": 10, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
                 description="Fast Adaptive Boundary attack (Croce and Hein 2020), L2: steps to the linearised "
                             "boundary biased back towards the image, minimal-norm within the budget; random "
                             "restarts for the images not yet fooled within it (as AutoAttack runs it)"),
